@@ -1,0 +1,169 @@
+//! The application: opens the store, binds the three listeners, serves until told to stop, then
+//! shuts down in order: stop accepting, finish in-flight exports, write what is queued, close.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tower_http::cors::CorsLayer;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::otlp::{self, Ingest};
+use crate::query;
+use crate::store::{Store, StoreConfig, WriterHandle};
+
+pub struct App {
+    cfg: Config,
+    store: Store,
+    writer: WriterHandle,
+    metrics: Arc<Metrics>,
+    grpc: TcpListener,
+    otlp_http: TcpListener,
+    http: TcpListener,
+}
+
+/// The addresses the app is bound to (useful with port 0).
+#[derive(Debug, Clone, Copy)]
+pub struct Addrs {
+    pub otlp_grpc: SocketAddr,
+    pub otlp_http: SocketAddr,
+    pub http: SocketAddr,
+}
+
+impl App {
+    pub async fn build(cfg: Config) -> anyhow::Result<Self> {
+        let metrics = Arc::new(Metrics::new());
+        let mut store_cfg = StoreConfig::new(&cfg.db);
+        store_cfg.queue_capacity = cfg.queue_capacity as usize;
+        let (store, writer) = Store::open(&store_cfg, metrics.clone())
+            .await
+            .with_context(|| format!("opening the database {}", cfg.db.display()))?;
+        let bind = |addr: SocketAddr, what: &'static str| async move {
+            TcpListener::bind(addr).await.with_context(|| format!("binding {what} to {addr}"))
+        };
+        let grpc = bind(cfg.otlp_grpc_addr, "--otlp-grpc-addr").await?;
+        let otlp_http = bind(cfg.otlp_http_addr, "--otlp-http-addr").await?;
+        let http = bind(cfg.http_addr, "--http-addr").await?;
+        Ok(Self { cfg, store, writer, metrics, grpc, otlp_http, http })
+    }
+
+    pub fn addrs(&self) -> anyhow::Result<Addrs> {
+        Ok(Addrs {
+            otlp_grpc: self.grpc.local_addr()?,
+            otlp_http: self.otlp_http.local_addr()?,
+            http: self.http.local_addr()?,
+        })
+    }
+
+    /// Serves until `shutdown` completes, then stops gracefully.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let ingest = Arc::new(Ingest::new(self.store.clone(), self.metrics.clone()));
+        let max = self.cfg.max_message_size;
+        let grpc_router = otlp::grpc::router(ingest.clone(), max);
+        let otlp_http_router = otlp::http::router(ingest, max);
+        let http_router = http_router(self.store.clone(), self.metrics.clone());
+
+        let retention = tokio::spawn(retention_loop(self.store.clone(), self.cfg.retention));
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let serve = |listener: TcpListener, router: Router| {
+            let mut rx = stop_rx.clone();
+            tokio::spawn(async move {
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(async move {
+                        let _ = rx.wait_for(|stop| *stop).await;
+                    })
+                    .await
+            })
+        };
+        let servers = [
+            serve(self.grpc, grpc_router),
+            serve(self.otlp_http, otlp_http_router),
+            serve(self.http, http_router),
+        ];
+        tracing::info!("collector ready");
+        shutdown.await;
+        tracing::info!("shutting down: finishing in-flight requests");
+        let _ = stop_tx.send(true);
+        let grace = self.cfg.shutdown_grace;
+        if tokio::time::timeout(grace, futures::future::join_all(servers)).await.is_err() {
+            tracing::warn!(?grace, "in-flight requests did not finish within the grace period");
+        }
+        retention.abort();
+        // Everything acknowledged is committed already; this writes what is still queued.
+        self.writer.shutdown().await;
+        self.store.read.close().await;
+        tracing::info!("collector stopped");
+        Ok(())
+    }
+}
+
+fn http_router(store: Store, metrics: Arc<Metrics>) -> Router {
+    let api = query::jaeger::router().merge(query::native::router()).with_state(store.clone());
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(prometheus_metrics))
+        .with_state((store, metrics))
+        .merge(api)
+        .fallback(|uri: axum::http::Uri| async move {
+            query::ApiError::NotFound(format!("no such endpoint: {}", uri.path()))
+        })
+        .layer(CorsLayer::permissive())
+}
+
+async fn prometheus_metrics(State((store, metrics)): State<(Store, Arc<Metrics>)>) -> impl IntoResponse {
+    metrics.database_bytes.set(store.disk_bytes() as i64);
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        metrics.render(),
+    )
+}
+
+/// Asks the writer to remove old data every tenth of the retention period (at most every minute).
+async fn retention_loop(store: Store, retention: Duration) {
+    let every = (retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        let cutoff = crate::query::params::now_ns().saturating_sub(retention.as_nanos().min(i64::MAX as u128) as i64);
+        store.prune(cutoff);
+    }
+}
+
+/// Completes on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}

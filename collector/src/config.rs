@@ -1,0 +1,102 @@
+//! Command-line flags, each also an environment variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+#[derive(Debug, Clone, Parser)]
+#[command(name = "collector", version, about = "Switchyard's OTLP collector: receives traces, metrics and logs over \
+OTLP (gRPC and HTTP), stores them in SQLite and answers queries (Jaeger-compatible and native APIs)")]
+pub struct Config {
+    /// Address for OTLP/gRPC (traces, metrics, logs).
+    #[arg(long, env = "COLLECTOR_OTLP_GRPC_ADDR", default_value = "0.0.0.0:4317")]
+    pub otlp_grpc_addr: SocketAddr,
+
+    /// Address for OTLP/HTTP (POST /v1/traces, /v1/metrics, /v1/logs).
+    #[arg(long, env = "COLLECTOR_OTLP_HTTP_ADDR", default_value = "0.0.0.0:4318")]
+    pub otlp_http_addr: SocketAddr,
+
+    /// Address for the query APIs, /metrics and /healthz.
+    #[arg(long, env = "COLLECTOR_HTTP_ADDR", default_value = "0.0.0.0:16686")]
+    pub http_addr: SocketAddr,
+
+    /// SQLite database file; its folder is created if missing.
+    #[arg(long, env = "COLLECTOR_DB", default_value = "data/collector.db")]
+    pub db: PathBuf,
+
+    /// How long data is kept, e.g. 30m, 24h, 7d.
+    #[arg(long, env = "COLLECTOR_RETENTION", default_value = "24h", value_parser = parse_retention)]
+    pub retention: Duration,
+
+    /// Largest accepted OTLP message, counted after decompression, e.g. 4MiB, 16MiB, 1000000.
+    #[arg(long, env = "COLLECTOR_MAX_MESSAGE_SIZE", default_value = "16MiB", value_parser = parse_size)]
+    pub max_message_size: usize,
+
+    /// Items (spans, metric points, log records) waiting to be written before exports are
+    /// refused with 503 / UNAVAILABLE.
+    #[arg(long, env = "COLLECTOR_QUEUE_CAPACITY", default_value_t = 262_144, value_parser = clap::value_parser!(u32).range(1..))]
+    pub queue_capacity: u32,
+
+    /// Seconds to finish in-flight requests on SIGTERM or SIGINT before stopping.
+    #[arg(long, env = "COLLECTOR_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_retention)]
+    pub shutdown_grace: Duration,
+}
+
+fn parse_retention(s: &str) -> Result<Duration, String> {
+    let ns = crate::query::params::parse_go_duration(s).map_err(|e| format!("{e} (use e.g. 30m, 24h, 7d)"))?;
+    if ns <= 0 {
+        return Err("must be positive".into());
+    }
+    Ok(Duration::from_nanos(ns as u64))
+}
+
+/// Bytes with an optional unit: `1000`, `512KiB`, `16MiB`, `1GiB` (also KB, MB, GB as powers of 1000).
+fn parse_size(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let n: usize = s[..split].parse().map_err(|_| format!("expected a size such as 16MiB, got {s:?}"))?;
+    let mult: usize = match s[split..].trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "kib" | "k" => 1 << 10,
+        "mb" => 1_000_000,
+        "mib" | "m" => 1 << 20,
+        "gb" => 1_000_000_000,
+        "gib" | "g" => 1 << 30,
+        other => return Err(format!("unknown size unit {other:?} (use KiB, MiB or GiB)")),
+    };
+    let size = n.checked_mul(mult).ok_or("size too large")?;
+    if !(1024..=(1 << 30)).contains(&size) {
+        return Err("must be between 1KiB and 1GiB".into());
+    }
+    Ok(size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Config::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults_and_units() {
+        let c = Config::try_parse_from(["collector"]).expect("defaults parse");
+        assert_eq!(c.otlp_grpc_addr.port(), 4317);
+        assert_eq!(c.otlp_http_addr.port(), 4318);
+        assert_eq!(c.http_addr.port(), 16686);
+        assert_eq!(c.retention, Duration::from_secs(86_400));
+        assert_eq!(c.max_message_size, 16 << 20);
+        let c = Config::try_parse_from(["collector", "--retention", "90m", "--max-message-size", "512KiB"]).expect("parse");
+        assert_eq!(c.retention, Duration::from_secs(5400));
+        assert_eq!(c.max_message_size, 512 << 10);
+        let e = Config::try_parse_from(["collector", "--retention", "soon"]).expect_err("bad retention").to_string();
+        assert!(e.contains("--retention"), "{e}");
+        assert!(Config::try_parse_from(["collector", "--max-message-size", "10 parsecs"]).is_err());
+    }
+}

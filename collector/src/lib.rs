@@ -1,0 +1,9 @@
+//! Switchyard's collector: OTLP ingest (gRPC and HTTP) into SQLite, and query APIs.
+//! See `ARCHITECTURE.md` at the repository root for the map.
+
+pub mod app;
+pub mod config;
+pub mod metrics;
+pub mod otlp;
+pub mod query;
+pub mod store;

@@ -1,0 +1,16 @@
+use clap::Parser;
+use collector::app::{App, shutdown_signal};
+use collector::config::Config;
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cfg = Config::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,h2=warn,hyper=warn")))
+        .init();
+    let app = App::build(cfg).await?;
+    let addrs = app.addrs()?;
+    tracing::info!(otlp_grpc = %addrs.otlp_grpc, otlp_http = %addrs.otlp_http, http = %addrs.http, "listening");
+    app.run(shutdown_signal()).await
+}

@@ -1,0 +1,175 @@
+//! OTLP ingest: the gRPC services ([`grpc`]) and HTTP endpoints ([`http`]) both hand decoded
+//! requests to [`Ingest`], which converts, stores and answers with partial success.
+
+pub mod decode;
+pub mod grpc;
+pub mod http;
+pub mod status;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::metrics::v1::metric;
+
+use crate::metrics::Metrics;
+use crate::store::Store;
+use crate::store::convert::{self, Converted};
+pub use status::IngestError;
+
+/// Requests with at least this many items are converted on the blocking pool, off the runtime.
+const BLOCKING_THRESHOLD: usize = 256;
+
+#[derive(Debug)]
+pub enum ExportRequest {
+    Traces(ExportTraceServiceRequest),
+    Metrics(ExportMetricsServiceRequest),
+    Logs(ExportLogsServiceRequest),
+}
+
+impl ExportRequest {
+    /// The metric label of the items this request carries.
+    pub fn signal(&self) -> &'static str {
+        match self {
+            Self::Traces(_) => "spans",
+            Self::Metrics(_) => "metric_points",
+            Self::Logs(_) => "log_records",
+        }
+    }
+
+    pub fn item_count(&self) -> usize {
+        match self {
+            Self::Traces(r) => r.resource_spans.iter().flat_map(|r| &r.scope_spans).map(|s| s.spans.len()).sum(),
+            Self::Metrics(r) => r
+                .resource_metrics
+                .iter()
+                .flat_map(|r| &r.scope_metrics)
+                .flat_map(|s| &s.metrics)
+                .map(|m| match &m.data {
+                    Some(metric::Data::Gauge(g)) => g.data_points.len(),
+                    Some(metric::Data::Sum(s)) => s.data_points.len(),
+                    Some(metric::Data::Histogram(h)) => h.data_points.len(),
+                    Some(metric::Data::ExponentialHistogram(h)) => h.data_points.len(),
+                    Some(metric::Data::Summary(s)) => s.data_points.len(),
+                    None => 0,
+                })
+                .sum(),
+            Self::Logs(r) => r.resource_logs.iter().flat_map(|r| &r.scope_logs).map(|s| s.log_records.len()).sum(),
+        }
+    }
+}
+
+/// What an accepted export answers: how many items were refused and why.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PartialSuccess {
+    pub rejected: i64,
+    pub message: String,
+}
+
+pub struct Ingest {
+    store: Store,
+    metrics: Arc<Metrics>,
+}
+
+impl Ingest {
+    pub fn new(store: Store, metrics: Arc<Metrics>) -> Self {
+        Self { store, metrics }
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Converts, stores and waits for the commit. `Ok` means every accepted item is durable.
+    pub async fn export(
+        &self,
+        req: ExportRequest,
+        protocol: &'static str,
+        encoding: &'static str,
+    ) -> Result<PartialSuccess, IngestError> {
+        let started = Instant::now();
+        let signal = req.signal();
+        let labels = [signal, protocol, encoding];
+        let total = req.item_count();
+        self.metrics.received.with_label_values(&labels).inc_by(total as u64);
+        let result = self.convert_and_store(req, total).await;
+        let outcome = match &result {
+            Ok((p, accepted)) => {
+                self.metrics.accepted.with_label_values(&labels).inc_by(*accepted as u64);
+                self.metrics.rejected.with_label_values(&labels).inc_by(p.rejected as u64);
+                if p.rejected > 0 { "partial" } else { "ok" }
+            }
+            Err(e) => {
+                self.metrics.rejected.with_label_values(&labels).inc_by(total as u64);
+                e.outcome()
+            }
+        };
+        self.metrics.requests.with_label_values(&[signal, protocol, encoding, outcome]).inc();
+        self.metrics.export_duration.with_label_values(&[signal, protocol]).observe(started.elapsed().as_secs_f64());
+        result.map(|(p, _)| p)
+    }
+
+    async fn convert_and_store(&self, req: ExportRequest, total: usize) -> Result<(PartialSuccess, usize), IngestError> {
+        let dicts = self.store.dicts.clone();
+        let convert = move || match req {
+            ExportRequest::Traces(r) => convert::traces(r, &dicts),
+            ExportRequest::Metrics(r) => convert::metrics(r, &dicts),
+            ExportRequest::Logs(r) => convert::logs(r, &dicts),
+        };
+        let converted: Converted = if total >= BLOCKING_THRESHOLD {
+            tokio::task::spawn_blocking(convert).await.map_err(|_| IngestError::Storage)?
+        } else {
+            convert()
+        };
+        let partial = PartialSuccess { rejected: converted.rejected as i64, message: converted.message() };
+        let accepted = converted.rows.len();
+        self.store.write(converted.rows).await?;
+        Ok((partial, accepted))
+    }
+
+    /// Like [`Ingest::export`], for bodies that still need decoding: decoding large bodies is CPU
+    /// work, so it runs on the blocking pool together with the conversion.
+    pub async fn export_body(
+        self: &Arc<Self>,
+        body: bytes::Bytes,
+        signal: Signal,
+        encoding: decode::Encoding,
+        protocol: &'static str,
+    ) -> Result<PartialSuccess, IngestError> {
+        let decode = move || -> Result<ExportRequest, IngestError> {
+            Ok(match signal {
+                Signal::Traces => ExportRequest::Traces(decode::decode(&body, encoding)?),
+                Signal::Metrics => ExportRequest::Metrics(decode::decode(&body, encoding)?),
+                Signal::Logs => ExportRequest::Logs(decode::decode(&body, encoding)?),
+            })
+        };
+        let req = match decode() {
+            Ok(r) => r,
+            Err(e) => {
+                let labels = [signal.label(), protocol, encoding.label(), e.outcome()];
+                self.metrics.requests.with_label_values(&labels).inc();
+                return Err(e);
+            }
+        };
+        self.export(req, protocol, encoding.label()).await
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    Traces,
+    Metrics,
+    Logs,
+}
+
+impl Signal {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Traces => "spans",
+            Self::Metrics => "metric_points",
+            Self::Logs => "log_records",
+        }
+    }
+}

@@ -1,0 +1,76 @@
+//! Errors of the ingest path and their one mapping to an HTTP status and a gRPC code.
+
+use http::StatusCode;
+use tonic::Code;
+
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// The body cannot be decoded: the message names what is wrong.
+    #[error("{0}")]
+    Malformed(String),
+    #[error("unsupported Content-Type {0:?}: use application/x-protobuf or application/json")]
+    UnsupportedContentType(String),
+    #[error("unsupported Content-Encoding {0:?}: use gzip or send the body uncompressed")]
+    UnsupportedEncoding(String),
+    #[error("request body is larger than the limit of {limit} bytes{}", if *.decompressed { " after decompression" } else { "" })]
+    TooLarge { limit: usize, decompressed: bool },
+    #[error("the collector is overloaded: retry later")]
+    Overloaded,
+    #[error("the collector is shutting down: retry later")]
+    ShuttingDown,
+    #[error("the collector could not store the data: retry later")]
+    Storage,
+}
+
+impl From<StoreError> for IngestError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Overloaded => Self::Overloaded,
+            StoreError::Closed => Self::ShuttingDown,
+            _ => Self::Storage,
+        }
+    }
+}
+
+impl IngestError {
+    /// The single mapping from an ingest error to both protocols' status codes.
+    pub fn codes(&self) -> (StatusCode, Code) {
+        match self {
+            Self::Malformed(_) => (StatusCode::BAD_REQUEST, Code::InvalidArgument),
+            Self::UnsupportedContentType(_) | Self::UnsupportedEncoding(_) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, Code::InvalidArgument)
+            }
+            Self::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, Code::ResourceExhausted),
+            Self::Overloaded | Self::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable),
+            Self::Storage => (StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable),
+        }
+    }
+
+    /// Seconds a client should wait before retrying, where retrying makes sense.
+    pub fn retry_after(&self) -> Option<u32> {
+        match self {
+            Self::Overloaded | Self::ShuttingDown | Self::Storage => Some(1),
+            _ => None,
+        }
+    }
+
+    /// A short label for the requests metric.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Self::Malformed(_) => "malformed",
+            Self::UnsupportedContentType(_) | Self::UnsupportedEncoding(_) => "unsupported",
+            Self::TooLarge { .. } => "too_large",
+            Self::Overloaded => "overloaded",
+            Self::ShuttingDown => "shutting_down",
+            Self::Storage => "storage_error",
+        }
+    }
+}
+
+impl From<IngestError> for tonic::Status {
+    fn from(e: IngestError) -> Self {
+        tonic::Status::new(e.codes().1, e.to_string())
+    }
+}

@@ -1,0 +1,377 @@
+//! The project's own OTLP-native query API under `/api/v1/`, for the dashboard: trace search
+//! with summaries, full traces with kinds, events, links, status and resources, service
+//! dependencies with latency percentiles, metrics and logs.
+//!
+//! Timestamps are Unix nanoseconds as decimal strings (they do not fit a JSON number exactly);
+//! attribute values use their OTLP/JSON form, so their types survive.
+
+use axum::extract::{Path, RawQuery, State};
+use axum::routing::get;
+use axum::{Json, Router};
+use opentelemetry_proto::tonic::metrics::v1 as pm;
+use prost::Message;
+use prost_reflect::{DynamicMessage, SerializeOptions};
+use serde_json::{Value, json};
+
+use super::ApiError;
+use super::json::{any_value_json, attributes_json, base64_ids_to_hex};
+use super::params::Params;
+use crate::store::read::{LogQuery, SearchQuery, SpanRecord, StatusFilter, TraceData, kind_name, status_name};
+use crate::store::{Store, parse_trace_id};
+
+const HOUR_NS: i64 = 3600 * 1_000_000_000;
+
+pub fn router() -> Router<Store> {
+    Router::new()
+        .route("/api/v1/services", get(services))
+        .route("/api/v1/services/{service}/operations", get(operations))
+        .route("/api/v1/traces", get(search))
+        .route("/api/v1/traces/{trace_id}", get(trace))
+        .route("/api/v1/dependencies", get(dependencies))
+        .route("/api/v1/metrics", get(metrics))
+        .route("/api/v1/metrics/{name}", get(metric_series))
+        .route("/api/v1/logs", get(logs))
+}
+
+type ApiResult = Result<Json<Value>, ApiError>;
+
+async fn services(State(store): State<Store>) -> ApiResult {
+    Ok(Json(json!({ "services": store.services().await? })))
+}
+
+async fn operations(State(store): State<Store>, Path(service): Path<String>) -> ApiResult {
+    let ops: Vec<Value> = store
+        .operations(&service, None)
+        .await?
+        .into_iter()
+        .map(|(name, kind)| json!({ "name": name, "kind": kind_name(kind) }))
+        .collect();
+    Ok(Json(json!({ "operations": ops })))
+}
+
+fn parse_kind(v: &str) -> Result<i32, ApiError> {
+    Ok(match v.to_ascii_lowercase().trim_start_matches("span_kind_") {
+        "unspecified" => 0,
+        "internal" => 1,
+        "server" => 2,
+        "client" => 3,
+        "producer" => 4,
+        "consumer" => 5,
+        _ => return Err(ApiError::bad("kind", format!("unknown span kind {v:?}"))),
+    })
+}
+
+fn search_query(p: &Params) -> Result<SearchQuery, ApiError> {
+    let (start, end) = p.window(HOUR_NS)?;
+    let attributes = p
+        .all("attr")
+        .map(|a| {
+            a.split_once('=')
+                .map(|(k, v)| (k.trim().to_owned(), v.to_owned()))
+                .filter(|(k, _)| !k.is_empty())
+                .ok_or_else(|| ApiError::bad("attr", format!("expected key=value, got {a:?}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut status = p
+        .get("status")
+        .map(|s| match s.to_ascii_lowercase().as_str() {
+            "error" => Ok(StatusFilter::Error),
+            "ok" => Ok(StatusFilter::Ok),
+            "unset" => Ok(StatusFilter::Unset),
+            _ => Err(ApiError::bad("status", format!("expected error, ok or unset, got {s:?}"))),
+        })
+        .transpose()?;
+    match p.get("error") {
+        None | Some("false") => {}
+        Some("true") => status = Some(StatusFilter::Error),
+        Some(v) => return Err(ApiError::bad("error", format!("expected true or false, got {v:?}"))),
+    }
+    let min = p.duration_ns("minDuration")?;
+    let max = p.duration_ns("maxDuration")?;
+    if let (Some(a), Some(b)) = (min, max) {
+        if a > b {
+            return Err(ApiError::bad("minDuration", "must not be greater than maxDuration".into()));
+        }
+    }
+    Ok(SearchQuery {
+        service: p.get("service").map(str::to_owned),
+        operation: p.get("operation").map(str::to_owned),
+        span_kind: p.get("kind").map(parse_kind).transpose()?,
+        attributes,
+        status,
+        min_duration_ns: min,
+        max_duration_ns: max,
+        start_ns: start,
+        end_ns: end,
+        limit: p.limit("limit", 20, 10_000)?,
+    })
+}
+
+async fn search(State(store): State<Store>, RawQuery(q): RawQuery) -> ApiResult {
+    let p = Params::parse(q.as_deref());
+    let query = search_query(&p)?;
+    let ids = store.search(&query).await?;
+    let traces: Vec<Value> = store
+        .summaries(&ids)
+        .await?
+        .into_iter()
+        .map(|s| {
+            json!({
+                "traceId": hex::encode(s.trace_id),
+                "rootService": s.root_service,
+                "rootOperation": s.root_operation,
+                "startTimeUnixNano": s.start_ns.to_string(),
+                "durationNanos": s.duration_ns,
+                "spanCount": s.span_count,
+                "errorCount": s.error_count,
+                "services": s.services.into_iter().map(|(name, n)| json!({ "name": name, "spanCount": n })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "traces": traces, "limit": query.limit })))
+}
+
+async fn trace(State(store): State<Store>, Path(id): Path<String>) -> ApiResult {
+    let tid = parse_trace_id(&id).ok_or_else(|| ApiError::bad("trace_id", format!("not a hex trace id: {id:?}")))?;
+    let t = store.trace(tid).await?.ok_or_else(|| ApiError::NotFound(format!("trace {id} not found")))?;
+    Ok(Json(trace_json(&t)))
+}
+
+pub fn trace_json(t: &TraceData) -> Value {
+    let resources: Vec<Value> = t
+        .resources
+        .iter()
+        .map(|(id, r)| {
+            json!({
+                "id": id,
+                "serviceName": &*r.service,
+                "attributes": attributes_json(&r.attributes),
+                "droppedAttributesCount": r.dropped_attributes_count,
+                "schemaUrl": r.schema_url,
+            })
+        })
+        .collect();
+    let scopes: Vec<Value> = t
+        .scopes
+        .iter()
+        .map(|(id, s)| {
+            json!({
+                "id": id, "name": s.name, "version": s.version,
+                "attributes": attributes_json(&s.attributes),
+                "droppedAttributesCount": s.dropped_attributes_count, "schemaUrl": s.schema_url,
+            })
+        })
+        .collect();
+    let spans: Vec<Value> = t.spans.iter().map(span_json).collect();
+    let start = t.spans.iter().map(|s| s.start_ns).min().unwrap_or(0);
+    let end = t.spans.iter().map(|s| s.end_ns.max(s.start_ns)).max().unwrap_or(start);
+    json!({
+        "traceId": hex::encode(t.trace_id),
+        "startTimeUnixNano": start.to_string(),
+        "durationNanos": end - start,
+        "spanCount": t.spans.len(),
+        "resources": resources,
+        "scopes": scopes,
+        "spans": spans,
+    })
+}
+
+fn span_json(s: &SpanRecord) -> Value {
+    json!({
+        "traceId": hex::encode(s.trace_id),
+        "spanId": hex::encode(s.span_id),
+        "parentSpanId": s.parent_span_id.map(hex::encode).unwrap_or_default(),
+        "traceState": s.trace_state,
+        "name": s.name,
+        "kind": kind_name(s.kind),
+        "service": &*s.service,
+        "resource": s.resource,
+        "scope": s.scope,
+        "startTimeUnixNano": s.start_ns.to_string(),
+        "endTimeUnixNano": s.end_ns.to_string(),
+        "durationNanos": s.duration_ns(),
+        "status": { "code": status_name(s.status_code), "message": s.status_message },
+        "flags": s.flags,
+        "attributes": attributes_json(&s.attributes),
+        "droppedAttributesCount": s.dropped_attributes_count,
+        "events": s.events.iter().map(|e| json!({
+            "timeUnixNano": e.time_unix_nano.to_string(),
+            "name": e.name,
+            "attributes": attributes_json(&e.attributes),
+            "droppedAttributesCount": e.dropped_attributes_count,
+        })).collect::<Vec<_>>(),
+        "droppedEventsCount": s.dropped_events_count,
+        "links": s.links.iter().map(|l| json!({
+            "traceId": hex::encode(&l.trace_id),
+            "spanId": hex::encode(&l.span_id),
+            "traceState": l.trace_state,
+            "attributes": attributes_json(&l.attributes),
+            "droppedAttributesCount": l.dropped_attributes_count,
+            "flags": l.flags,
+        })).collect::<Vec<_>>(),
+        "droppedLinksCount": s.dropped_links_count,
+    })
+}
+
+async fn dependencies(State(store): State<Store>, RawQuery(q): RawQuery) -> ApiResult {
+    let p = Params::parse(q.as_deref());
+    let (start, end) = p.window(HOUR_NS)?;
+    let deps: Vec<Value> = store
+        .dependencies(start, end)
+        .await?
+        .into_iter()
+        .map(|d| {
+            json!({
+                "parent": d.parent, "child": d.child, "callCount": d.call_count, "errorCount": d.error_count,
+                "p50Nanos": d.p50_ns, "p90Nanos": d.p90_ns, "p99Nanos": d.p99_ns,
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "startTimeUnixNano": start.to_string(), "endTimeUnixNano": end.to_string(), "dependencies": deps })))
+}
+
+fn metric_type_name(t: i32) -> &'static str {
+    match t {
+        1 => "gauge",
+        2 => "sum",
+        3 => "histogram",
+        4 => "exponential_histogram",
+        5 => "summary",
+        _ => "unknown",
+    }
+}
+
+fn temporality_name(t: i32) -> &'static str {
+    match t {
+        1 => "delta",
+        2 => "cumulative",
+        _ => "unspecified",
+    }
+}
+
+async fn metrics(State(store): State<Store>) -> ApiResult {
+    let defs: Vec<Value> = store
+        .metric_defs()
+        .await?
+        .into_iter()
+        .map(|m| {
+            json!({
+                "name": m.name, "description": m.description, "unit": m.unit,
+                "type": metric_type_name(m.metric_type), "temporality": temporality_name(m.temporality),
+                "monotonic": m.monotonic, "seriesCount": m.series_count,
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "metrics": defs })))
+}
+
+/// A stored point as OTLP/JSON, decoded from its protobuf with the descriptor of its type.
+fn point_json(metric_type: i32, data: &[u8]) -> Value {
+    let name = match metric_type {
+        1 | 2 => "opentelemetry.proto.metrics.v1.NumberDataPoint",
+        3 => "opentelemetry.proto.metrics.v1.HistogramDataPoint",
+        4 => "opentelemetry.proto.metrics.v1.ExponentialHistogramDataPoint",
+        _ => "opentelemetry.proto.metrics.v1.SummaryDataPoint",
+    };
+    // Validate with the generated type first, so a corrupt row shows as null rather than garbage.
+    let valid = match metric_type {
+        1 | 2 => pm::NumberDataPoint::decode(data).is_ok(),
+        3 => pm::HistogramDataPoint::decode(data).is_ok(),
+        4 => pm::ExponentialHistogramDataPoint::decode(data).is_ok(),
+        _ => pm::SummaryDataPoint::decode(data).is_ok(),
+    };
+    let Some(desc) = valid.then(|| crate::otlp::decode::message_descriptor(name)).flatten() else { return Value::Null };
+    let Ok(msg) = DynamicMessage::decode(desc, data) else { return Value::Null };
+    let mut v = match msg.serialize_with_options(serde_json::value::Serializer, &SerializeOptions::new()) {
+        Ok(v) => v,
+        Err(_) => return Value::Null,
+    };
+    base64_ids_to_hex(&mut v);
+    v
+}
+
+async fn metric_series(State(store): State<Store>, Path(name): Path<String>, RawQuery(q): RawQuery) -> ApiResult {
+    let p = Params::parse(q.as_deref());
+    let (start, end) = p.window(HOUR_NS)?;
+    let limit = p.limit("limit", 1000, 100_000)?;
+    let filters: Vec<(String, String)> = p
+        .all("attr")
+        .map(|a| {
+            a.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .ok_or_else(|| ApiError::bad("attr", format!("expected key=value, got {a:?}")))
+        })
+        .collect::<Result<_, _>>()?;
+    let service = p.get("service");
+    let series = store.metric_series(&name, start, end, limit).await?;
+    if series.is_empty() && !store.metric_defs().await?.iter().any(|m| m.name == name) {
+        return Err(ApiError::NotFound(format!("metric {name} not found")));
+    }
+    let out: Vec<Value> = series
+        .into_iter()
+        .filter(|s| service.is_none_or(|want| &*s.service == want))
+        .filter(|s| {
+            filters.iter().all(|(k, v)| {
+                s.attributes.iter().any(|kv| kv.key == *k && crate::store::read::value_text(kv.value.as_ref()) == *v)
+            })
+        })
+        .map(|s| {
+            let points: Vec<Value> = s
+                .points
+                .iter()
+                .map(|(st, t, value, data)| {
+                    let mut point = point_json(s.metric.metric_type, data);
+                    if let Value::Object(m) = &mut point {
+                        m.insert("startTimeUnixNano".into(), json!(st.to_string()));
+                        m.insert("timeUnixNano".into(), json!(t.to_string()));
+                        if let Some(v) = value {
+                            m.insert("value".into(), json!(v));
+                        }
+                    }
+                    point
+                })
+                .collect();
+            json!({
+                "name": s.metric.name, "description": s.metric.description, "unit": s.metric.unit,
+                "type": metric_type_name(s.metric.metric_type), "temporality": temporality_name(s.metric.temporality),
+                "monotonic": s.metric.monotonic, "service": &*s.service,
+                "resourceAttributes": attributes_json(&s.resource_attributes), "scope": s.scope_name,
+                "attributes": attributes_json(&s.attributes), "points": points,
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "series": out })))
+}
+
+async fn logs(State(store): State<Store>, RawQuery(q): RawQuery) -> ApiResult {
+    let p = Params::parse(q.as_deref());
+    let (start, end) = p.window(HOUR_NS)?;
+    let trace_id = p
+        .get("traceId")
+        .map(|s| parse_trace_id(s).ok_or_else(|| ApiError::bad("traceId", format!("not a hex trace id: {s:?}"))))
+        .transpose()?;
+    let q = LogQuery {
+        trace_id,
+        service: p.get("service").map(str::to_owned),
+        start_ns: start,
+        end_ns: end,
+        limit: p.limit("limit", 100, 10_000)?,
+    };
+    let logs: Vec<Value> = store
+        .logs(&q)
+        .await?
+        .into_iter()
+        .map(|l| {
+            json!({
+                "timeUnixNano": l.time_ns.to_string(), "observedTimeUnixNano": l.observed_ns.to_string(),
+                "service": &*l.service, "severityNumber": l.severity_number, "severityText": l.severity_text,
+                "body": l.body.as_ref().map(|b| any_value_json(Some(b))),
+                "attributes": attributes_json(&l.attributes),
+                "traceId": l.trace_id.map(hex::encode).unwrap_or_default(),
+                "spanId": l.span_id.map(hex::encode).unwrap_or_default(),
+                "flags": l.flags, "eventName": l.event_name,
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "logs": logs })))
+}

@@ -1,0 +1,341 @@
+//! Turns OTLP export requests into rows: validates ids, assigns dictionary ids, encodes
+//! attributes. Invalid items are counted and described, never stored half.
+
+use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::{InstrumentationScope, KeyValue, any_value};
+use opentelemetry_proto::tonic::metrics::v1::{Metric, metric};
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use prost::Message;
+
+use super::Dicts;
+use super::codec::{self, encode_attributes};
+use super::rows::{LogRow, PointRow, ResourceRow, Rows, ScopeRow, SpanRow};
+
+/// The service name OpenTelemetry SDKs report when none is configured.
+pub const UNKNOWN_SERVICE: &str = "unknown_service";
+
+/// The outcome of converting one request: rows for the valid items, and what was refused.
+#[derive(Debug, Default)]
+pub struct Converted {
+    pub rows: Rows,
+    pub rejected: u64,
+    pub first_error: Option<String>,
+}
+
+impl Converted {
+    fn reject(&mut self, n: u64, why: impl FnOnce() -> String) {
+        self.rejected += n;
+        if self.first_error.is_none() {
+            self.first_error = Some(why());
+        }
+    }
+
+    /// The partial-success message: how many were refused and why (the first reason).
+    pub fn message(&self) -> String {
+        match &self.first_error {
+            Some(e) if self.rejected > 1 => format!("{} items rejected; first: {e}", self.rejected),
+            Some(e) => e.clone(),
+            None => String::new(),
+        }
+    }
+}
+
+fn now_ns() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+}
+
+fn service_name(resource: Option<&Resource>) -> &str {
+    resource
+        .into_iter()
+        .flat_map(|r| &r.attributes)
+        .find(|kv| kv.key == "service.name")
+        .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+            any_value::Value::StringValue(s) if !s.is_empty() => Some(s.as_str()),
+            _ => None,
+        })
+        .unwrap_or(UNKNOWN_SERVICE)
+}
+
+fn encode(attrs: &[KeyValue], dicts: &Dicts) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 * attrs.len() + 1);
+    encode_attributes(&mut out, attrs, &mut &dicts.strings);
+    out
+}
+
+fn encode_opt(attrs: &[KeyValue], dicts: &Dicts) -> Option<Vec<u8>> {
+    (!attrs.is_empty()).then(|| encode(attrs, dicts))
+}
+
+/// Returns (resource id, service id).
+fn resource_id(resource: Option<&Resource>, schema_url: &str, dicts: &Dicts) -> (i64, i64) {
+    let service = dicts.strings.id(service_name(resource));
+    let attrs = resource.map(|r| encode(&r.attributes, dicts)).unwrap_or_else(|| vec![0]);
+    let dropped = resource.map_or(0, |r| r.dropped_attributes_count);
+    let key = (attrs, dropped, schema_url.to_owned());
+    let id = dicts.resources.get_or_insert(&key, |id| ResourceRow {
+        id,
+        service,
+        attributes: key.0.clone(),
+        dropped_attributes_count: dropped,
+        schema_url: key.2.clone(),
+    });
+    (id, service)
+}
+
+fn scope_id(scope: Option<&InstrumentationScope>, schema_url: &str, dicts: &Dicts) -> i64 {
+    let key = match scope {
+        Some(s) => (
+            s.name.clone(),
+            s.version.clone(),
+            encode(&s.attributes, dicts),
+            s.dropped_attributes_count,
+            schema_url.to_owned(),
+        ),
+        None => (String::new(), String::new(), vec![0], 0, schema_url.to_owned()),
+    };
+    dicts.scopes.get_or_insert(&key, |id| ScopeRow { id, key: key.clone() })
+}
+
+fn id_error(what: &str, want: usize, got: usize) -> String {
+    if got == 0 {
+        format!("{what} is missing (must be {want} bytes)")
+    } else {
+        format!("{what} must be {want} bytes, got {got}")
+    }
+}
+
+fn span_id_i64(b: &[u8]) -> Option<i64> {
+    Some(i64::from_be_bytes(b.try_into().ok()?))
+}
+
+pub fn traces(req: ExportTraceServiceRequest, dicts: &Dicts) -> Converted {
+    let mut out = Converted::default();
+    let now = now_ns();
+    for rs in req.resource_spans {
+        let (resource, service) = resource_id(rs.resource.as_ref(), &rs.schema_url, dicts);
+        for ss in rs.scope_spans {
+            let scope = scope_id(ss.scope.as_ref(), &ss.schema_url, dicts);
+            for span in ss.spans {
+                if span.trace_id.len() != 16 || span.trace_id.iter().all(|&b| b == 0) {
+                    out.reject(1, || {
+                        if span.trace_id.len() == 16 {
+                            "trace_id must not be all zeros".into()
+                        } else {
+                            id_error("trace_id", 16, span.trace_id.len())
+                        }
+                    });
+                    continue;
+                }
+                let Some(span_id) = span_id_i64(&span.span_id).filter(|&i| i != 0) else {
+                    out.reject(1, || {
+                        if span.span_id.len() == 8 {
+                            "span_id must not be all zeros".into()
+                        } else {
+                            id_error("span_id", 8, span.span_id.len())
+                        }
+                    });
+                    continue;
+                };
+                let parent_span_id = match span.parent_span_id.len() {
+                    0 => None,
+                    _ => match span_id_i64(&span.parent_span_id) {
+                        Some(0) => None,
+                        Some(p) => Some(p),
+                        None => {
+                            out.reject(1, || id_error("parent_span_id", 8, span.parent_span_id.len()));
+                            continue;
+                        }
+                    },
+                };
+                let mut trace_id = [0u8; 16];
+                trace_id.copy_from_slice(&span.trace_id);
+                let trace = dicts.traces.get_or_insert(trace_id, now);
+                let name = dicts.strings.id(&span.name);
+                let kind = span.kind;
+                dicts.operations.get_or_insert(&(service, name, kind), |_| (service, name, kind));
+                let events = (!span.events.is_empty()).then(|| {
+                    let mut b = Vec::new();
+                    codec::encode_events(&mut b, &span.events, span.start_time_unix_nano, &mut &dicts.strings);
+                    b
+                });
+                let links = (!span.links.is_empty()).then(|| {
+                    let mut b = Vec::new();
+                    codec::encode_links(&mut b, &span.links, &mut &dicts.strings);
+                    b
+                });
+                let status = span.status.unwrap_or_default();
+                out.rows.spans.push(SpanRow {
+                    trace,
+                    span_id,
+                    parent_span_id,
+                    service,
+                    name,
+                    kind,
+                    start_ns: span.start_time_unix_nano as i64,
+                    duration_ns: span.end_time_unix_nano.wrapping_sub(span.start_time_unix_nano) as i64,
+                    status_code: status.code,
+                    status_message: (!status.message.is_empty()).then_some(status.message),
+                    resource,
+                    scope,
+                    trace_state: (!span.trace_state.is_empty()).then_some(span.trace_state),
+                    flags: i64::from(span.flags),
+                    attributes: encode_opt(&span.attributes, dicts),
+                    events,
+                    links,
+                    dropped_attributes_count: i64::from(span.dropped_attributes_count),
+                    dropped_events_count: i64::from(span.dropped_events_count),
+                    dropped_links_count: i64::from(span.dropped_links_count),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Metric types as stored in `metrics.type`.
+pub fn metric_type(data: &metric::Data) -> i32 {
+    match data {
+        metric::Data::Gauge(_) => 1,
+        metric::Data::Sum(_) => 2,
+        metric::Data::Histogram(_) => 3,
+        metric::Data::ExponentialHistogram(_) => 4,
+        metric::Data::Summary(_) => 5,
+    }
+}
+
+pub fn metrics(req: ExportMetricsServiceRequest, dicts: &Dicts) -> Converted {
+    let mut out = Converted::default();
+    for rm in req.resource_metrics {
+        let (resource, _) = resource_id(rm.resource.as_ref(), &rm.schema_url, dicts);
+        for sm in rm.scope_metrics {
+            let scope = scope_id(sm.scope.as_ref(), &sm.schema_url, dicts);
+            for m in sm.metrics {
+                metric_points(m, resource, scope, dicts, &mut out);
+            }
+        }
+    }
+    out
+}
+
+fn metric_points(m: Metric, resource: i64, scope: i64, dicts: &Dicts, out: &mut Converted) {
+    use metric::Data;
+    let Some(data) = m.data else {
+        // A metric without data has no points to count; nothing is stored.
+        return;
+    };
+    let n_points = match &data {
+        Data::Gauge(g) => g.data_points.len(),
+        Data::Sum(s) => s.data_points.len(),
+        Data::Histogram(h) => h.data_points.len(),
+        Data::ExponentialHistogram(h) => h.data_points.len(),
+        Data::Summary(s) => s.data_points.len(),
+    } as u64;
+    if m.name.is_empty() {
+        out.reject(n_points, || "metric name is missing".into());
+        return;
+    }
+    let (temporality, monotonic) = match &data {
+        Data::Sum(s) => (s.aggregation_temporality, s.is_monotonic),
+        Data::Histogram(h) => (h.aggregation_temporality, false),
+        Data::ExponentialHistogram(h) => (h.aggregation_temporality, false),
+        _ => (0, false),
+    };
+    let key = (
+        m.name,
+        m.description,
+        m.unit,
+        metric_type(&data),
+        temporality,
+        monotonic,
+        encode(&m.metadata, dicts),
+    );
+    let metric = dicts.metrics.get_or_insert(&key, |id| super::rows::MetricRow { id, key: key.clone() });
+    let mut push = |attrs: &mut Vec<KeyValue>, start: u64, time: u64, value: Option<f64>, data: Vec<u8>| {
+        let skey = (metric, resource, scope, encode(attrs, dicts));
+        let series = dicts.series.get_or_insert(&skey, |id| super::rows::SeriesRow { id, key: skey.clone() });
+        out.rows.points.push(PointRow { series, start_ns: start as i64, time_ns: time as i64, value, data });
+    };
+    // Each point is kept whole as protobuf, minus its attributes (they identify the series).
+    match data {
+        Data::Gauge(g) => number_points(g.data_points, &mut push),
+        Data::Sum(s) => number_points(s.data_points, &mut push),
+        Data::Histogram(h) => {
+            for mut p in h.data_points {
+                let mut attrs = std::mem::take(&mut p.attributes);
+                push(&mut attrs, p.start_time_unix_nano, p.time_unix_nano, p.sum, p.encode_to_vec());
+            }
+        }
+        Data::ExponentialHistogram(h) => {
+            for mut p in h.data_points {
+                let mut attrs = std::mem::take(&mut p.attributes);
+                push(&mut attrs, p.start_time_unix_nano, p.time_unix_nano, p.sum, p.encode_to_vec());
+            }
+        }
+        Data::Summary(s) => {
+            for mut p in s.data_points {
+                let mut attrs = std::mem::take(&mut p.attributes);
+                push(&mut attrs, p.start_time_unix_nano, p.time_unix_nano, Some(p.sum), p.encode_to_vec());
+            }
+        }
+    }
+}
+
+fn number_points(
+    points: Vec<opentelemetry_proto::tonic::metrics::v1::NumberDataPoint>,
+    push: &mut impl FnMut(&mut Vec<KeyValue>, u64, u64, Option<f64>, Vec<u8>),
+) {
+    use opentelemetry_proto::tonic::metrics::v1::number_data_point::Value;
+    for mut p in points {
+        let mut attrs = std::mem::take(&mut p.attributes);
+        let value = match p.value {
+            Some(Value::AsDouble(d)) => Some(d),
+            Some(Value::AsInt(i)) => Some(i as f64),
+            None => None,
+        };
+        push(&mut attrs, p.start_time_unix_nano, p.time_unix_nano, value, p.encode_to_vec());
+    }
+}
+
+pub fn logs(req: ExportLogsServiceRequest, dicts: &Dicts) -> Converted {
+    let mut out = Converted::default();
+    for rl in req.resource_logs {
+        let (resource, service) = resource_id(rl.resource.as_ref(), &rl.schema_url, dicts);
+        for sl in rl.scope_logs {
+            let scope = scope_id(sl.scope.as_ref(), &sl.schema_url, dicts);
+            for r in sl.log_records {
+                if !matches!(r.trace_id.len(), 0 | 16) {
+                    out.reject(1, || id_error("log record trace_id", 16, r.trace_id.len()));
+                    continue;
+                }
+                if !matches!(r.span_id.len(), 0 | 8) {
+                    out.reject(1, || id_error("log record span_id", 8, r.span_id.len()));
+                    continue;
+                }
+                let body = r.body.as_ref().map(|b| {
+                    // The body is stored as a one-entry attribute list under the empty key.
+                    let kv = KeyValue { key: String::new(), value: Some(b.clone()), ..Default::default() };
+                    encode(std::slice::from_ref(&kv), dicts)
+                });
+                out.rows.logs.push(LogRow {
+                    time_ns: r.time_unix_nano as i64,
+                    observed_ns: r.observed_time_unix_nano as i64,
+                    service,
+                    severity_number: r.severity_number,
+                    severity_text: r.severity_text,
+                    body,
+                    attributes: encode_opt(&r.attributes, dicts),
+                    trace_id: (!r.trace_id.is_empty()).then_some(r.trace_id),
+                    span_id: (!r.span_id.is_empty()).then_some(r.span_id),
+                    flags: i64::from(r.flags),
+                    dropped_attributes_count: i64::from(r.dropped_attributes_count),
+                    event_name: r.event_name,
+                    resource,
+                    scope,
+                });
+            }
+        }
+    }
+    out
+}

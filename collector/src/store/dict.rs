@@ -1,0 +1,269 @@
+//! In-memory id assignment for everything that is stored once and referred to by id: strings
+//! (attribute keys, service and span names), resources, scopes, metric descriptions, series,
+//! traces and operations.
+//!
+//! Ingest threads assign ids while converting a request, before the writer sees it; each new
+//! entry's row waits in `pending` until the writer takes it into the next transaction. Because a
+//! request is converted before it is queued, the transaction that commits it also commits (or has
+//! already committed) every entry it refers to. A failed transaction puts its entries back.
+
+use std::borrow::Borrow;
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+use super::codec::{Intern, Resolve};
+
+struct State<K, R> {
+    map: HashMap<K, i64>,
+    next: i64,
+    pending: Vec<R>,
+}
+
+/// Assigns increasing ids to keys, remembering the rows that still have to be written.
+pub struct Interner<K, R> {
+    state: Mutex<State<K, R>>,
+}
+
+impl<K: Hash + Eq, R> Interner<K, R> {
+    pub fn new(loaded: impl IntoIterator<Item = (K, i64)>) -> Self {
+        let map: HashMap<K, i64> = loaded.into_iter().collect();
+        let next = map.values().copied().max().unwrap_or(0) + 1;
+        Self { state: Mutex::new(State { map, next, pending: Vec::new() }) }
+    }
+
+    pub fn get_or_insert<Q>(&self, key: &Q, make_row: impl FnOnce(i64) -> R) -> i64
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(&id) = st.map.get(key) {
+            return id;
+        }
+        let id = st.next;
+        st.next += 1;
+        st.map.insert(key.to_owned(), id);
+        st.pending.push(make_row(id));
+        id
+    }
+
+    pub fn take_pending(&self) -> Vec<R> {
+        std::mem::take(&mut self.state.lock().unwrap_or_else(PoisonError::into_inner).pending)
+    }
+
+    /// Puts back rows whose transaction failed, ahead of any added since.
+    pub fn restore_pending(&self, mut rows: Vec<R>) {
+        let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        rows.append(&mut st.pending);
+        st.pending = rows;
+    }
+
+    pub fn len(&self) -> usize {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner).map.len()
+    }
+}
+
+/// The string dictionary: ids for attribute keys, service names, span and event names.
+/// Readers resolve ids without touching the database.
+pub struct Strings {
+    ids: RwLock<HashMap<Arc<str>, i64>>,
+    names: RwLock<Vec<Arc<str>>>,
+    pending: Mutex<Vec<(i64, Arc<str>)>>,
+}
+
+impl Strings {
+    /// `loaded` must hold ids 1..=n without gaps, as the writer assigns them.
+    pub fn new(mut loaded: Vec<(i64, String)>) -> Self {
+        loaded.sort_by_key(|(id, _)| *id);
+        let mut ids = HashMap::with_capacity(loaded.len());
+        let mut names = Vec::with_capacity(loaded.len());
+        for (id, s) in loaded {
+            let s: Arc<str> = s.into();
+            // Ids are dense from 1; a gap (not written by this program) is filled with an empty name.
+            while (names.len() as i64) < id - 1 {
+                names.push(Arc::from(""));
+            }
+            ids.insert(s.clone(), id);
+            names.push(s);
+        }
+        Self { ids: RwLock::new(ids), names: RwLock::new(names), pending: Mutex::new(Vec::new()) }
+    }
+
+    pub fn id(&self, s: &str) -> i64 {
+        if let Some(&id) = self.ids.read().unwrap_or_else(PoisonError::into_inner).get(s) {
+            return id;
+        }
+        let mut ids = self.ids.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(&id) = ids.get(s) {
+            return id;
+        }
+        let mut names = self.names.write().unwrap_or_else(PoisonError::into_inner);
+        let s: Arc<str> = s.into();
+        names.push(s.clone());
+        let id = names.len() as i64;
+        ids.insert(s.clone(), id);
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner).push((id, s));
+        id
+    }
+
+    /// Looks up an existing id without creating one.
+    pub fn find(&self, s: &str) -> Option<i64> {
+        self.ids.read().unwrap_or_else(PoisonError::into_inner).get(s).copied()
+    }
+
+    pub fn name(&self, id: i64) -> Option<Arc<str>> {
+        let names = self.names.read().unwrap_or_else(PoisonError::into_inner);
+        names.get(usize::try_from(id).ok()?.checked_sub(1)?).cloned()
+    }
+
+    pub fn take_pending(&self) -> Vec<(i64, Arc<str>)> {
+        std::mem::take(&mut self.pending.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    pub fn restore_pending(&self, mut rows: Vec<(i64, Arc<str>)>) {
+        let mut p = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        rows.append(&mut p);
+        *p = rows;
+    }
+
+    /// A snapshot for decoding many values without taking the lock for each.
+    pub fn snapshot(&self) -> StringsSnapshot {
+        StringsSnapshot(self.names.read().unwrap_or_else(PoisonError::into_inner).clone())
+    }
+}
+
+impl Intern for &Strings {
+    fn intern(&mut self, s: &str) -> u64 {
+        self.id(s) as u64
+    }
+}
+
+pub struct StringsSnapshot(Vec<Arc<str>>);
+
+impl StringsSnapshot {
+    pub fn get(&self, id: i64) -> &str {
+        self.resolve(id as u64).unwrap_or("")
+    }
+}
+
+impl Resolve for StringsSnapshot {
+    fn resolve(&self, id: u64) -> Option<&str> {
+        self.0.get(usize::try_from(id).ok()?.checked_sub(1)?).map(|s| &**s)
+    }
+}
+
+/// A trace's row in `traces`. Spans refer to it by `id` instead of repeating the 16-byte trace id,
+/// so the only random-key index entry is one per trace, not one per span.
+#[derive(Debug, Clone)]
+pub struct TraceRow {
+    pub id: i64,
+    pub trace_id: [u8; 16],
+    pub first_seen_ns: i64,
+}
+
+struct TraceState {
+    current: HashMap<[u8; 16], i64>,
+    previous: HashMap<[u8; 16], i64>,
+    next: i64,
+    pending: Vec<TraceRow>,
+}
+
+/// Trace ids of recent traces. Only recent ones are kept: a span arriving for a trace that was
+/// forgotten gets a second `traces` row with the same trace id, and reads gather all of them.
+pub struct TraceRefs {
+    state: Mutex<TraceState>,
+    max_entries: usize,
+}
+
+impl TraceRefs {
+    pub fn new(next: i64, max_entries: usize) -> Self {
+        Self {
+            state: Mutex::new(TraceState {
+                current: HashMap::new(),
+                previous: HashMap::new(),
+                next,
+                pending: Vec::new(),
+            }),
+            max_entries: max_entries.max(1),
+        }
+    }
+
+    pub fn get_or_insert(&self, trace_id: [u8; 16], now_ns: i64) -> i64 {
+        let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(&id) = st.current.get(&trace_id) {
+            return id;
+        }
+        if let Some(id) = st.previous.remove(&trace_id) {
+            st.current.insert(trace_id, id);
+            return id;
+        }
+        if st.current.len() >= self.max_entries {
+            st.previous = std::mem::take(&mut st.current);
+        }
+        let id = st.next;
+        st.next += 1;
+        st.current.insert(trace_id, id);
+        st.pending.push(TraceRow { id, trace_id, first_seen_ns: now_ns });
+        id
+    }
+
+    /// Forgets the older half, so that retention can remove rows no new span will point to;
+    /// returns the smallest id new spans may still use.
+    pub fn rotate(&self) -> i64 {
+        let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        st.previous = std::mem::take(&mut st.current);
+        let pending_min = st.pending.iter().map(|r| r.id).min();
+        st.previous.values().copied().chain(pending_min).min().unwrap_or(st.next)
+    }
+
+    pub fn take_pending(&self) -> Vec<TraceRow> {
+        std::mem::take(&mut self.state.lock().unwrap_or_else(PoisonError::into_inner).pending)
+    }
+
+    pub fn restore_pending(&self, mut rows: Vec<TraceRow>) {
+        let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        rows.append(&mut st.pending);
+        st.pending = rows;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strings_assign_dense_ids_and_remember_pending() {
+        let s = Strings::new(vec![(1, "a".into()), (2, "b".into())]);
+        assert_eq!(s.id("b"), 2);
+        assert_eq!(s.id("c"), 3);
+        assert_eq!(s.id("c"), 3);
+        assert_eq!(s.name(3).as_deref(), Some("c"));
+        let p = s.take_pending();
+        assert_eq!(p.len(), 1);
+        s.restore_pending(p);
+        assert_eq!(s.take_pending()[0].0, 3);
+        assert!(s.take_pending().is_empty());
+    }
+
+    #[test]
+    fn trace_refs_reuse_recent_ids_and_rotate() {
+        let t = TraceRefs::new(10, 2);
+        let a = t.get_or_insert([1; 16], 0);
+        assert_eq!(t.get_or_insert([1; 16], 0), a);
+        let b = t.get_or_insert([2; 16], 0);
+        let c = t.get_or_insert([3; 16], 0); // rotates: a and b move to previous
+        assert_eq!((a, b, c), (10, 11, 12));
+        assert_eq!(t.get_or_insert([1; 16], 0), a);
+        assert_eq!(t.take_pending().len(), 3);
+        assert_eq!(t.rotate(), 10);
+    }
+
+    #[test]
+    fn interner_keeps_ids_stable() {
+        let i: Interner<Vec<u8>, i64> = Interner::new([(vec![1u8], 4)]);
+        assert_eq!(i.get_or_insert(&[1u8][..], |id| id), 4);
+        assert_eq!(i.get_or_insert(&[2u8][..], |id| id), 5);
+        assert_eq!(i.take_pending(), vec![5]);
+    }
+}

@@ -1,0 +1,251 @@
+//! Storage in SQLite. Only this module touches the database.
+//!
+//! Writes go through one writer task ([`writer`]) that commits many export requests per
+//! transaction and acknowledges each only after its commit; reads use a separate pool of
+//! read-only connections ([`read`]). Export requests are turned into rows by [`convert`] on the
+//! ingest side, so the writer only inserts.
+
+pub mod codec;
+pub mod convert;
+pub mod dict;
+pub mod read;
+pub mod rows;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Connection, Row, SqliteConnection};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::metrics::Metrics;
+use dict::{Interner, Strings, TraceRefs};
+use rows::{MetricKey, MetricRow, OperationKey, ResourceKey, ResourceRow, Rows, ScopeKey, ScopeRow, SeriesKey, SeriesRow};
+pub use writer::Command;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("the write queue is full")]
+    Overloaded,
+    #[error("the store is shutting down")]
+    Closed,
+    #[error("writing to the database failed")]
+    Write,
+    #[error("database error: {0}")]
+    Database(Arc<sqlx::Error>),
+    #[error("cannot prepare the database folder {path}: {source}")]
+    Folder { path: PathBuf, source: Arc<std::io::Error> },
+    #[error("applying migrations failed: {0}")]
+    Migrate(Arc<sqlx::migrate::MigrateError>),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(#[from] codec::CodecError),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Database(Arc::new(e))
+    }
+}
+
+/// Everything that is stored once and referred to by id.
+pub struct Dicts {
+    pub strings: Strings,
+    pub resources: Interner<ResourceKey, ResourceRow>,
+    pub scopes: Interner<ScopeKey, ScopeRow>,
+    pub traces: TraceRefs,
+    pub operations: Interner<OperationKey, OperationKey>,
+    pub metrics: Interner<MetricKey, MetricRow>,
+    pub series: Interner<SeriesKey, SeriesRow>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub path: PathBuf,
+    /// Items (spans, points, log records) accepted and not yet committed before exports are refused.
+    pub queue_capacity: usize,
+    /// Items that one transaction takes at most.
+    pub max_batch_items: usize,
+    /// Recent trace ids remembered so that their late spans share a `traces` row.
+    pub trace_cache: usize,
+}
+
+impl StoreConfig {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self { path: path.into(), queue_capacity: 262_144, max_batch_items: 32_768, trace_cache: 500_000 }
+    }
+}
+
+#[derive(Clone)]
+pub struct Store {
+    tx: mpsc::UnboundedSender<Command>,
+    queue: Arc<Semaphore>,
+    queue_capacity: usize,
+    pub(crate) read: SqlitePool,
+    pub dicts: Arc<Dicts>,
+    metrics: Arc<Metrics>,
+    path: PathBuf,
+}
+
+/// Owns the writer task; [`WriterHandle::shutdown`] writes what is queued and closes the database.
+pub struct WriterHandle {
+    tx: mpsc::UnboundedSender<Command>,
+    task: JoinHandle<()>,
+}
+
+impl WriterHandle {
+    pub async fn shutdown(self) {
+        let _ = self.tx.send(Command::Shutdown);
+        if let Err(e) = self.task.await {
+            tracing::error!(error = %e, "the writer task failed");
+        }
+    }
+}
+
+fn connect_options(path: &Path) -> SqliteConnectOptions {
+    SqliteConnectOptions::new()
+        .filename(path)
+        .journal_mode(SqliteJournalMode::Wal)
+        // In WAL mode NORMAL is durable against a crash of this process (SIGKILL included);
+        // only an OS crash or power loss can lose the last commits.
+        .synchronous(SqliteSynchronous::Normal)
+        .busy_timeout(Duration::from_secs(10))
+        .pragma("cache_size", "-65536")
+        .pragma("temp_store", "memory")
+}
+
+impl Store {
+    pub async fn open(cfg: &StoreConfig, metrics: Arc<Metrics>) -> Result<(Store, WriterHandle), StoreError> {
+        if let Some(dir) = cfg.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StoreError::Folder { path: dir.to_owned(), source: Arc::new(e) })?;
+        }
+        let mut conn = SqliteConnection::connect_with(
+            &connect_options(&cfg.path).create_if_missing(true).pragma("wal_autocheckpoint", "4000"),
+        )
+        .await?;
+        sqlx::migrate!("../migrations").run(&mut conn).await.map_err(|e| StoreError::Migrate(Arc::new(e)))?;
+        let dicts = Arc::new(load_dicts(&mut conn, cfg.trace_cache).await?);
+
+        let read = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(connect_options(&cfg.path).read_only(true))
+            .await?;
+
+        let (tx, rx) = mpsc::unbounded_channel();
+        let writer = writer::Writer::new(conn, dicts.clone(), metrics.clone(), cfg.max_batch_items);
+        let task = tokio::spawn(writer.run(rx));
+        metrics.queue_capacity.set(cfg.queue_capacity as i64);
+        let store = Store {
+            tx: tx.clone(),
+            queue: Arc::new(Semaphore::new(cfg.queue_capacity)),
+            queue_capacity: cfg.queue_capacity,
+            read,
+            dicts,
+            metrics,
+            path: cfg.path.clone(),
+        };
+        Ok((store, WriterHandle { tx, task }))
+    }
+
+    /// Queues converted rows and waits until they are committed. Refuses at once with
+    /// [`StoreError::Overloaded`] when the queue is full, so callers can tell clients to retry.
+    pub async fn write(&self, rows: Rows) -> Result<(), StoreError> {
+        let n = rows.len();
+        if n == 0 {
+            return Ok(());
+        }
+        // A request larger than the whole queue takes all of it rather than waiting forever.
+        let want = n.min(self.queue_capacity) as u32;
+        let permit = self.queue.clone().try_acquire_many_owned(want).map_err(|_| StoreError::Overloaded)?;
+        let (ack, done) = oneshot::channel();
+        self.metrics.queue_items.add(n as i64);
+        if self.tx.send(Command::Write { rows, permit, ack }).is_err() {
+            self.metrics.queue_items.sub(n as i64);
+            return Err(StoreError::Closed);
+        }
+        done.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Asks the writer to remove everything older than `cutoff_ns`, in small steps.
+    pub fn prune(&self, cutoff_ns: i64) {
+        let _ = self.tx.send(Command::Prune { cutoff_ns });
+    }
+
+    /// Bytes used by the database file and its write-ahead log.
+    pub fn disk_bytes(&self) -> u64 {
+        let wal = {
+            let mut p = self.path.clone().into_os_string();
+            p.push("-wal");
+            PathBuf::from(p)
+        };
+        [&self.path, &wal].iter().filter_map(|p| std::fs::metadata(p).ok()).map(|m| m.len()).sum()
+    }
+}
+
+async fn load_dicts(conn: &mut SqliteConnection, trace_cache: usize) -> Result<Dicts, StoreError> {
+    let strings = sqlx::query("SELECT id, value FROM strings")
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .map(|r| Ok((r.try_get::<i64, _>(0)?, r.try_get::<String, _>(1)?)))
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    let resources = sqlx::query("SELECT id, attributes, dropped_attributes_count, schema_url FROM resources")
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .map(|r| Ok(((r.try_get(1)?, r.try_get(2)?, r.try_get(3)?), r.try_get(0)?)))
+        .collect::<Result<Vec<(ResourceKey, i64)>, sqlx::Error>>()?;
+    let scopes = sqlx::query("SELECT id, name, version, attributes, dropped_attributes_count, schema_url FROM scopes")
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .map(|r| Ok(((r.try_get(1)?, r.try_get(2)?, r.try_get(3)?, r.try_get(4)?, r.try_get(5)?), r.try_get(0)?)))
+        .collect::<Result<Vec<(ScopeKey, i64)>, sqlx::Error>>()?;
+    let operations = sqlx::query("SELECT service, name, kind FROM operations")
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .map(|r| Ok(((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?), 0)))
+        .collect::<Result<Vec<(OperationKey, i64)>, sqlx::Error>>()?;
+    let metrics = sqlx::query("SELECT id, name, description, unit, type, temporality, monotonic, metadata FROM metrics")
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .map(|r| {
+            Ok((
+                (r.try_get(1)?, r.try_get(2)?, r.try_get(3)?, r.try_get(4)?, r.try_get(5)?, r.try_get(6)?, r.try_get(7)?),
+                r.try_get(0)?,
+            ))
+        })
+        .collect::<Result<Vec<(MetricKey, i64)>, sqlx::Error>>()?;
+    let series = sqlx::query("SELECT id, metric, resource, scope, attributes FROM metric_series")
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .map(|r| Ok(((r.try_get(1)?, r.try_get(2)?, r.try_get(3)?, r.try_get(4)?), r.try_get(0)?)))
+        .collect::<Result<Vec<(SeriesKey, i64)>, sqlx::Error>>()?;
+    let next_trace: i64 = sqlx::query("SELECT COALESCE(MAX(id), 0) + 1 FROM traces").fetch_one(&mut *conn).await?.try_get(0)?;
+    Ok(Dicts {
+        strings: Strings::new(strings),
+        resources: Interner::new(resources),
+        scopes: Interner::new(scopes),
+        traces: TraceRefs::new(next_trace, trace_cache),
+        operations: Interner::new(operations),
+        metrics: Interner::new(metrics),
+        series: Interner::new(series),
+    })
+}
+
+/// Parses a 32-digit hex trace id (shorter ids are padded on the left, as Jaeger does).
+pub fn parse_trace_id(s: &str) -> Option<[u8; 16]> {
+    if s.is_empty() || s.len() > 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let padded = format!("{s:0>32}");
+    let mut out = [0u8; 16];
+    hex::decode_to_slice(padded, &mut out).ok()?;
+    Some(out)
+}

@@ -1,0 +1,731 @@
+//! Reads: traces by id, trace search, services and operations, dependencies, metrics and logs.
+//! Everything here runs on the read-only pool and never blocks the writer.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use futures::TryStreamExt;
+use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use opentelemetry_proto::tonic::trace::v1::span::{Event, Link};
+use sqlx::{QueryBuilder, Row, Sqlite};
+
+use super::codec::{Reader, decode_attributes};
+use super::dict::StringsSnapshot;
+use super::{Store, StoreError};
+
+#[derive(Debug, Clone)]
+pub struct SpanRecord {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub parent_span_id: Option<[u8; 8]>,
+    pub trace_state: String,
+    pub service: Arc<str>,
+    pub name: String,
+    pub kind: i32,
+    pub start_ns: u64,
+    pub end_ns: u64,
+    pub status_code: i32,
+    pub status_message: String,
+    pub flags: u32,
+    pub attributes: Vec<KeyValue>,
+    pub events: Vec<Event>,
+    pub links: Vec<Link>,
+    pub dropped_attributes_count: u32,
+    pub dropped_events_count: u32,
+    pub dropped_links_count: u32,
+    pub resource: i64,
+    pub scope: i64,
+}
+
+impl SpanRecord {
+    pub fn duration_ns(&self) -> u64 {
+        self.end_ns.saturating_sub(self.start_ns)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ResourceRecord {
+    pub service: Arc<str>,
+    pub attributes: Vec<KeyValue>,
+    pub dropped_attributes_count: u32,
+    pub schema_url: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct ScopeRecord {
+    pub name: String,
+    pub version: String,
+    pub attributes: Vec<KeyValue>,
+    pub dropped_attributes_count: u32,
+    pub schema_url: String,
+}
+
+/// One trace with the resources and scopes its spans refer to. Spans are ordered by start time.
+#[derive(Debug, Clone)]
+pub struct TraceData {
+    pub trace_id: [u8; 16],
+    pub spans: Vec<SpanRecord>,
+    pub resources: BTreeMap<i64, ResourceRecord>,
+    pub scopes: BTreeMap<i64, ScopeRecord>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusFilter {
+    Unset = 0,
+    Ok = 1,
+    Error = 2,
+}
+
+/// What a trace search looks for: traces with at least one span matching every criterion.
+#[derive(Debug, Clone, Default)]
+pub struct SearchQuery {
+    pub service: Option<String>,
+    pub operation: Option<String>,
+    pub span_kind: Option<i32>,
+    /// `key=value` pairs matched against span, resource and event attributes (as text), and
+    /// the derived keys `error`, `span.kind`, `otel.status_code` and `otel.status_description`.
+    pub attributes: Vec<(String, String)>,
+    pub status: Option<StatusFilter>,
+    pub min_duration_ns: Option<i64>,
+    pub max_duration_ns: Option<i64>,
+    pub start_ns: i64,
+    pub end_ns: i64,
+    pub limit: usize,
+}
+
+/// Rows a search reads at most before answering with what it found.
+const SEARCH_SCAN_LIMIT: usize = 1_000_000;
+/// Spans a dependency computation reads at most.
+const DEPENDENCY_SCAN_LIMIT: usize = 2_000_000;
+
+#[derive(Debug, Clone)]
+pub struct TraceSummary {
+    pub trace_id: [u8; 16],
+    pub root_service: String,
+    pub root_operation: String,
+    pub start_ns: u64,
+    pub duration_ns: u64,
+    pub span_count: u64,
+    pub error_count: u64,
+    /// Services in the trace with their span counts, by name.
+    pub services: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Dependency {
+    pub parent: String,
+    pub child: String,
+    pub call_count: u64,
+    pub error_count: u64,
+    pub p50_ns: u64,
+    pub p90_ns: u64,
+    pub p99_ns: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct MetricDef {
+    pub id: i64,
+    pub name: String,
+    pub description: String,
+    pub unit: String,
+    pub metric_type: i32,
+    pub temporality: i32,
+    pub monotonic: bool,
+    pub series_count: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct SeriesData {
+    pub metric: MetricDef,
+    pub service: Arc<str>,
+    pub resource_attributes: Vec<KeyValue>,
+    pub scope_name: String,
+    pub attributes: Vec<KeyValue>,
+    /// (start, time, value, the point as OTLP protobuf without attributes)
+    pub points: Vec<(u64, u64, Option<f64>, Vec<u8>)>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct LogQuery {
+    pub trace_id: Option<[u8; 16]>,
+    pub service: Option<String>,
+    pub start_ns: i64,
+    pub end_ns: i64,
+    pub limit: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogRecord {
+    pub time_ns: u64,
+    pub observed_ns: u64,
+    pub service: Arc<str>,
+    pub severity_number: i32,
+    pub severity_text: String,
+    pub body: Option<AnyValue>,
+    pub attributes: Vec<KeyValue>,
+    pub trace_id: Option<Vec<u8>>,
+    pub span_id: Option<Vec<u8>>,
+    pub flags: u32,
+    pub event_name: String,
+}
+
+/// Renders an attribute value as text, the way searches compare it.
+pub fn value_text(v: Option<&AnyValue>) -> String {
+    use any_value::Value;
+    match v.and_then(|v| v.value.as_ref()) {
+        None => String::new(),
+        Some(Value::StringValue(s)) => s.clone(),
+        Some(Value::BoolValue(b)) => b.to_string(),
+        Some(Value::IntValue(i)) => i.to_string(),
+        Some(Value::DoubleValue(d)) => d.to_string(),
+        Some(Value::BytesValue(b)) => base64::Engine::encode(&base64::engine::general_purpose::STANDARD, b),
+        Some(_) => crate::query::json::any_value_json(v).to_string(),
+    }
+}
+
+pub fn kind_name(kind: i32) -> &'static str {
+    match kind {
+        1 => "internal",
+        2 => "server",
+        3 => "client",
+        4 => "producer",
+        5 => "consumer",
+        _ => "unspecified",
+    }
+}
+
+pub fn status_name(code: i32) -> &'static str {
+    match code {
+        1 => "OK",
+        2 => "ERROR",
+        _ => "UNSET",
+    }
+}
+
+const SPAN_COLUMNS: &str = "t.trace_id, s.span_id, s.parent_span_id, s.service, s.name, s.kind, s.start_ns, \
+     s.duration_ns, s.status_code, s.status_message, s.resource, s.scope, s.trace_state, s.flags, s.attributes, \
+     s.events, s.links, s.dropped_attributes_count, s.dropped_events_count, s.dropped_links_count";
+
+fn span_from_row(r: &sqlx::sqlite::SqliteRow, dict: &StringsSnapshot) -> Result<SpanRecord, StoreError> {
+    let trace_id: Vec<u8> = r.try_get(0)?;
+    let start: i64 = r.try_get(6)?;
+    let duration: i64 = r.try_get(7)?;
+    let attrs: Option<Vec<u8>> = r.try_get(14)?;
+    let events: Option<Vec<u8>> = r.try_get(15)?;
+    let links: Option<Vec<u8>> = r.try_get(16)?;
+    let start = start as u64;
+    Ok(SpanRecord {
+        trace_id: trace_id.try_into().unwrap_or([0; 16]),
+        span_id: r.try_get::<i64, _>(1)?.to_be_bytes(),
+        parent_span_id: r.try_get::<Option<i64>, _>(2)?.map(i64::to_be_bytes),
+        service: Arc::from(dict.get(r.try_get(3)?)),
+        name: dict.get(r.try_get(4)?).to_owned(),
+        kind: r.try_get(5)?,
+        start_ns: start,
+        end_ns: start.wrapping_add(duration as u64),
+        status_code: r.try_get(8)?,
+        status_message: r.try_get::<Option<String>, _>(9)?.unwrap_or_default(),
+        resource: r.try_get(10)?,
+        scope: r.try_get(11)?,
+        trace_state: r.try_get::<Option<String>, _>(12)?.unwrap_or_default(),
+        flags: r.try_get::<i64, _>(13)? as u32,
+        attributes: attrs.map(|b| decode_attributes(&b, dict)).transpose()?.unwrap_or_default(),
+        events: events.map(|b| Reader::new(&b, dict).events(start)).transpose()?.unwrap_or_default(),
+        links: links.map(|b| Reader::new(&b, dict).links()).transpose()?.unwrap_or_default(),
+        dropped_attributes_count: r.try_get::<i64, _>(17)? as u32,
+        dropped_events_count: r.try_get::<i64, _>(18)? as u32,
+        dropped_links_count: r.try_get::<i64, _>(19)? as u32,
+    })
+}
+
+impl Store {
+    pub async fn services(&self) -> Result<Vec<String>, StoreError> {
+        let dict = self.dicts.strings.snapshot();
+        let mut names: Vec<String> = sqlx::query("SELECT DISTINCT service FROM operations")
+            .fetch_all(&self.read)
+            .await?
+            .iter()
+            .map(|r| r.try_get::<i64, _>(0).map(|id| dict.get(id).to_owned()))
+            .collect::<Result<_, _>>()?;
+        names.sort();
+        Ok(names)
+    }
+
+    /// A service's operations as (name, span kind), sorted by name.
+    pub async fn operations(&self, service: &str, kind: Option<i32>) -> Result<Vec<(String, i32)>, StoreError> {
+        let Some(service) = self.dicts.strings.find(service) else { return Ok(Vec::new()) };
+        let dict = self.dicts.strings.snapshot();
+        let mut ops: Vec<(String, i32)> = sqlx::query("SELECT name, kind FROM operations WHERE service = ?")
+            .bind(service)
+            .fetch_all(&self.read)
+            .await?
+            .iter()
+            .map(|r| Ok((dict.get(r.try_get(0)?).to_owned(), r.try_get(1)?)))
+            .collect::<Result<Vec<_>, sqlx::Error>>()?
+            .into_iter()
+            .filter(|(_, k)| kind.is_none_or(|want| want == *k))
+            .collect();
+        ops.sort();
+        Ok(ops)
+    }
+
+    pub async fn trace(&self, trace_id: [u8; 16]) -> Result<Option<TraceData>, StoreError> {
+        Ok(self.traces(&[trace_id]).await?.pop())
+    }
+
+    /// Full traces for these ids, in the order given; ids with no spans are left out.
+    pub async fn traces(&self, ids: &[[u8; 16]]) -> Result<Vec<TraceData>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let dict = self.dicts.strings.snapshot();
+        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(format!(
+            "SELECT {SPAN_COLUMNS} FROM traces t JOIN spans s ON s.trace = t.id WHERE t.trace_id IN ("
+        ));
+        let mut sep = qb.separated(", ");
+        for id in ids {
+            sep.push_bind(id.to_vec());
+        }
+        qb.push(") ORDER BY s.start_ns, s.rowid");
+        let rows = qb.build().fetch_all(&self.read).await?;
+        let mut by_trace: HashMap<[u8; 16], Vec<SpanRecord>> = HashMap::new();
+        for r in &rows {
+            let span = span_from_row(r, &dict)?;
+            by_trace.entry(span.trace_id).or_default().push(span);
+        }
+        let mut out = Vec::new();
+        let mut resources = BTreeMap::new();
+        let mut scopes = BTreeMap::new();
+        let need_res: HashSet<i64> = by_trace.values().flatten().map(|s| s.resource).collect();
+        let need_scope: HashSet<i64> = by_trace.values().flatten().map(|s| s.scope).collect();
+        self.load_resources(need_res, &dict, &mut resources).await?;
+        self.load_scopes(need_scope, &dict, &mut scopes).await?;
+        for id in ids {
+            if let Some(spans) = by_trace.remove(id) {
+                let res = spans.iter().filter_map(|s| Some((s.resource, resources.get(&s.resource)?.clone()))).collect();
+                let sc = spans.iter().filter_map(|s| Some((s.scope, scopes.get(&s.scope)?.clone()))).collect();
+                out.push(TraceData { trace_id: *id, spans, resources: res, scopes: sc });
+            }
+        }
+        Ok(out)
+    }
+
+    async fn load_resources(
+        &self,
+        ids: HashSet<i64>,
+        dict: &StringsSnapshot,
+        out: &mut BTreeMap<i64, ResourceRecord>,
+    ) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "SELECT id, service, attributes, dropped_attributes_count, schema_url FROM resources WHERE id IN (",
+        );
+        let mut sep = qb.separated(", ");
+        for id in ids {
+            sep.push_bind(id);
+        }
+        qb.push(")");
+        for r in qb.build().fetch_all(&self.read).await? {
+            let attrs: Vec<u8> = r.try_get(2)?;
+            out.insert(
+                r.try_get(0)?,
+                ResourceRecord {
+                    service: Arc::from(dict.get(r.try_get(1)?)),
+                    attributes: decode_attributes(&attrs, dict)?,
+                    dropped_attributes_count: r.try_get::<i64, _>(3)? as u32,
+                    schema_url: r.try_get(4)?,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    async fn load_scopes(
+        &self,
+        ids: HashSet<i64>,
+        dict: &StringsSnapshot,
+        out: &mut BTreeMap<i64, ScopeRecord>,
+    ) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "SELECT id, name, version, attributes, dropped_attributes_count, schema_url FROM scopes WHERE id IN (",
+        );
+        let mut sep = qb.separated(", ");
+        for id in ids {
+            sep.push_bind(id);
+        }
+        qb.push(")");
+        for r in qb.build().fetch_all(&self.read).await? {
+            let attrs: Vec<u8> = r.try_get(3)?;
+            out.insert(
+                r.try_get(0)?,
+                ScopeRecord {
+                    name: r.try_get(1)?,
+                    version: r.try_get(2)?,
+                    attributes: decode_attributes(&attrs, dict)?,
+                    dropped_attributes_count: r.try_get::<i64, _>(4)? as u32,
+                    schema_url: r.try_get(5)?,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Trace ids of the traces that match, most recent match first.
+    pub async fn search(&self, q: &SearchQuery) -> Result<Vec<[u8; 16]>, StoreError> {
+        let dict = self.dicts.strings.snapshot();
+        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "SELECT t.trace_id, s.status_code, s.kind, s.resource, s.attributes, s.events, s.start_ns \
+             FROM spans s JOIN traces t ON t.id = s.trace WHERE ",
+        );
+        match &q.service {
+            Some(name) => match self.dicts.strings.find(name) {
+                Some(id) => qb.push("s.service = ").push_bind(id),
+                None => return Ok(Vec::new()),
+            },
+            None => qb.push("s.service IN (SELECT DISTINCT service FROM operations)"),
+        };
+        qb.push(" AND s.start_ns >= ").push_bind(q.start_ns);
+        qb.push(" AND s.start_ns <= ").push_bind(q.end_ns);
+        if let Some(op) = &q.operation {
+            match self.dicts.strings.find(op) {
+                Some(id) => qb.push(" AND s.name = ").push_bind(id),
+                None => return Ok(Vec::new()),
+            };
+        }
+        if let Some(k) = q.span_kind {
+            qb.push(" AND s.kind = ").push_bind(k);
+        }
+        if let Some(d) = q.min_duration_ns {
+            qb.push(" AND s.duration_ns >= ").push_bind(d);
+        }
+        if let Some(d) = q.max_duration_ns {
+            qb.push(" AND s.duration_ns <= ").push_bind(d);
+        }
+        if let Some(st) = q.status {
+            qb.push(" AND s.status_code = ").push_bind(st as i32);
+        }
+        qb.push(" ORDER BY s.start_ns DESC");
+
+        let mut found: Vec<[u8; 16]> = Vec::new();
+        let mut seen = HashSet::new();
+        let mut resource_attrs: HashMap<i64, Vec<KeyValue>> = HashMap::new();
+        let mut rows = qb.build().fetch(&self.read);
+        let mut scanned = 0;
+        while let Some(r) = rows.try_next().await? {
+            scanned += 1;
+            if scanned > SEARCH_SCAN_LIMIT {
+                tracing::warn!(scanned, "trace search stopped at its scan limit");
+                break;
+            }
+            let trace_id: [u8; 16] = r.try_get::<Vec<u8>, _>(0)?.try_into().unwrap_or([0; 16]);
+            if seen.contains(&trace_id) {
+                continue;
+            }
+            if !q.attributes.is_empty() {
+                let status: i32 = r.try_get(1)?;
+                let kind: i32 = r.try_get(2)?;
+                let resource: i64 = r.try_get(3)?;
+                if !resource_attrs.contains_key(&resource) {
+                    let b: Option<Vec<u8>> = sqlx::query("SELECT attributes FROM resources WHERE id = ?")
+                        .bind(resource)
+                        .fetch_optional(&self.read)
+                        .await?
+                        .map(|r| r.try_get(0))
+                        .transpose()?;
+                    resource_attrs.insert(resource, b.map(|b| decode_attributes(&b, &dict)).transpose()?.unwrap_or_default());
+                }
+                let span_attrs = r.try_get::<Option<Vec<u8>>, _>(4)?.map(|b| decode_attributes(&b, &dict)).transpose()?;
+                let events = r
+                    .try_get::<Option<Vec<u8>>, _>(5)?
+                    .map(|b| Reader::new(&b, &dict).events(0))
+                    .transpose()?
+                    .unwrap_or_default();
+                let res = &resource_attrs[&resource];
+                let all_match = q.attributes.iter().all(|(k, v)| {
+                    let derived = match k.as_str() {
+                        "error" => Some((status == 2).to_string()),
+                        "span.kind" => Some(kind_name(kind).to_owned()),
+                        "otel.status_code" => Some(status_name(status).to_owned()),
+                        _ => None,
+                    };
+                    if let Some(d) = derived {
+                        return d == *v;
+                    }
+                    let matches = |attrs: &[KeyValue]| attrs.iter().any(|kv| kv.key == *k && value_text(kv.value.as_ref()) == *v);
+                    span_attrs.as_deref().is_some_and(matches)
+                        || matches(res)
+                        || events.iter().any(|e| matches(&e.attributes) || (k == "event" && e.name == *v))
+                });
+                if !all_match {
+                    continue;
+                }
+            }
+            seen.insert(trace_id);
+            found.push(trace_id);
+            if found.len() >= q.limit {
+                break;
+            }
+        }
+        Ok(found)
+    }
+
+    pub async fn summaries(&self, ids: &[[u8; 16]]) -> Result<Vec<TraceSummary>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let dict = self.dicts.strings.snapshot();
+        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "SELECT t.trace_id, s.span_id, s.parent_span_id, s.service, s.name, s.start_ns, s.duration_ns, s.status_code \
+             FROM traces t JOIN spans s ON s.trace = t.id WHERE t.trace_id IN (",
+        );
+        let mut sep = qb.separated(", ");
+        for id in ids {
+            sep.push_bind(id.to_vec());
+        }
+        qb.push(")");
+        struct Light {
+            span_id: i64,
+            parent: Option<i64>,
+            service: i64,
+            name: i64,
+            start: u64,
+            end: u64,
+            error: bool,
+        }
+        let mut by_trace: HashMap<[u8; 16], Vec<Light>> = HashMap::new();
+        for r in qb.build().fetch_all(&self.read).await? {
+            let tid: [u8; 16] = r.try_get::<Vec<u8>, _>(0)?.try_into().unwrap_or([0; 16]);
+            let start = r.try_get::<i64, _>(5)? as u64;
+            by_trace.entry(tid).or_default().push(Light {
+                span_id: r.try_get(1)?,
+                parent: r.try_get(2)?,
+                service: r.try_get(3)?,
+                name: r.try_get(4)?,
+                start,
+                end: start.wrapping_add(r.try_get::<i64, _>(6)? as u64),
+                error: r.try_get::<i32, _>(7)? == 2,
+            });
+        }
+        let mut out = Vec::new();
+        for id in ids {
+            let Some(spans) = by_trace.get(id) else { continue };
+            let ids_in: HashSet<i64> = spans.iter().map(|s| s.span_id).collect();
+            // The root: a span without a parent, else the earliest whose parent is missing.
+            let root = spans
+                .iter()
+                .filter(|s| s.parent.is_none())
+                .min_by_key(|s| s.start)
+                .or_else(|| spans.iter().filter(|s| s.parent.is_some_and(|p| !ids_in.contains(&p))).min_by_key(|s| s.start));
+            let start = spans.iter().map(|s| s.start).min().unwrap_or(0);
+            let end = spans.iter().map(|s| s.end.max(s.start)).max().unwrap_or(start);
+            let mut services = BTreeMap::new();
+            for s in spans {
+                *services.entry(dict.get(s.service).to_owned()).or_insert(0) += 1;
+            }
+            out.push(TraceSummary {
+                trace_id: *id,
+                root_service: root.map(|r| dict.get(r.service).to_owned()).unwrap_or_default(),
+                root_operation: root.map(|r| dict.get(r.name).to_owned()).unwrap_or_default(),
+                start_ns: start,
+                duration_ns: end - start,
+                span_count: spans.len() as u64,
+                error_count: spans.iter().filter(|s| s.error).count() as u64,
+                services,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Calls between services seen in spans that started within the window: an edge for every
+    /// span whose parent belongs to another service, with the child span's latency and status.
+    pub async fn dependencies(&self, start_ns: i64, end_ns: i64) -> Result<Vec<Dependency>, StoreError> {
+        let dict = self.dicts.strings.snapshot();
+        let mut rows = sqlx::query(
+            "SELECT trace, span_id, parent_span_id, service, duration_ns, status_code FROM spans \
+             WHERE service IN (SELECT DISTINCT service FROM operations) AND start_ns >= ? AND start_ns <= ?",
+        )
+        .bind(start_ns)
+        .bind(end_ns)
+        .fetch(&self.read);
+        let mut owner: HashMap<(i64, i64), i64> = HashMap::new();
+        let mut children: Vec<(i64, i64, i64, i64, bool)> = Vec::new();
+        let mut scanned = 0;
+        while let Some(r) = rows.try_next().await? {
+            scanned += 1;
+            if scanned > DEPENDENCY_SCAN_LIMIT {
+                break;
+            }
+            let trace: i64 = r.try_get(0)?;
+            let service: i64 = r.try_get(3)?;
+            owner.insert((trace, r.try_get(1)?), service);
+            if let Some(parent) = r.try_get::<Option<i64>, _>(2)? {
+                children.push((trace, parent, service, r.try_get(4)?, r.try_get::<i32, _>(5)? == 2));
+            }
+        }
+        let mut edges: BTreeMap<(i64, i64), (Vec<u64>, u64)> = BTreeMap::new();
+        for (trace, parent, service, duration, error) in children {
+            let Some(&parent_service) = owner.get(&(trace, parent)) else { continue };
+            if parent_service == service {
+                continue;
+            }
+            let e = edges.entry((parent_service, service)).or_default();
+            e.0.push(duration.max(0) as u64);
+            e.1 += u64::from(error);
+        }
+        let mut out: Vec<Dependency> = edges
+            .into_iter()
+            .map(|((p, c), (mut d, errors))| {
+                d.sort_unstable();
+                Dependency {
+                    parent: dict.get(p).to_owned(),
+                    child: dict.get(c).to_owned(),
+                    call_count: d.len() as u64,
+                    error_count: errors,
+                    p50_ns: percentile(&d, 0.50),
+                    p90_ns: percentile(&d, 0.90),
+                    p99_ns: percentile(&d, 0.99),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.parent, &a.child).cmp(&(&b.parent, &b.child)));
+        Ok(out)
+    }
+
+    pub async fn metric_defs(&self) -> Result<Vec<MetricDef>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT m.id, m.name, m.description, m.unit, m.type, m.temporality, m.monotonic, \
+             (SELECT COUNT(*) FROM metric_series s WHERE s.metric = m.id) FROM metrics m ORDER BY m.name, m.id",
+        )
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter().map(metric_def).collect()
+    }
+
+    /// Series of the metrics with this name, with their points in the window (at most
+    /// `max_points` per series, the latest).
+    pub async fn metric_series(
+        &self,
+        name: &str,
+        start_ns: i64,
+        end_ns: i64,
+        max_points: usize,
+    ) -> Result<Vec<SeriesData>, StoreError> {
+        let dict = self.dicts.strings.snapshot();
+        let defs: Vec<MetricDef> = sqlx::query(
+            "SELECT m.id, m.name, m.description, m.unit, m.type, m.temporality, m.monotonic, 0 FROM metrics m WHERE m.name = ?",
+        )
+        .bind(name)
+        .fetch_all(&self.read)
+        .await?
+        .iter()
+        .map(metric_def)
+        .collect::<Result<_, _>>()?;
+        let mut out = Vec::new();
+        for def in defs {
+            let series = sqlx::query(
+                "SELECT s.id, s.attributes, r.service, r.attributes, sc.name FROM metric_series s \
+                 JOIN resources r ON r.id = s.resource JOIN scopes sc ON sc.id = s.scope WHERE s.metric = ?",
+            )
+            .bind(def.id)
+            .fetch_all(&self.read)
+            .await?;
+            for s in series {
+                let id: i64 = s.try_get(0)?;
+                let mut points: Vec<(u64, u64, Option<f64>, Vec<u8>)> = sqlx::query(
+                    "SELECT start_ns, time_ns, value, data FROM metric_points WHERE series = ? AND time_ns >= ? AND time_ns <= ? \
+                     ORDER BY time_ns DESC LIMIT ?",
+                )
+                .bind(id)
+                .bind(start_ns)
+                .bind(end_ns)
+                .bind(max_points as i64)
+                .fetch_all(&self.read)
+                .await?
+                .iter()
+                .map(|p| Ok((p.try_get::<i64, _>(0)? as u64, p.try_get::<i64, _>(1)? as u64, p.try_get(2)?, p.try_get(3)?)))
+                .collect::<Result<_, sqlx::Error>>()?;
+                if points.is_empty() {
+                    continue;
+                }
+                points.reverse();
+                out.push(SeriesData {
+                    metric: def.clone(),
+                    attributes: decode_attributes(&s.try_get::<Vec<u8>, _>(1)?, &dict)?,
+                    service: Arc::from(dict.get(s.try_get(2)?)),
+                    resource_attributes: decode_attributes(&s.try_get::<Vec<u8>, _>(3)?, &dict)?,
+                    scope_name: s.try_get(4)?,
+                    points,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn logs(&self, q: &LogQuery) -> Result<Vec<LogRecord>, StoreError> {
+        let dict = self.dicts.strings.snapshot();
+        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "SELECT time_ns, observed_ns, service, severity_number, severity_text, body, attributes, trace_id, span_id, \
+             flags, event_name FROM logs WHERE ",
+        );
+        if let Some(t) = q.trace_id {
+            qb.push("trace_id = ").push_bind(t.to_vec());
+        } else {
+            match &q.service {
+                Some(name) => match self.dicts.strings.find(name) {
+                    Some(id) => qb.push("service = ").push_bind(id),
+                    None => return Ok(Vec::new()),
+                },
+                None => qb.push("service IN (SELECT DISTINCT service FROM resources)"),
+            };
+            qb.push(" AND time_ns >= ").push_bind(q.start_ns);
+            qb.push(" AND time_ns <= ").push_bind(q.end_ns);
+        }
+        qb.push(" ORDER BY time_ns DESC LIMIT ").push_bind(q.limit as i64);
+        let mut out = Vec::new();
+        for r in qb.build().fetch_all(&self.read).await? {
+            let body: Option<Vec<u8>> = r.try_get(5)?;
+            let attrs: Option<Vec<u8>> = r.try_get(6)?;
+            out.push(LogRecord {
+                time_ns: r.try_get::<i64, _>(0)? as u64,
+                observed_ns: r.try_get::<i64, _>(1)? as u64,
+                service: Arc::from(dict.get(r.try_get(2)?)),
+                severity_number: r.try_get(3)?,
+                severity_text: r.try_get(4)?,
+                body: body.map(|b| decode_attributes(&b, &dict)).transpose()?.and_then(|mut kv| kv.pop()?.value),
+                attributes: attrs.map(|b| decode_attributes(&b, &dict)).transpose()?.unwrap_or_default(),
+                trace_id: r.try_get(7)?,
+                span_id: r.try_get(8)?,
+                flags: r.try_get::<i64, _>(9)? as u32,
+                event_name: r.try_get(10)?,
+            });
+        }
+        Ok(out)
+    }
+}
+
+fn metric_def(r: &sqlx::sqlite::SqliteRow) -> Result<MetricDef, StoreError> {
+    Ok(MetricDef {
+        id: r.try_get(0)?,
+        name: r.try_get(1)?,
+        description: r.try_get(2)?,
+        unit: r.try_get(3)?,
+        metric_type: r.try_get(4)?,
+        temporality: r.try_get(5)?,
+        monotonic: r.try_get(6)?,
+        series_count: r.try_get(7)?,
+    })
+}
+
+/// Nearest-rank percentile of sorted values.
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}

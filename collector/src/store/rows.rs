@@ -1,0 +1,249 @@
+//! Rows as the writer inserts them: already validated, encoded and pointing to dictionary ids.
+
+use std::sync::Arc;
+
+use sqlx::Sqlite;
+use sqlx::query::Query;
+use sqlx::sqlite::SqliteArguments;
+
+use super::dict::TraceRow;
+
+pub type Q<'q> = Query<'q, Sqlite, SqliteArguments>;
+
+/// A row type and the table it goes to. `bind` adds its values in `COLUMNS` order.
+pub trait Insert {
+    const TABLE: &'static str;
+    const COLUMNS: &'static [&'static str];
+    fn bind(self, q: Q<'_>) -> Q<'_>;
+}
+
+#[derive(Debug)]
+pub struct SpanRow {
+    pub trace: i64,
+    pub span_id: i64,
+    pub parent_span_id: Option<i64>,
+    pub service: i64,
+    pub name: i64,
+    pub kind: i32,
+    pub start_ns: i64,
+    pub duration_ns: i64,
+    pub status_code: i32,
+    pub status_message: Option<String>,
+    pub resource: i64,
+    pub scope: i64,
+    pub trace_state: Option<String>,
+    pub flags: i64,
+    pub attributes: Option<Vec<u8>>,
+    pub events: Option<Vec<u8>>,
+    pub links: Option<Vec<u8>>,
+    pub dropped_attributes_count: i64,
+    pub dropped_events_count: i64,
+    pub dropped_links_count: i64,
+}
+
+impl Insert for SpanRow {
+    const TABLE: &'static str = "spans";
+    const COLUMNS: &'static [&'static str] = &[
+        "trace", "span_id", "parent_span_id", "service", "name", "kind", "start_ns", "duration_ns",
+        "status_code", "status_message", "resource", "scope", "trace_state", "flags", "attributes",
+        "events", "links", "dropped_attributes_count", "dropped_events_count", "dropped_links_count",
+    ];
+    fn bind(self, q: Q<'_>) -> Q<'_> {
+        q.bind(self.trace)
+            .bind(self.span_id)
+            .bind(self.parent_span_id)
+            .bind(self.service)
+            .bind(self.name)
+            .bind(self.kind)
+            .bind(self.start_ns)
+            .bind(self.duration_ns)
+            .bind(self.status_code)
+            .bind(self.status_message)
+            .bind(self.resource)
+            .bind(self.scope)
+            .bind(self.trace_state)
+            .bind(self.flags)
+            .bind(self.attributes)
+            .bind(self.events)
+            .bind(self.links)
+            .bind(self.dropped_attributes_count)
+            .bind(self.dropped_events_count)
+            .bind(self.dropped_links_count)
+    }
+}
+
+#[derive(Debug)]
+pub struct PointRow {
+    pub series: i64,
+    pub start_ns: i64,
+    pub time_ns: i64,
+    pub value: Option<f64>,
+    pub data: Vec<u8>,
+}
+
+impl Insert for PointRow {
+    const TABLE: &'static str = "metric_points";
+    const COLUMNS: &'static [&'static str] = &["series", "start_ns", "time_ns", "value", "data"];
+    fn bind(self, q: Q<'_>) -> Q<'_> {
+        q.bind(self.series).bind(self.start_ns).bind(self.time_ns).bind(self.value).bind(self.data)
+    }
+}
+
+#[derive(Debug)]
+pub struct LogRow {
+    pub time_ns: i64,
+    pub observed_ns: i64,
+    pub service: i64,
+    pub severity_number: i32,
+    pub severity_text: String,
+    pub body: Option<Vec<u8>>,
+    pub attributes: Option<Vec<u8>>,
+    pub trace_id: Option<Vec<u8>>,
+    pub span_id: Option<Vec<u8>>,
+    pub flags: i64,
+    pub dropped_attributes_count: i64,
+    pub event_name: String,
+    pub resource: i64,
+    pub scope: i64,
+}
+
+impl Insert for LogRow {
+    const TABLE: &'static str = "logs";
+    const COLUMNS: &'static [&'static str] = &[
+        "time_ns", "observed_ns", "service", "severity_number", "severity_text", "body", "attributes",
+        "trace_id", "span_id", "flags", "dropped_attributes_count", "event_name", "resource", "scope",
+    ];
+    fn bind(self, q: Q<'_>) -> Q<'_> {
+        q.bind(self.time_ns)
+            .bind(self.observed_ns)
+            .bind(self.service)
+            .bind(self.severity_number)
+            .bind(self.severity_text)
+            .bind(self.body)
+            .bind(self.attributes)
+            .bind(self.trace_id)
+            .bind(self.span_id)
+            .bind(self.flags)
+            .bind(self.dropped_attributes_count)
+            .bind(self.event_name)
+            .bind(self.resource)
+            .bind(self.scope)
+    }
+}
+
+/// The identity of a stored resource: its encoded attributes, dropped count and schema URL.
+pub type ResourceKey = (Vec<u8>, u32, String);
+
+#[derive(Debug, Clone)]
+pub struct ResourceRow {
+    pub id: i64,
+    pub service: i64,
+    pub attributes: Vec<u8>,
+    pub dropped_attributes_count: u32,
+    pub schema_url: String,
+}
+
+impl Insert for ResourceRow {
+    const TABLE: &'static str = "resources";
+    const COLUMNS: &'static [&'static str] = &["id", "service", "attributes", "dropped_attributes_count", "schema_url"];
+    fn bind(self, q: Q<'_>) -> Q<'_> {
+        q.bind(self.id).bind(self.service).bind(self.attributes).bind(self.dropped_attributes_count).bind(self.schema_url)
+    }
+}
+
+/// name, version, encoded attributes, dropped count, schema URL.
+pub type ScopeKey = (String, String, Vec<u8>, u32, String);
+
+#[derive(Debug, Clone)]
+pub struct ScopeRow {
+    pub id: i64,
+    pub key: ScopeKey,
+}
+
+impl Insert for ScopeRow {
+    const TABLE: &'static str = "scopes";
+    const COLUMNS: &'static [&'static str] =
+        &["id", "name", "version", "attributes", "dropped_attributes_count", "schema_url"];
+    fn bind(self, q: Q<'_>) -> Q<'_> {
+        let (name, version, attributes, dropped, schema_url) = self.key;
+        q.bind(self.id).bind(name).bind(version).bind(attributes).bind(dropped).bind(schema_url)
+    }
+}
+
+/// name, description, unit, type, temporality, monotonic, encoded metadata.
+pub type MetricKey = (String, String, String, i32, i32, bool, Vec<u8>);
+
+#[derive(Debug, Clone)]
+pub struct MetricRow {
+    pub id: i64,
+    pub key: MetricKey,
+}
+
+impl Insert for MetricRow {
+    const TABLE: &'static str = "metrics";
+    const COLUMNS: &'static [&'static str] =
+        &["id", "name", "description", "unit", "type", "temporality", "monotonic", "metadata"];
+    fn bind(self, q: Q<'_>) -> Q<'_> {
+        let (name, description, unit, ty, temporality, monotonic, metadata) = self.key;
+        q.bind(self.id).bind(name).bind(description).bind(unit).bind(ty).bind(temporality).bind(monotonic).bind(metadata)
+    }
+}
+
+/// metric, resource, scope, encoded attributes.
+pub type SeriesKey = (i64, i64, i64, Vec<u8>);
+
+#[derive(Debug, Clone)]
+pub struct SeriesRow {
+    pub id: i64,
+    pub key: SeriesKey,
+}
+
+impl Insert for SeriesRow {
+    const TABLE: &'static str = "metric_series";
+    const COLUMNS: &'static [&'static str] = &["id", "metric", "resource", "scope", "attributes"];
+    fn bind(self, q: Q<'_>) -> Q<'_> {
+        let (metric, resource, scope, attributes) = self.key;
+        q.bind(self.id).bind(metric).bind(resource).bind(scope).bind(attributes)
+    }
+}
+
+/// service, name, kind: one row per distinct operation, for the operations lists.
+pub type OperationKey = (i64, i64, i32);
+
+impl Insert for OperationKey {
+    const TABLE: &'static str = "operations";
+    const COLUMNS: &'static [&'static str] = &["service", "name", "kind"];
+    fn bind(self, q: Q<'_>) -> Q<'_> {
+        q.bind(self.0).bind(self.1).bind(self.2)
+    }
+}
+
+impl Insert for TraceRow {
+    const TABLE: &'static str = "traces";
+    const COLUMNS: &'static [&'static str] = &["id", "trace_id", "first_seen_ns"];
+    fn bind(self, q: Q<'_>) -> Q<'_> {
+        q.bind(self.id).bind(self.trace_id.to_vec()).bind(self.first_seen_ns)
+    }
+}
+
+impl Insert for (i64, Arc<str>) {
+    const TABLE: &'static str = "strings";
+    const COLUMNS: &'static [&'static str] = &["id", "value"];
+    fn bind(self, q: Q<'_>) -> Q<'_> {
+        q.bind(self.0).bind(self.1)
+    }
+}
+
+/// What one export request adds, converted and ready to insert.
+#[derive(Debug, Default)]
+pub struct Rows {
+    pub spans: Vec<SpanRow>,
+    pub points: Vec<PointRow>,
+    pub logs: Vec<LogRow>,
+}
+
+impl Rows {
+    pub fn len(&self) -> usize {
+        self.spans.len() + self.points.len() + self.logs.len()
+    }
+}
