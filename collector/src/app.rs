@@ -73,7 +73,11 @@ impl App {
         let otlp_http_router = otlp::http::router(ingest, max);
         let http_router = http_router(self.store.clone(), self.metrics.clone());
 
-        let retention = tokio::spawn(retention_loop(self.store.clone(), self.cfg.retention));
+        let every = self
+            .cfg
+            .retention_check_interval
+            .unwrap_or_else(|| (self.cfg.retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60)));
+        let retention = tokio::spawn(retention_loop(self.store.clone(), self.cfg.retention, every));
         let (stop_tx, stop_rx) = watch::channel(false);
         let serve = |listener: TcpListener, router: Router| {
             let mut rx = stop_rx.clone();
@@ -129,9 +133,8 @@ async fn prometheus_metrics(State((store, metrics)): State<(Store, Arc<Metrics>)
     )
 }
 
-/// Asks the writer to remove old data every tenth of the retention period (at most every minute).
-async fn retention_loop(store: Store, retention: Duration) {
-    let every = (retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
+/// Asks the writer to remove data older than `retention`, every `every`.
+async fn retention_loop(store: Store, retention: Duration, every: Duration) {
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;

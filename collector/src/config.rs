@@ -30,6 +30,10 @@ pub struct Config {
     #[arg(long, env = "COLLECTOR_RETENTION", default_value = "24h", value_parser = parse_retention)]
     pub retention: Duration,
 
+    /// How often retention looks for old data; by default a tenth of --retention, between 1s and 60s.
+    #[arg(long, env = "COLLECTOR_RETENTION_CHECK_INTERVAL", value_parser = parse_retention)]
+    pub retention_check_interval: Option<Duration>,
+
     /// Largest accepted OTLP message, counted after decompression, e.g. 4MiB, 16MiB, 1000000.
     #[arg(long, env = "COLLECTOR_MAX_MESSAGE_SIZE", default_value = "16MiB", value_parser = parse_size)]
     pub max_message_size: usize,

@@ -70,6 +70,21 @@ impl LogsService for OtlpGrpc {
     }
 }
 
+/// tonic answers an uncompressed message over the size limit with OUT_OF_RANGE; OTLP wants
+/// RESOURCE_EXHAUSTED, as for a compressed one. Rewrites the status of such trailers-only answers.
+async fn size_limit_status(mut resp: axum::response::Response) -> axum::response::Response {
+    let over_limit = resp.headers().get("grpc-status").is_some_and(|v| v == "11")
+        && resp
+            .headers()
+            .get("grpc-message")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|m| m.contains("message%20length%20too%20large") || m.contains("message length too large"));
+    if over_limit {
+        resp.headers_mut().insert("grpc-status", http::HeaderValue::from_static("8"));
+    }
+    resp
+}
+
 /// The three OTLP services as an axum router, served over HTTP/2 on the gRPC port.
 pub fn router(ingest: Arc<Ingest>, max_message_size: usize) -> axum::Router {
     let svc = OtlpGrpc(ingest);
@@ -93,4 +108,5 @@ pub fn router(ingest: Arc<Ingest>, max_message_size: usize) -> axum::Router {
             .max_decoding_message_size(max_message_size),
     )
     .into_axum_router()
+    .layer(axum::middleware::map_response(size_limit_status))
 }

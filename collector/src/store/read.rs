@@ -169,7 +169,7 @@ pub struct LogRecord {
     pub event_name: String,
 }
 
-/// Renders an attribute value as text, the way searches compare it.
+/// Renders an attribute value as text, the way searches compare it: arrays and maps as JSON.
 pub fn value_text(v: Option<&AnyValue>) -> String {
     use any_value::Value;
     match v.and_then(|v| v.value.as_ref()) {
@@ -179,7 +179,7 @@ pub fn value_text(v: Option<&AnyValue>) -> String {
         Some(Value::IntValue(i)) => i.to_string(),
         Some(Value::DoubleValue(d)) => d.to_string(),
         Some(Value::BytesValue(b)) => base64::Engine::encode(&base64::engine::general_purpose::STANDARD, b),
-        Some(_) => crate::query::json::any_value_json(v).to_string(),
+        Some(_) => crate::query::json::plain_json(v).to_string(),
     }
 }
 
