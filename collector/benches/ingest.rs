@@ -1,0 +1,296 @@
+//! Ingest benchmark: starts the release `collector` binary on a fresh database, sends realistic
+//! spans over OTLP/gRPC from several concurrent clients in batches of 512, and reports spans/s,
+//! export latency percentiles, the collector's peak RSS and bytes on disk per span.
+//!
+//! Run: `cargo bench -p collector --bench ingest -- [--spans N] [--clients N] [--batch N]`
+//! (it builds nothing itself: `cargo build --release -p collector` first, or set COLLECTOR_BIN).
+//!
+//! Spans: 8 services, traces of 8 spans, 10 attributes each, a resource with `service.name`, one
+//! event per ten spans, ~1% errors. Requests are encoded before the clock starts, so the client
+//! spends its CPU on sending, not on protobuf encoding.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, BufMut, Bytes};
+use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value::Value};
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Status, span::Event};
+use prost::Message;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+
+struct Args {
+    spans: usize,
+    clients: usize,
+    batch: usize,
+    bin: String,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        spans: 1_000_000,
+        clients: 4,
+        batch: 512,
+        bin: std::env::var("COLLECTOR_BIN").unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/collector").into()),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut val = || it.next().and_then(|v| v.parse::<usize>().ok()).unwrap_or_else(|| panic!("{flag} needs a number"));
+        match flag.as_str() {
+            "--spans" => a.spans = val(),
+            "--clients" => a.clients = val(),
+            "--batch" => a.batch = val(),
+            "--bench" => {}
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    a
+}
+
+/// xorshift64*: deterministic, good enough for synthetic ids and values.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn kv(key: &str, v: Value) -> KeyValue {
+    KeyValue { key: key.into(), value: Some(AnyValue { value: Some(v) }), ..Default::default() }
+}
+
+const SERVICES: [&str; 8] = ["gateway", "users", "catalog", "orders", "inventory", "payments", "notifications", "registry"];
+const ROUTES: [&str; 10] = [
+    "/api/orders/{id}", "/api/orders", "/api/catalog/products", "/api/catalog/products/{id}", "/api/users/me",
+    "/api/users/login", "/api/inventory/{sku}", "/api/payments", "/api/cart", "/api/notifications",
+];
+
+/// One request of `n` spans: traces of 8 spans spread over the services, grouped by resource.
+fn batch(rng: &mut Rng, n: usize, now: u64) -> Bytes {
+    let mut by_service: Vec<Vec<Span>> = vec![Vec::new(); SERVICES.len()];
+    let mut made = 0;
+    while made < n {
+        let trace_id = [rng.next().to_be_bytes(), rng.next().to_be_bytes()].concat();
+        let mut parent: Vec<u8> = Vec::new();
+        let start = now - rng.below(1_000_000_000);
+        for depth in 0..8.min(n - made) {
+            let span_id = rng.next().to_be_bytes().to_vec();
+            let svc = depth % SERVICES.len();
+            let route = ROUTES[rng.below(ROUTES.len() as u64) as usize];
+            let error = rng.below(100) == 0;
+            let s0 = start + depth as u64 * 1_000_000;
+            let mut span = Span {
+                trace_id: trace_id.clone(),
+                span_id: span_id.clone(),
+                parent_span_id: parent.clone(),
+                name: format!("{} {}", if depth % 2 == 0 { "GET" } else { "POST" }, route),
+                kind: if depth % 2 == 0 { 2 } else { 3 },
+                start_time_unix_nano: s0,
+                end_time_unix_nano: s0 + 50_000 + rng.below(20_000_000),
+                attributes: vec![
+                    kv("http.request.method", Value::StringValue(if depth % 2 == 0 { "GET" } else { "POST" }.into())),
+                    kv("http.route", Value::StringValue(route.into())),
+                    kv("http.response.status_code", Value::IntValue(if error { 500 } else { 200 })),
+                    kv("url.path", Value::StringValue(format!("/api/orders/{}", rng.below(1_000_000)))),
+                    kv("server.address", Value::StringValue(format!("{}.internal", SERVICES[svc]))),
+                    kv("network.peer.port", Value::IntValue(30_000 + rng.below(30_000) as i64)),
+                    kv("user.id", Value::StringValue(format!("user-{}", rng.below(100_000)))),
+                    kv("http.request.body.size", Value::IntValue(rng.below(10_000) as i64)),
+                    kv("cache.hit", Value::BoolValue(rng.below(2) == 0)),
+                    kv("thread.name", Value::StringValue(format!("worker-{}", rng.below(16)))),
+                ],
+                status: error.then(|| Status { code: 2, message: "upstream failed".into() }),
+                ..Default::default()
+            };
+            if (made + depth) % 10 == 0 {
+                span.events.push(Event {
+                    time_unix_nano: s0 + 10_000,
+                    name: "cache.miss".into(),
+                    attributes: vec![kv("cache.key", Value::StringValue(format!("order:{}", rng.below(1_000_000))))],
+                    dropped_attributes_count: 0,
+                });
+            }
+            by_service[svc].push(span);
+            parent = span_id;
+        }
+        made += 8.min(n - made);
+    }
+    let resource_spans = by_service
+        .into_iter()
+        .enumerate()
+        .filter(|(_, spans)| !spans.is_empty())
+        .map(|(i, spans)| ResourceSpans {
+            resource: Some(Resource {
+                attributes: vec![
+                    kv("service.name", Value::StringValue(SERVICES[i].into())),
+                    kv("service.version", Value::StringValue("1.4.2".into())),
+                    kv("host.name", Value::StringValue(format!("node-{i}"))),
+                    kv("telemetry.sdk.language", Value::StringValue("rust".into())),
+                ],
+                ..Default::default()
+            }),
+            scope_spans: vec![ScopeSpans {
+                scope: Some(InstrumentationScope { name: "bench".into(), version: "1.0".into(), ..Default::default() }),
+                spans,
+                schema_url: String::new(),
+            }],
+            schema_url: String::new(),
+        })
+        .collect();
+    Bytes::from(ExportTraceServiceRequest { resource_spans }.encode_to_vec())
+}
+
+/// Sends already-encoded request bytes; decodes the response normally.
+#[derive(Clone, Default)]
+struct RawCodec;
+struct RawEncoder;
+struct RespDecoder;
+
+impl Codec for RawCodec {
+    type Encode = Bytes;
+    type Decode = ExportTraceServiceResponse;
+    type Encoder = RawEncoder;
+    type Decoder = RespDecoder;
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+    fn decoder(&mut self) -> RespDecoder {
+        RespDecoder
+    }
+}
+
+impl Encoder for RawEncoder {
+    type Item = Bytes;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl Decoder for RespDecoder {
+    type Item = ExportTraceServiceResponse;
+    type Error = tonic::Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, tonic::Status> {
+        let msg = ExportTraceServiceResponse::decode(src.copy_to_bytes(src.remaining()))
+            .map_err(|e| tonic::Status::internal(e.to_string()))?;
+        Ok(Some(msg))
+    }
+}
+
+fn rss_peak_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(str::to_owned))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let a = args();
+    let dir = std::env::temp_dir().join(format!("switchyard-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let db = dir.join("bench.db");
+
+    let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos() as u64;
+    let n_batches = a.spans.div_ceil(a.batch);
+    eprintln!("encoding {n_batches} requests of {} spans…", a.batch);
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let batches: Vec<Bytes> = (0..n_batches).map(|_| batch(&mut rng, a.batch, now)).collect();
+    let wire_bytes: usize = batches.iter().map(Bytes::len).sum();
+
+    let mut child = Command::new(&a.bin)
+        .args(["--otlp-grpc-addr", "127.0.0.1:0", "--otlp-http-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .arg("--db")
+        .arg(&db)
+        .env("RUST_LOG", "warn,collector=info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("starting {}: {e} (build it with cargo build --release -p collector)", a.bin))?;
+    let pid = child.id();
+    let mut lines = BufReader::new(child.stderr.take().ok_or("no stderr")?).lines();
+    let grpc_addr = loop {
+        let line = lines.next().ok_or("collector exited before listening")??;
+        if let Some(rest) = line.split("otlp_grpc=").nth(1) {
+            break rest.split_whitespace().next().unwrap_or_default().to_owned();
+        }
+    };
+    std::thread::spawn(move || lines.for_each(drop));
+
+    let batches = Arc::new(batches);
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..a.clients {
+        let (batches, next, addr) = (batches.clone(), next.clone(), grpc_addr.clone());
+        tasks.push(tokio::spawn(async move {
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect().await?;
+            let mut grpc = tonic::client::Grpc::new(channel).max_decoding_message_size(64 << 20);
+            let path = http::uri::PathAndQuery::from_static("/opentelemetry.proto.collector.trace.v1.TraceService/Export");
+            let mut latencies = Vec::new();
+            let mut retries = 0u64;
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(body) = batches.get(i) else { break };
+                loop {
+                    grpc.ready().await?;
+                    let t = Instant::now();
+                    match grpc.unary(tonic::Request::new(body.clone()), path.clone(), RawCodec).await {
+                        Ok(_) => {
+                            latencies.push(t.elapsed());
+                            break;
+                        }
+                        Err(s) if s.code() == tonic::Code::Unavailable => {
+                            retries += 1;
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                        Err(s) => return Err::<_, Box<dyn std::error::Error + Send + Sync>>(Box::new(s)),
+                    }
+                }
+            }
+            Ok((latencies, retries))
+        }));
+    }
+    let mut latencies = Vec::new();
+    let mut retries = 0;
+    for t in tasks {
+        let (l, r) = t.await?.map_err(|e| e.to_string())?;
+        latencies.extend(l);
+        retries += r;
+    }
+    let elapsed = started.elapsed();
+    let peak_kib = rss_peak_kib(pid);
+
+    // Stop gracefully: the collector checkpoints its log into the database file on close.
+    Command::new("kill").args(["-TERM", &pid.to_string()]).status()?;
+    child.wait()?;
+    let disk: u64 = std::fs::read_dir(&dir)?.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum();
+    latencies.sort();
+    let spans = n_batches * a.batch;
+    println!("spans sent:            {spans} in {n_batches} requests of {} ({:.0} bytes/span on the wire)", a.batch, wire_bytes as f64 / spans as f64);
+    println!("clients:               {}", a.clients);
+    println!("elapsed:               {:.2} s", elapsed.as_secs_f64());
+    println!("throughput:            {:.0} spans/s (acknowledged after commit)", spans as f64 / elapsed.as_secs_f64());
+    println!("export latency:        p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        percentile(&latencies, 0.50).as_secs_f64() * 1e3, percentile(&latencies, 0.99).as_secs_f64() * 1e3,
+        latencies.last().copied().unwrap_or_default().as_secs_f64() * 1e3);
+    println!("retries after 503:     {retries}");
+    println!("collector peak RSS:    {:.1} MiB", peak_kib as f64 / 1024.0);
+    println!("on disk:               {:.1} MiB, {:.1} bytes/span", disk as f64 / 1048576.0, disk as f64 / spans as f64);
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}

@@ -1,0 +1,223 @@
+"""Bad input of every kind gets the right status and a message that names the problem, and the
+collector keeps serving and keeps what it accepted."""
+
+import gzip
+import json
+import subprocess
+
+import grpc
+import pytest
+import requests
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.common.v1 import common_pb2
+from opentelemetry.proto.resource.v1 import resource_pb2
+from opentelemetry.proto.trace.v1 import trace_pb2
+
+LIMIT = 1 << 20  # the collector under test runs with --max-message-size 1MiB
+
+
+@pytest.fixture
+def small(make_collector):
+    return make_collector(extra_args=["--max-message-size", "1MiB"])
+
+
+def one_span_request(name="ok", trace_id=b"\x07" * 16, span_id=b"\x08" * 8, service="bad-input"):
+    return trace_service_pb2.ExportTraceServiceRequest(resource_spans=[trace_pb2.ResourceSpans(
+        resource=resource_pb2.Resource(attributes=[common_pb2.KeyValue(
+            key="service.name", value=common_pb2.AnyValue(string_value=service))]),
+        scope_spans=[trace_pb2.ScopeSpans(spans=[trace_pb2.Span(
+            trace_id=trace_id, span_id=span_id, name=name, start_time_unix_nano=1, end_time_unix_nano=2)])])])
+
+
+def post(c, path, body, content_type="application/x-protobuf", **headers):
+    return requests.post(f"{c.otlp_http}{path}", data=body, headers={"Content-Type": content_type, **headers}, timeout=30)
+
+
+def error_message(r):
+    if r.headers["content-type"].startswith("application/json"):
+        return r.json()["message"]
+    # google.rpc.Status: field 2 is the message; decode it with the generic protobuf parser.
+    from google.protobuf.internal.decoder import _DecodeVarint
+    buf, pos, msg = r.content, 0, None
+    while pos < len(buf):
+        tag, pos = _DecodeVarint(buf, pos)
+        if tag & 7 == 0:
+            _, pos = _DecodeVarint(buf, pos)
+        else:
+            n, pos = _DecodeVarint(buf, pos)
+            if tag >> 3 == 2:
+                msg = buf[pos:pos + n].decode()
+            pos += n
+    return msg
+
+
+def still_serving(c, marker):
+    """The collector still accepts and answers, and what it had accepted is still there."""
+    req = one_span_request(name=marker, trace_id=marker.encode().ljust(16, b"\x01")[:16])
+    assert post(c, "/v1/traces", req.SerializeToString()).status_code == 200
+    assert c.api(f"/api/v1/traces/{req.resource_spans[0].scope_spans[0].spans[0].trace_id.hex()}")["spans"][0]["name"] == marker
+    assert c.api("/api/v1/traces/" + (b"\x07" * 16).hex())["spanCount"] >= 1
+
+
+CASES = [
+    ("truncated protobuf", "/v1/traces", lambda: one_span_request().SerializeToString()[:-5], {}, 400, "invalid protobuf body"),
+    ("invalid JSON", "/v1/traces", lambda: b'{"resourceSpans": [', {"Content-Type": "application/json"}, 400, "invalid JSON body"),
+    ("JSON of the wrong shape", "/v1/traces", lambda: b'{"resourceSpans": {"no": "list"}}',
+     {"Content-Type": "application/json"}, 400, "invalid OTLP/JSON body"),
+    ("JSON id that is not hex", "/v1/traces",
+     lambda: b'{"resourceSpans":[{"scopeSpans":[{"spans":[{"traceId":"xyz","spanId":"0102030405060708"}]}]}]}',
+     {"Content-Type": "application/json"}, 400, "resourceSpans[0].scopeSpans[0].spans[0].traceId must be a hex string"),
+    ("wrong content type", "/v1/traces", lambda: b"hello", {"Content-Type": "text/plain"}, 415, "unsupported Content-Type \"text/plain\""),
+    ("unknown content encoding", "/v1/traces", lambda: b"x", {"Content-Encoding": "br"}, 415, "unsupported Content-Encoding \"br\""),
+    ("corrupt gzip", "/v1/traces", lambda: b"\x1f\x8b\x08\x00garbage", {"Content-Encoding": "gzip"}, 400, "gzip body is corrupt"),
+    ("gzip bomb", "/v1/traces", lambda: gzip.compress(b"\x00" * (50 * LIMIT), 9), {"Content-Encoding": "gzip"}, 413,
+     "larger than the limit of 1048576 bytes after decompression"),
+    ("body over the limit", "/v1/metrics", lambda: b"\x0a" * (LIMIT + 10), {}, 413, "larger than the limit of 1048576 bytes"),
+    ("truncated metrics", "/v1/metrics", lambda: b"\x0a\x05\x0a", {}, 400, "invalid protobuf body"),
+    ("logs with invalid JSON", "/v1/logs", lambda: b"[1,2", {"Content-Type": "application/json"}, 400, "invalid JSON body"),
+]
+
+
+@pytest.mark.parametrize("name,path,body,headers,status,message", CASES, ids=[c[0] for c in CASES])
+def test_bad_otlp_http_bodies(small, name, path, body, headers, status, message):
+    assert post(small, "/v1/traces", one_span_request().SerializeToString()).status_code == 200
+    headers = dict(headers)
+    ct = headers.pop("Content-Type", "application/x-protobuf")
+    r = post(small, path, body(), content_type=ct, **headers)
+    assert r.status_code == status, r.text
+    assert message in error_message(r), error_message(r)
+    still_serving(small, f"after-{name}"[:16])
+
+
+def test_chunked_body_and_cors_preflight(small):
+    def chunks():
+        data = one_span_request(name="chunked").SerializeToString()
+        for i in range(0, len(data), 7):
+            yield data[i:i + 7]
+
+    r = requests.post(f"{small.otlp_http}/v1/traces", data=chunks(), headers={"Content-Type": "application/x-protobuf"}, timeout=10)
+    assert r.status_code == 200, r.text
+    assert small.api("/api/v1/traces/" + (b"\x07" * 16).hex())["spans"][0]["name"] == "chunked"
+    pre = requests.options(f"{small.otlp_http}/v1/traces", headers={
+        "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type"}, timeout=10)
+    assert pre.status_code == 200
+    assert pre.headers["access-control-allow-origin"] == "http://localhost:3000"
+    assert "POST" in pre.headers["access-control-allow-methods"]
+    assert "content-type" in pre.headers["access-control-allow-headers"].lower()
+    r = requests.post(f"{small.otlp_http}/v1/traces", json={}, headers={"Origin": "http://localhost:3000"}, timeout=10)
+    assert r.status_code == 200 and r.json() == {}
+    assert r.headers["access-control-allow-origin"] == "http://localhost:3000"
+
+
+def test_empty_requests_succeed(small):
+    for path in ("/v1/traces", "/v1/metrics", "/v1/logs"):
+        r = post(small, path, b"")
+        assert r.status_code == 200 and r.content == b"", (path, r.content)
+        r = post(small, path, b"{}", content_type="application/json; charset=utf-8")
+        assert r.status_code == 200 and r.json() == {}, (path, r.text)
+
+
+def test_unknown_paths_and_methods(small):
+    r = post(small, "/v1/spans", b"")
+    assert r.status_code == 404 and "use POST /v1/traces" in r.text
+    r = requests.get(f"{small.otlp_http}/v1/traces", timeout=10)
+    assert r.status_code == 405
+    r = small.get("/api/nothing-here")
+    assert r.status_code == 404 and "no such endpoint: /api/nothing-here" in r.json()["error"]
+
+
+BAD_QUERIES = [
+    ("/api/traces", {"service": "x", "limit": "many"}, "limit"),
+    ("/api/traces", {"service": "x", "minDuration": "fast"}, "minDuration"),
+    ("/api/traces", {"service": "x", "start": "yesterday"}, "start"),
+    ("/api/traces", {"service": "x", "tags": "{not json"}, "tags"),
+    ("/api/traces", {"service": "x", "minDuration": "2s", "maxDuration": "1s"}, "minDuration"),
+    ("/api/traces", {}, "service"),
+    ("/api/traces", {"traceID": "not-hex"}, "traceID"),
+    ("/api/traces/xyz", {}, "traceID"),
+    ("/api/operations", {"service": "x", "spanKind": "sideways"}, "spanKind"),
+    ("/api/operations", {}, "service"),
+    ("/api/dependencies", {"endTs": "soon"}, "endTs"),
+    ("/api/dependencies", {"lookback": "-5"}, "lookback"),
+]
+
+NATIVE_BAD_QUERIES = [
+    ("/api/v1/traces", {"limit": "0"}, "limit"),
+    ("/api/v1/traces", {"attr": "novalue"}, "attr"),
+    ("/api/v1/traces", {"status": "broken"}, "status"),
+    ("/api/v1/traces", {"error": "maybe"}, "error"),
+    ("/api/v1/traces", {"kind": "sideways"}, "kind"),
+    ("/api/v1/traces", {"start": "last tuesday"}, "start"),
+    ("/api/v1/traces", {"lookback": "1 fortnight"}, "lookback"),
+    ("/api/v1/traces", {"start": "2026-01-02T00:00:00Z", "end": "2026-01-01T00:00:00Z"}, "start"),
+    ("/api/v1/traces/0123", {}, None),
+    ("/api/v1/traces/zz", {}, "trace_id"),
+    ("/api/v1/dependencies", {"end": "never"}, "end"),
+    ("/api/v1/logs", {"traceId": "nope"}, "traceId"),
+    ("/api/v1/metrics/x", {"limit": "-1"}, "limit"),
+]
+
+
+@pytest.mark.parametrize("path,params,param", BAD_QUERIES, ids=[f"{p}-{n}" for p, _, n in BAD_QUERIES])
+def test_bad_jaeger_query_parameters(small, path, params, param):
+    r = small.get(path, **params)
+    assert r.status_code == 400, r.text
+    body = r.json()
+    assert body["data"] is None and body["errors"][0]["code"] == 400
+    assert f"invalid parameter {param}" in body["errors"][0]["msg"], body
+    assert small.get("/healthz").status_code == 200
+
+
+@pytest.mark.parametrize("path,params,param", NATIVE_BAD_QUERIES, ids=[f"{p}-{n}" for p, _, n in NATIVE_BAD_QUERIES])
+def test_bad_native_query_parameters(small, path, params, param):
+    r = small.get(path, **params)
+    if param is None:  # a well-formed id that is not there
+        assert r.status_code == 404 and "not found" in r.json()["error"]
+        return
+    assert r.status_code == 400, r.text
+    assert r.json()["param"] == param and f"invalid parameter {param}" in r.json()["error"]
+
+
+def test_grpc_partial_success_and_limits(small):
+    channel = grpc.insecure_channel(small.grpc_endpoint)
+    stub = trace_service_pb2_grpc.TraceServiceStub(channel)
+    req = one_span_request()
+    req.resource_spans[0].scope_spans[0].spans.append(trace_pb2.Span(trace_id=b"\x01" * 16, span_id=b"\x02" * 3, name="short"))
+    req.resource_spans[0].scope_spans[0].spans.append(trace_pb2.Span(trace_id=b"\x00" * 16, span_id=b"\x02" * 8, name="zero"))
+    resp = stub.Export(req, timeout=10)
+    assert resp.partial_success.rejected_spans == 2
+    assert resp.partial_success.error_message == "2 items rejected; first: span_id must be 8 bytes, got 3"
+
+    big = one_span_request(name="x" * (2 * LIMIT))
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Export(big, timeout=10)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Export(big, timeout=10, compression=grpc.Compression.Gzip)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "size limit" in e.value.details()
+    # Still serving over gRPC, and the accepted span is there.
+    assert not stub.Export(one_span_request(name="after"), timeout=10).HasField("partial_success")
+    assert small.api("/api/v1/traces/" + (b"\x07" * 16).hex())["spanCount"] == 2
+
+
+def test_overload_answers_503_with_retry_after(make_collector):
+    """A queue of one item is full while a large export waits for its commit."""
+    c = make_collector(extra_args=["--queue-capacity", "1"])
+    import concurrent.futures
+    req = trace_service_pb2.ExportTraceServiceRequest(resource_spans=[trace_pb2.ResourceSpans(
+        scope_spans=[trace_pb2.ScopeSpans(spans=[
+            trace_pb2.Span(trace_id=i.to_bytes(16, "big"), span_id=b"\x01" * 8, name="load", start_time_unix_nano=1,
+                           end_time_unix_nano=2, attributes=[common_pb2.KeyValue(key="k", value=common_pb2.AnyValue(string_value="v" * 50))])
+            for i in range(1, 3001)])])]).SerializeToString()
+    statuses = []
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        for r in pool.map(lambda _: post(c, "/v1/traces", req), range(24)):
+            statuses.append(r.status_code)
+            if r.status_code == 503:
+                assert r.headers["retry-after"] == "1"
+                assert "overloaded" in error_message(r)
+    assert 200 in statuses and 503 in statuses, statuses
+    assert set(statuses) <= {200, 503}
+    assert c.get("/healthz").status_code == 200
