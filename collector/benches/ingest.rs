@@ -27,6 +27,8 @@ struct Args {
     clients: usize,
     batch: usize,
     bin: String,
+    /// Send to an already running collector (gRPC address) instead of starting one.
+    target: Option<String>,
 }
 
 fn args() -> Args {
@@ -34,6 +36,7 @@ fn args() -> Args {
         spans: 1_000_000,
         clients: 4,
         batch: 512,
+        target: None,
         bin: std::env::var("COLLECTOR_BIN").unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/collector").into()),
     };
     let mut it = std::env::args().skip(1);
@@ -43,6 +46,7 @@ fn args() -> Args {
             "--spans" => a.spans = val(),
             "--clients" => a.clients = val(),
             "--batch" => a.batch = val(),
+            "--target" => a.target = it.next(),
             "--bench" => {}
             other => panic!("unknown argument {other}"),
         }
@@ -195,47 +199,31 @@ fn rss_peak_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// User + system CPU seconds the process has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which is in parentheses and may contain spaces).
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
 }
 
-#[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let a = args();
-    let dir = std::env::temp_dir().join(format!("switchyard-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let db = dir.join("bench.db");
+type Sent = (Duration, Vec<Duration>, u64);
 
-    let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos() as u64;
-    let n_batches = a.spans.div_ceil(a.batch);
-    eprintln!("encoding {n_batches} requests of {} spans…", a.batch);
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    let batches: Vec<Bytes> = (0..n_batches).map(|_| batch(&mut rng, a.batch, now)).collect();
-    let wire_bytes: usize = batches.iter().map(Bytes::len).sum();
-
-    let mut child = Command::new(&a.bin)
-        .args(["--otlp-grpc-addr", "127.0.0.1:0", "--otlp-http-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
-        .arg("--db")
-        .arg(&db)
-        .env("RUST_LOG", "warn,collector=info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("starting {}: {e} (build it with cargo build --release -p collector)", a.bin))?;
-    let pid = child.id();
-    let mut lines = BufReader::new(child.stderr.take().ok_or("no stderr")?).lines();
-    let grpc_addr = loop {
-        let line = lines.next().ok_or("collector exited before listening")??;
-        if let Some(rest) = line.split("otlp_grpc=").nth(1) {
-            break rest.split_whitespace().next().unwrap_or_default().to_owned();
-        }
-    };
-    std::thread::spawn(move || lines.for_each(drop));
-
+/// Sends every batch once, from `clients` connections; retries a batch refused as UNAVAILABLE.
+async fn send_all(grpc_addr: &str, batches: Vec<Bytes>, clients: usize) -> Result<Sent, Box<dyn std::error::Error>> {
+    let grpc_addr = grpc_addr.to_owned();
+    let a_clients = clients;
     let batches = Arc::new(batches);
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for _ in 0..a.clients {
+    for _ in 0..a_clients {
         let (batches, next, addr) = (batches.clone(), next.clone(), grpc_addr.clone());
         tasks.push(tokio::spawn(async move {
             let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect().await?;
@@ -272,8 +260,54 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         latencies.extend(l);
         retries += r;
     }
-    let elapsed = started.elapsed();
+    Ok((started.elapsed(), latencies, retries))
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let a = args();
+    let dir = std::env::temp_dir().join(format!("switchyard-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let db = dir.join("bench.db");
+
+    let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos() as u64;
+    let n_batches = a.spans.div_ceil(a.batch);
+    eprintln!("encoding {n_batches} requests of {} spans…", a.batch);
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let batches: Vec<Bytes> = (0..n_batches).map(|_| batch(&mut rng, a.batch, now)).collect();
+    let wire_bytes: usize = batches.iter().map(Bytes::len).sum();
+
+    if let Some(target) = &a.target {
+        let (elapsed, mut latencies, retries) = send_all(target, batches, a.clients).await?;
+        latencies.sort();
+        let spans = n_batches * a.batch;
+        println!("throughput:            {:.0} spans/s", spans as f64 / elapsed.as_secs_f64());
+        println!("export latency:        p50 {:.1} ms, p99 {:.1} ms", percentile(&latencies, 0.5).as_secs_f64() * 1e3,
+            percentile(&latencies, 0.99).as_secs_f64() * 1e3);
+        println!("retries after 503:     {retries}");
+        return Ok(());
+    }
+    let mut child = Command::new(&a.bin)
+        .args(["--otlp-grpc-addr", "127.0.0.1:0", "--otlp-http-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .arg("--db")
+        .arg(&db)
+        .env("RUST_LOG", "warn,collector=info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("starting {}: {e} (build it with cargo build --release -p collector)", a.bin))?;
+    let pid = child.id();
+    let mut lines = BufReader::new(child.stderr.take().ok_or("no stderr")?).lines();
+    let grpc_addr = loop {
+        let line = lines.next().ok_or("collector exited before listening")??;
+        if let Some(rest) = line.split("otlp_grpc=").nth(1) {
+            break rest.split_whitespace().next().unwrap_or_default().to_owned();
+        }
+    };
+    std::thread::spawn(move || lines.for_each(drop));
+
+    let (elapsed, mut latencies, retries) = send_all(&grpc_addr, batches, a.clients).await?;
     let peak_kib = rss_peak_kib(pid);
+    let cpu = cpu_seconds(pid);
 
     // Stop gracefully: the collector checkpoints its log into the database file on close.
     Command::new("kill").args(["-TERM", &pid.to_string()]).status()?;
@@ -288,6 +322,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("export latency:        p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
         percentile(&latencies, 0.50).as_secs_f64() * 1e3, percentile(&latencies, 0.99).as_secs_f64() * 1e3,
         latencies.last().copied().unwrap_or_default().as_secs_f64() * 1e3);
+    println!("collector CPU:         {:.1} s ({:.1} CPU-s per million spans)", cpu, cpu / spans as f64 * 1e6);
     println!("retries after 503:     {retries}");
     println!("collector peak RSS:    {:.1} MiB", peak_kib as f64 / 1024.0);
     println!("on disk:               {:.1} MiB, {:.1} bytes/span", disk as f64 / 1048576.0, disk as f64 / spans as f64);

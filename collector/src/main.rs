@@ -3,6 +3,11 @@ use collector::app::{App, shutdown_signal};
 use collector::config::Config;
 use tracing_subscriber::EnvFilter;
 
+// SQLite and the ingest path allocate many small buffers; mimalloc cuts glibc malloc's share of
+// the writer thread's time (see docs/PERFORMANCE.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cfg = Config::parse();

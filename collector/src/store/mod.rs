@@ -123,7 +123,7 @@ impl Store {
                 .map_err(|e| StoreError::Folder { path: dir.to_owned(), source: Arc::new(e) })?;
         }
         let mut conn = SqliteConnection::connect_with(
-            &connect_options(&cfg.path).create_if_missing(true).pragma("wal_autocheckpoint", "4000"),
+            &connect_options(&cfg.path).create_if_missing(true).pragma("wal_autocheckpoint", "16000"),
         )
         .await?;
         sqlx::migrate!("../migrations").run(&mut conn).await.map_err(|e| StoreError::Migrate(Arc::new(e)))?;
