@@ -16,6 +16,7 @@
 //!        | 7 varint(n) value*      array
 //!        | 8 attrs                 key-value list
 //!        | 9 zigzag-varint         string table index (profiles)
+//!        | 10 varint(id)           string from the dictionary
 //! ```
 
 use opentelemetry_proto::tonic::common::v1::{AnyValue, ArrayValue, KeyValue, KeyValueList, any_value};
@@ -24,6 +25,12 @@ use opentelemetry_proto::tonic::trace::v1::span::{Event, Link};
 /// Maps strings to dictionary ids while encoding.
 pub trait Intern {
     fn intern(&mut self, s: &str) -> u64;
+
+    /// A dictionary id for a string value of the attribute `key`, when values of that key repeat
+    /// enough to be worth one (methods, routes, host names); `None` keeps the value inline.
+    fn intern_value(&mut self, _key: u64, _s: &str) -> Option<u64> {
+        None
+    }
 }
 
 /// Maps dictionary ids back to strings while decoding.
@@ -77,7 +84,15 @@ pub fn encode_attributes(out: &mut Vec<u8>, attrs: &[KeyValue], dict: &mut impl 
 fn encode_kvs(out: &mut Vec<u8>, attrs: &[KeyValue], dict: &mut impl Intern, depth: usize) {
     put_varint(out, attrs.len() as u64);
     for kv in attrs {
-        put_varint(out, dict.intern(&kv.key));
+        let key = dict.intern(&kv.key);
+        put_varint(out, key);
+        if let Some(any_value::Value::StringValue(s)) = kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+            if let Some(id) = dict.intern_value(key, s) {
+                out.push(10);
+                put_varint(out, id);
+                continue;
+            }
+        }
         encode_value(out, kv.value.as_ref(), dict, depth);
     }
 }
@@ -250,6 +265,7 @@ impl<'a, D: Resolve> Reader<'a, D> {
             }
             8 => Some(Value::KvlistValue(KeyValueList { values: self.kvs(depth + 1)? })),
             9 => Some(Value::StringValueStrindex(unzigzag(self.varint()?) as i32)),
+            10 => Some(Value::StringValue(self.dict_string()?)),
             t => return Err(CodecError::UnknownTag(t)),
         };
         Ok(AnyValue { value })
@@ -310,6 +326,14 @@ mod tests {
             let id = self.names.len() as u64;
             self.ids.insert(s.to_owned(), id);
             id
+        }
+        fn intern_value(&mut self, key: u64, s: &str) -> Option<u64> {
+            (Some(key) == self.value_key()).then(|| self.intern(s))
+        }
+    }
+    impl MapDict {
+        fn value_key(&self) -> Option<u64> {
+            self.ids.get("s").copied()
         }
     }
     impl Resolve for MapDict {

@@ -70,7 +70,17 @@ pub struct Strings {
     ids: RwLock<HashMap<Arc<str>, i64>>,
     names: RwLock<Vec<Arc<str>>>,
     pending: Mutex<Vec<(i64, Arc<str>)>>,
+    /// Values added to the dictionary so far, per attribute key, and in all.
+    value_budget: Mutex<(HashMap<u64, u32>, usize)>,
 }
+
+/// String values longer than this stay inline.
+const MAX_VALUE_LEN: usize = 64;
+/// Distinct values of one attribute key the dictionary takes (since start); keys with more
+/// (ids, paths, timestamps) keep their later values inline. The first values stay shared.
+const VALUES_PER_KEY: u32 = 256;
+/// Attribute values the dictionary takes in all (since start), which bounds its memory.
+const MAX_VALUES: usize = 1_000_000;
 
 impl Strings {
     /// `loaded` must hold ids 1..=n without gaps, as the writer assigns them.
@@ -87,7 +97,12 @@ impl Strings {
             ids.insert(s.clone(), id);
             names.push(s);
         }
-        Self { ids: RwLock::new(ids), names: RwLock::new(names), pending: Mutex::new(Vec::new()) }
+        Self {
+            ids: RwLock::new(ids),
+            names: RwLock::new(names),
+            pending: Mutex::new(Vec::new()),
+            value_budget: Mutex::new((HashMap::new(), 0)),
+        }
     }
 
     pub fn id(&self, s: &str) -> i64 {
@@ -136,6 +151,26 @@ impl Strings {
 impl Intern for &Strings {
     fn intern(&mut self, s: &str) -> u64 {
         self.id(s) as u64
+    }
+
+    fn intern_value(&mut self, key: u64, s: &str) -> Option<u64> {
+        if s.len() > MAX_VALUE_LEN {
+            return None;
+        }
+        if let Some(id) = self.find(s) {
+            return Some(id as u64);
+        }
+        {
+            let mut budget = self.value_budget.lock().unwrap_or_else(PoisonError::into_inner);
+            let (per_key, total) = &mut *budget;
+            let used = per_key.entry(key).or_insert(0);
+            if *used >= VALUES_PER_KEY || *total >= MAX_VALUES {
+                return None;
+            }
+            *used += 1;
+            *total += 1;
+        }
+        Some(self.id(s) as u64)
     }
 }
 
@@ -244,6 +279,21 @@ mod tests {
         s.restore_pending(p);
         assert_eq!(s.take_pending()[0].0, 3);
         assert!(s.take_pending().is_empty());
+    }
+
+    #[test]
+    fn values_are_shared_until_a_key_has_too_many() {
+        let s = Strings::new(Vec::new());
+        let mut d = &s;
+        let key = d.intern("user.id");
+        let first = d.intern_value(key, "GET").expect("shared");
+        assert_eq!(d.intern_value(key, "GET"), Some(first));
+        for i in 1..VALUES_PER_KEY {
+            assert!(d.intern_value(key, &format!("u{i}")).is_some());
+        }
+        assert_eq!(d.intern_value(key, "one too many"), None);
+        assert_eq!(d.intern_value(key, "GET"), Some(first), "known values stay shared");
+        assert_eq!(d.intern_value(key, &"x".repeat(65)), None);
     }
 
     #[test]
