@@ -197,6 +197,16 @@ def test_grpc_partial_success_and_limits(small):
         stub.Export(big, timeout=10, compression=grpc.Compression.Gzip)
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "size limit" in e.value.details()
+    # A body that is not protobuf, raw: INVALID_ARGUMENT naming the problem.
+    raw = channel.unary_unary("/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+                              request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    with pytest.raises(grpc.RpcError) as e:
+        raw(b"\x0a\x05\x0a", timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "failed to decode Protobuf message" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        channel.unary_unary("/opentelemetry.proto.collector.trace.v1.TraceService/Nope")(b"", timeout=10)
+    assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
     # Still serving over gRPC, and the accepted span is there.
     assert not stub.Export(one_span_request(name="after"), timeout=10).HasField("partial_success")
     assert small.api("/api/v1/traces/" + (b"\x07" * 16).hex())["spanCount"] == 2

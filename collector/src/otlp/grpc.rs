@@ -70,17 +70,30 @@ impl LogsService for OtlpGrpc {
     }
 }
 
-/// tonic answers an uncompressed message over the size limit with OUT_OF_RANGE; OTLP wants
-/// RESOURCE_EXHAUSTED, as for a compressed one. Rewrites the status of such trailers-only answers.
-async fn size_limit_status(mut resp: axum::response::Response) -> axum::response::Response {
-    let over_limit = resp.headers().get("grpc-status").is_some_and(|v| v == "11")
-        && resp
-            .headers()
-            .get("grpc-message")
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|m| m.contains("message%20length%20too%20large") || m.contains("message length too large"));
-    if over_limit {
-        resp.headers_mut().insert("grpc-status", http::HeaderValue::from_static("8"));
+/// tonic's own answers to bad request bodies use other codes than OTLP asks for: a message over
+/// the size limit gets OUT_OF_RANGE (OTLP: RESOURCE_EXHAUSTED), an undecodable message or corrupt
+/// compression INTERNAL (OTLP: INVALID_ARGUMENT, the client's mistake). These answers are
+/// trailers-only, so their status is in the response headers, where this rewrites it.
+async fn otlp_status_codes(mut resp: axum::response::Response) -> axum::response::Response {
+    let status = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).unwrap_or("");
+    if status != "11" && status != "13" {
+        return resp;
+    }
+    let message = resp
+        .headers()
+        .get("grpc-message")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .replace("%20", " ");
+    let code = if status == "11" && message.contains("message length too large") {
+        Some(tonic::Code::ResourceExhausted)
+    } else if status == "13" && (message.contains("failed to decode Protobuf") || message.contains("Error decompressing")) {
+        Some(tonic::Code::InvalidArgument)
+    } else {
+        None
+    };
+    if let Some(code) = code {
+        resp.headers_mut().insert("grpc-status", http::HeaderValue::from(code as i32));
     }
     resp
 }
@@ -108,5 +121,5 @@ pub fn router(ingest: Arc<Ingest>, max_message_size: usize) -> axum::Router {
             .max_decoding_message_size(max_message_size),
     )
     .into_axum_router()
-    .layer(axum::middleware::map_response(size_limit_status))
+    .layer(axum::middleware::map_response(otlp_status_codes))
 }
