@@ -1,0 +1,363 @@
+//! The registry's state and its rules, free of I/O: registration, renewal, status changes,
+//! lease expiry, eviction and self-preservation. Every mutation returns the [`Change`]s to persist,
+//! and bumps the change index when what watchers see (membership or status) changed.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::registry::{Instance, InstanceStatus, Lease, RegisterRequest};
+use serde::Serialize;
+
+pub fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+pub fn rfc3339(ms: i64) -> String {
+    let t = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// One registered instance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    pub req: RegisterRequest,
+    pub lease: Lease,
+    pub status: InstanceStatus,
+    pub registered_at_ms: i64,
+    pub last_heartbeat_ms: i64,
+    pub status_changed_at_ms: i64,
+    /// In memory only: consecutive failed health checks, and whether the expired lease was logged.
+    pub health_failures: u32,
+    pub lease_expired: bool,
+}
+
+impl Entry {
+    pub fn lease_expires_ms(&self) -> i64 {
+        self.last_heartbeat_ms + (self.lease.duration_secs * 1000.0) as i64
+    }
+
+    pub fn view(&self) -> Instance {
+        Instance {
+            service: self.req.service.clone(),
+            instance_id: self.req.instance_id.clone(),
+            address: self.req.address.clone(),
+            metadata: self.req.metadata.clone(),
+            health_check_url: self.req.health_check_url.clone(),
+            status: self.status,
+            lease: self.lease,
+            registered_at: rfc3339(self.registered_at_ms),
+            last_heartbeat: rfc3339(self.last_heartbeat_ms),
+            lease_expires_at: rfc3339(self.lease_expires_ms()),
+            status_changed_at: rfc3339(self.status_changed_at_ms),
+            lease_expired: self.lease_expired,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Event {
+    pub at_ms: i64,
+    pub kind: &'static str,
+    pub service: String,
+    pub instance_id: String,
+    pub detail: String,
+}
+
+/// What a mutation asks the store to write.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    Upsert(Box<Entry>),
+    Heartbeat { instance_id: String, at_ms: i64 },
+    Delete(String),
+    Event(Event),
+    Index(u64),
+}
+
+/// Self-preservation settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Preservation {
+    pub enabled: bool,
+    /// Renewals below this share of those expected turn self-preservation on.
+    pub threshold: f64,
+    /// The window renewals are counted over.
+    pub window: Duration,
+}
+
+/// What `GET /v1/status` reports about renewals.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RenewalStats {
+    pub self_preservation: bool,
+    pub self_preservation_enabled: bool,
+    pub renewals_in_window: u64,
+    pub expected_renewals_in_window: f64,
+    pub renewals_per_minute: f64,
+    pub expected_renewals_per_minute: f64,
+    /// The renewals per minute below which self-preservation turns on.
+    pub threshold_per_minute: f64,
+    pub threshold: f64,
+    pub window_secs: f64,
+}
+
+pub struct State {
+    pub instances: BTreeMap<String, Entry>,
+    pub index: u64,
+    renewals: VecDeque<i64>,
+    pub self_preservation: bool,
+    started_ms: i64,
+    pub preservation: Preservation,
+}
+
+impl State {
+    pub fn new(instances: Vec<Entry>, index: u64, preservation: Preservation, now: i64) -> Self {
+        let instances = instances.into_iter().map(|e| (e.req.instance_id.clone(), e)).collect();
+        Self { instances, index, renewals: VecDeque::new(), self_preservation: false, started_ms: now, preservation }
+    }
+
+    fn bump(&mut self, changes: &mut Vec<Change>) {
+        self.index += 1;
+        changes.push(Change::Index(self.index));
+    }
+
+    fn event(kind: &'static str, e: &Entry, detail: String, at_ms: i64) -> Change {
+        Change::Event(Event { at_ms, kind, service: e.req.service.clone(), instance_id: e.req.instance_id.clone(), detail })
+    }
+
+    /// Registers (or registers again) an instance. A new one starts `STARTING` when it has a health
+    /// check (the first passing check makes it `UP`), else `UP`; one registering again keeps its status.
+    pub fn register(&mut self, req: RegisterRequest, now: i64) -> (Entry, Vec<Change>) {
+        let lease = req.lease.unwrap_or(Lease { renewal_interval_secs: 10.0, duration_secs: 30.0 });
+        let mut changes = Vec::new();
+        let previous = self.instances.get(&req.instance_id);
+        let (status, registered_at, changed_at) = match previous {
+            Some(p) if p.req.address == req.address => (p.status, p.registered_at_ms, p.status_changed_at_ms),
+            _ => {
+                let s = if req.health_check_url.is_some() { InstanceStatus::Starting } else { InstanceStatus::Up };
+                (s, now, now)
+            }
+        };
+        let entry = Entry {
+            req,
+            lease,
+            status,
+            registered_at_ms: registered_at,
+            last_heartbeat_ms: now,
+            status_changed_at_ms: changed_at,
+            health_failures: 0,
+            lease_expired: false,
+        };
+        let detail = format!("address {} status {}", entry.req.address, entry.status.as_str());
+        let kind = if previous.is_some() { "REREGISTERED" } else { "REGISTERED" };
+        changes.push(Self::event(kind, &entry, detail, now));
+        changes.push(Change::Upsert(Box::new(entry.clone())));
+        self.instances.insert(entry.req.instance_id.clone(), entry.clone());
+        self.bump(&mut changes);
+        (entry, changes)
+    }
+
+    /// Renews a lease. `None` when the instance is unknown (it must register again).
+    pub fn heartbeat(&mut self, instance_id: &str, now: i64) -> Option<(Entry, Vec<Change>)> {
+        let e = self.instances.get_mut(instance_id)?;
+        e.last_heartbeat_ms = now;
+        let mut changes = vec![Change::Heartbeat { instance_id: instance_id.to_owned(), at_ms: now }];
+        if std::mem::take(&mut e.lease_expired) {
+            changes.push(Self::event("LEASE_RENEWED", e, "renewed after its lease had expired".into(), now));
+        }
+        let e = e.clone();
+        self.renewals.push_back(now);
+        Some((e, changes))
+    }
+
+    pub fn deregister(&mut self, instance_id: &str, now: i64) -> Option<Vec<Change>> {
+        let e = self.instances.remove(instance_id)?;
+        let mut changes = vec![Change::Delete(instance_id.to_owned()), Self::event("DEREGISTERED", &e, "graceful shutdown".into(), now)];
+        self.bump(&mut changes);
+        Some(changes)
+    }
+
+    /// Sets a status. `by_health_check` changes never override `OUT_OF_SERVICE`, which only an
+    /// operator sets and clears.
+    pub fn set_status(&mut self, instance_id: &str, status: InstanceStatus, reason: &str, now: i64) -> Option<(Entry, Vec<Change>)> {
+        let e = self.instances.get_mut(instance_id)?;
+        let mut changes = Vec::new();
+        if e.status != status {
+            let detail = format!("{} -> {}: {reason}", e.status.as_str(), status.as_str());
+            e.status = status;
+            e.status_changed_at_ms = now;
+            let e = e.clone();
+            changes.push(Self::event("STATUS_CHANGED", &e, detail, now));
+            changes.push(Change::Upsert(Box::new(e)));
+            self.bump(&mut changes);
+        }
+        Some((self.instances[instance_id].clone(), changes))
+    }
+
+    /// Applies the result of a health check.
+    pub fn health_result(&mut self, instance_id: &str, ok: bool, failures_to_down: u32, reason: &str, now: i64) -> Vec<Change> {
+        let Some(e) = self.instances.get_mut(instance_id) else { return Vec::new() };
+        if e.status == InstanceStatus::OutOfService {
+            return Vec::new();
+        }
+        let target = if ok {
+            e.health_failures = 0;
+            InstanceStatus::Up
+        } else {
+            e.health_failures += 1;
+            if e.health_failures < failures_to_down {
+                return Vec::new();
+            }
+            InstanceStatus::Down
+        };
+        let reason = if ok { "health check passed" } else { reason };
+        self.set_status(instance_id, target, reason, now).map(|(_, c)| c).unwrap_or_default()
+    }
+
+    /// Renewal statistics over the window; expected renewals count each instance from when it
+    /// registered (or the registry started), less half a renewal for the phase of its heartbeats.
+    pub fn renewal_stats(&mut self, now: i64) -> RenewalStats {
+        let window_ms = self.preservation.window.as_millis() as i64;
+        while self.renewals.front().is_some_and(|t| *t <= now - window_ms) {
+            self.renewals.pop_front();
+        }
+        let expected: f64 = self
+            .instances
+            .values()
+            .filter(|e| e.status != InstanceStatus::OutOfService)
+            .map(|e| {
+                let since = e.registered_at_ms.max(self.started_ms);
+                let span = (now - since).clamp(0, window_ms) as f64 / 1000.0;
+                (span / e.lease.renewal_interval_secs - 0.5).max(0.0)
+            })
+            .sum();
+        let per_minute = 60.0 / self.preservation.window.as_secs_f64();
+        let actual = self.renewals.len() as u64;
+        RenewalStats {
+            self_preservation: self.self_preservation,
+            self_preservation_enabled: self.preservation.enabled,
+            renewals_in_window: actual,
+            expected_renewals_in_window: expected,
+            renewals_per_minute: actual as f64 * per_minute,
+            expected_renewals_per_minute: expected * per_minute,
+            threshold_per_minute: expected * per_minute * self.preservation.threshold,
+            threshold: self.preservation.threshold,
+            window_secs: self.preservation.window.as_secs_f64(),
+        }
+    }
+
+    /// The periodic sweep: decides self-preservation, then evicts instances whose lease expired
+    /// (or, under self-preservation, only marks them).
+    pub fn sweep(&mut self, now: i64) -> Vec<Change> {
+        let mut changes = Vec::new();
+        let stats = self.renewal_stats(now);
+        let preserve = self.preservation.enabled
+            && stats.expected_renewals_in_window >= 1.0
+            && (stats.renewals_in_window as f64) < stats.expected_renewals_in_window * self.preservation.threshold;
+        if preserve != self.self_preservation {
+            self.self_preservation = preserve;
+            let kind = if preserve { "SELF_PRESERVATION_ON" } else { "SELF_PRESERVATION_OFF" };
+            let detail = format!(
+                "{} renewals in the last {}s, {:.1} expected (threshold {:.0}%)",
+                stats.renewals_in_window,
+                stats.window_secs,
+                stats.expected_renewals_in_window,
+                self.preservation.threshold * 100.0
+            );
+            changes.push(Change::Event(Event { at_ms: now, kind, service: String::new(), instance_id: String::new(), detail }));
+        }
+        let expired: Vec<String> =
+            self.instances.values().filter(|e| e.lease_expires_ms() <= now).map(|e| e.req.instance_id.clone()).collect();
+        for id in expired {
+            if self.self_preservation {
+                let Some(e) = self.instances.get_mut(&id) else { continue };
+                if !e.lease_expired {
+                    e.lease_expired = true;
+                    let e = e.clone();
+                    changes.push(Self::event("LEASE_EXPIRED", &e, "kept: self-preservation is on".into(), now));
+                }
+            } else if let Some(e) = self.instances.remove(&id) {
+                let detail = format!("no heartbeat since {}", rfc3339(e.last_heartbeat_ms));
+                changes.push(Change::Delete(id));
+                changes.push(Self::event("EVICTED", &e, detail, now));
+                self.bump(&mut changes);
+            }
+        }
+        changes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(id: &str, health: bool) -> RegisterRequest {
+        RegisterRequest {
+            service: "catalog".into(),
+            instance_id: id.into(),
+            address: "127.0.0.1:1".into(),
+            metadata: BTreeMap::new(),
+            health_check_url: health.then(|| "http://127.0.0.1:1/healthz".into()),
+            lease: Some(Lease { renewal_interval_secs: 1.0, duration_secs: 3.0 }),
+        }
+    }
+
+    fn state(enabled: bool) -> State {
+        State::new(Vec::new(), 0, Preservation { enabled, threshold: 0.85, window: Duration::from_secs(10) }, 0)
+    }
+
+    #[test]
+    fn registration_starts_then_health_makes_up_and_failures_make_down() {
+        let mut s = state(true);
+        let (e, changes) = s.register(req("a", true), 0);
+        assert_eq!(e.status, InstanceStatus::Starting);
+        assert!(changes.contains(&Change::Index(1)));
+        s.health_result("a", true, 2, "", 10);
+        assert_eq!(s.instances["a"].status, InstanceStatus::Up);
+        assert!(s.health_result("a", false, 2, "refused", 20).is_empty(), "one failure is not enough");
+        s.health_result("a", false, 2, "refused", 30);
+        assert_eq!(s.instances["a"].status, InstanceStatus::Down);
+        assert_eq!(s.index, 3);
+        s.set_status("a", InstanceStatus::OutOfService, "operator", 40);
+        s.health_result("a", true, 2, "", 50);
+        assert_eq!(s.instances["a"].status, InstanceStatus::OutOfService, "health checks leave OUT_OF_SERVICE alone");
+    }
+
+    #[test]
+    fn expired_leases_are_evicted_and_heartbeats_do_not_bump_the_index() {
+        let mut s = state(false);
+        s.register(req("a", false), 0);
+        s.register(req("b", false), 0);
+        let index = s.index;
+        s.heartbeat("a", 2_000);
+        assert_eq!(s.index, index);
+        let changes = s.sweep(4_000);
+        assert!(changes.contains(&Change::Delete("b".into())));
+        assert!(s.instances.contains_key("a") && !s.instances.contains_key("b"));
+        assert!(s.heartbeat("b", 4_100).is_none(), "an evicted instance must register again");
+    }
+
+    #[test]
+    fn self_preservation_stops_eviction_when_renewals_drop() {
+        let mut s = state(true);
+        for id in ["a", "b", "c"] {
+            s.register(req(id, false), 0);
+        }
+        // All three renew every second for ten seconds: no preservation.
+        for t in 1..=10 {
+            for id in ["a", "b", "c"] {
+                s.heartbeat(id, t * 1000);
+            }
+        }
+        s.sweep(10_500);
+        assert!(!s.self_preservation);
+        // Two of three go silent: renewals fall far under 85% of the expected.
+        for t in 11..=20 {
+            s.heartbeat("a", t * 1000);
+        }
+        let changes = s.sweep(20_500);
+        assert!(s.self_preservation);
+        assert!(changes.iter().any(|c| matches!(c, Change::Event(e) if e.kind == "SELF_PRESERVATION_ON")));
+        assert_eq!(s.instances.len(), 3, "nothing is evicted under self-preservation");
+        assert!(s.instances["b"].lease_expired);
+    }
+}

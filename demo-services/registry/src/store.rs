@@ -1,0 +1,147 @@
+//! The registry's SQLite database: loads the state at start, writes each mutation's changes in
+//! one transaction, so a restarted registry forgets nothing.
+
+use std::path::Path;
+
+use common::registry::{InstanceStatus, Lease, RegisterRequest};
+use sqlx::{Row, SqlitePool};
+
+use crate::state::{Change, Entry};
+
+#[derive(Clone)]
+pub struct Store {
+    pool: SqlitePool,
+}
+
+impl Store {
+    pub async fn open(path: &Path) -> anyhow::Result<Self> {
+        let pool = common::db::open(path, 1).await?;
+        sqlx::migrate!().run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    /// The instances and the change index as last written.
+    pub async fn load(&self) -> anyhow::Result<(Vec<Entry>, u64)> {
+        let rows = sqlx::query(
+            "SELECT instance_id, service, address, metadata, health_check_url, status, renewal_interval_secs, \
+             duration_secs, registered_at_ms, last_heartbeat_ms, status_changed_at_ms FROM instances",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut entries = Vec::with_capacity(rows.len());
+        for r in rows {
+            let status: String = r.try_get("status")?;
+            let metadata: String = r.try_get("metadata")?;
+            entries.push(Entry {
+                req: RegisterRequest {
+                    service: r.try_get("service")?,
+                    instance_id: r.try_get("instance_id")?,
+                    address: r.try_get("address")?,
+                    metadata: serde_json::from_str(&metadata)?,
+                    health_check_url: r.try_get("health_check_url")?,
+                    lease: None,
+                },
+                lease: Lease { renewal_interval_secs: r.try_get("renewal_interval_secs")?, duration_secs: r.try_get("duration_secs")? },
+                status: InstanceStatus::parse(&status).ok_or_else(|| anyhow::anyhow!("unknown status {status} in the database"))?,
+                registered_at_ms: r.try_get("registered_at_ms")?,
+                last_heartbeat_ms: r.try_get("last_heartbeat_ms")?,
+                status_changed_at_ms: r.try_get("status_changed_at_ms")?,
+                health_failures: 0,
+                lease_expired: false,
+            });
+        }
+        let index: Option<i64> = sqlx::query_scalar("SELECT value FROM meta WHERE key = 'index'").fetch_optional(&self.pool).await?;
+        Ok((entries, index.unwrap_or(0) as u64))
+    }
+
+    pub async fn apply(&self, changes: &[Change]) -> Result<(), sqlx::Error> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        for c in changes {
+            match c {
+                Change::Upsert(e) => {
+                    sqlx::query(
+                        "INSERT OR REPLACE INTO instances (instance_id, service, address, metadata, health_check_url, status, \
+                         renewal_interval_secs, duration_secs, registered_at_ms, last_heartbeat_ms, status_changed_at_ms) \
+                         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    )
+                    .bind(&e.req.instance_id)
+                    .bind(&e.req.service)
+                    .bind(&e.req.address)
+                    .bind(serde_json::to_string(&e.req.metadata).unwrap_or_else(|_| "{}".into()))
+                    .bind(&e.req.health_check_url)
+                    .bind(e.status.as_str())
+                    .bind(e.lease.renewal_interval_secs)
+                    .bind(e.lease.duration_secs)
+                    .bind(e.registered_at_ms)
+                    .bind(e.last_heartbeat_ms)
+                    .bind(e.status_changed_at_ms)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                Change::Heartbeat { instance_id, at_ms } => {
+                    sqlx::query("UPDATE instances SET last_heartbeat_ms = ? WHERE instance_id = ?")
+                        .bind(at_ms)
+                        .bind(instance_id)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                Change::Delete(id) => {
+                    sqlx::query("DELETE FROM instances WHERE instance_id = ?").bind(id).execute(&mut *tx).await?;
+                }
+                Change::Event(e) => {
+                    sqlx::query("INSERT INTO events (at_ms, kind, service, instance_id, detail) VALUES (?, ?, ?, ?, ?)")
+                        .bind(e.at_ms)
+                        .bind(e.kind)
+                        .bind(&e.service)
+                        .bind(&e.instance_id)
+                        .bind(&e.detail)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                Change::Index(i) => {
+                    sqlx::query("INSERT OR REPLACE INTO meta (key, value) VALUES ('index', ?)").bind(*i as i64).execute(&mut *tx).await?;
+                }
+            }
+        }
+        // Keep the event log bounded.
+        sqlx::query("DELETE FROM events WHERE id <= (SELECT MAX(id) FROM events) - 10000").execute(&mut *tx).await?;
+        tx.commit().await
+    }
+
+    /// The newest events first.
+    pub async fn events(&self, limit: i64) -> Result<Vec<EventRow>, sqlx::Error> {
+        let rows = sqlx::query("SELECT id, at_ms, kind, service, instance_id, detail FROM events ORDER BY id DESC LIMIT ?")
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter()
+            .map(|r| {
+                let at_ms: i64 = r.try_get("at_ms")?;
+                Ok(EventRow {
+                    id: r.try_get("id")?,
+                    at: crate::state::rfc3339(at_ms),
+                    at_ms,
+                    kind: r.try_get("kind")?,
+                    service: r.try_get("service")?,
+                    instance_id: r.try_get("instance_id")?,
+                    detail: r.try_get("detail")?,
+                })
+            })
+            .collect()
+    }
+}
+
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EventRow {
+    pub id: i64,
+    pub at: String,
+    pub at_ms: i64,
+    pub kind: String,
+    pub service: String,
+    pub instance_id: String,
+    pub detail: String,
+}
