@@ -4,6 +4,7 @@ collector keeps serving and keeps what it accepted."""
 import gzip
 import json
 import subprocess
+import time
 
 import grpc
 import pytest
@@ -22,11 +23,13 @@ def small(make_collector):
 
 
 def one_span_request(name="ok", trace_id=b"\x07" * 16, span_id=b"\x08" * 8, service="bad-input"):
+    # Timed now: a span older than the retention (24h) may be removed by the pass at start.
+    now = time.time_ns()
     return trace_service_pb2.ExportTraceServiceRequest(resource_spans=[trace_pb2.ResourceSpans(
         resource=resource_pb2.Resource(attributes=[common_pb2.KeyValue(
             key="service.name", value=common_pb2.AnyValue(string_value=service))]),
         scope_spans=[trace_pb2.ScopeSpans(spans=[trace_pb2.Span(
-            trace_id=trace_id, span_id=span_id, name=name, start_time_unix_nano=1, end_time_unix_nano=2)])])])
+            trace_id=trace_id, span_id=span_id, name=name, start_time_unix_nano=now, end_time_unix_nano=now + 1000)])])])
 
 
 def post(c, path, body, content_type="application/x-protobuf", **headers):
