@@ -198,6 +198,49 @@ def test_bytes_maps_nested_arrays_dropped_counts_and_partial_success(make_collec
                              "6 links dropped by the sender"]
 
 
+def test_concurrent_attribute_searches_share_the_read_pool(collector):
+    """More concurrent attribute searches than read connections (4) all answer: a search must
+    never hold one connection while it waits for another. Native searches without a service
+    sort all matching spans before the first row, so all four connections are busy at once."""
+    import concurrent.futures
+    import time
+
+    now = time.time_ns()
+    shards, per_shard = 20, 1000
+    resource_spans = []
+    for shard in range(shards):
+        spans = []
+        for i in range(per_shard):
+            n = shard * per_shard + i + 1
+            s = raw_span(n.to_bytes(16, "big"), n.to_bytes(8, "big"), f"op-{i % 10}",
+                         [kv("marker", string_value="needle")] if n == 1 else [kv("i", int_value=i)])
+            s.start_time_unix_nano, s.end_time_unix_nano = now - n * 1000, now - n * 1000 + 500
+            spans.append(s)
+        resource_spans.append(trace_pb2.ResourceSpans(
+            resource=resource_pb2.Resource(attributes=[kv("service.name", string_value=f"svc-{shard % 4}"),
+                                                       kv("shard", int_value=shard)]),
+            scope_spans=[trace_pb2.ScopeSpans(spans=spans)]))
+    r = post_traces(collector, trace_service_pb2.ExportTraceServiceRequest(resource_spans=resource_spans))
+    assert r.status_code == 200, r.text
+    needle = (1).to_bytes(16, "big").hex()
+    shard_7 = {(7 * per_shard + i + 1).to_bytes(16, "big").hex() for i in range(per_shard)}
+
+    def native():
+        r = collector.get("/api/v1/traces", attr="marker=needle", lookback="1h")
+        assert r.status_code == 200, r.text
+        assert [t["traceId"] for t in r.json()["traces"]] == [needle]
+
+    def jaeger():
+        r = collector.get("/api/traces", service="svc-3", tags=json.dumps({"shard": 7}), limit="5")
+        assert r.status_code == 200, r.text
+        ids = [t["traceID"] for t in r.json()["data"]]
+        assert len(ids) == 5 and set(ids) <= shard_7, ids
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        for f in [pool.submit(jaeger if i % 3 == 0 else native) for i in range(24)]:
+            f.result()
+
+
 def test_python_sdk_metrics_are_stored_and_queryable(collector):
     from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
     from opentelemetry.metrics import Observation

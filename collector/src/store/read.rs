@@ -7,7 +7,7 @@ use std::sync::Arc;
 use futures::TryStreamExt;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use opentelemetry_proto::tonic::trace::v1::span::{Event, Link};
-use sqlx::{QueryBuilder, Row, Sqlite};
+use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 
 use super::codec::{Reader, decode_attributes};
 use super::dict::StringsSnapshot;
@@ -287,7 +287,9 @@ impl Store {
             sep.push_bind(id.to_vec());
         }
         qb.push(") ORDER BY s.start_ns, s.rowid");
-        let rows = qb.build().fetch_all(&self.read).await?;
+        // One connection for the spans, their resources and scopes: no call holds two.
+        let mut conn = self.read.acquire().await?;
+        let rows = qb.build().fetch_all(&mut *conn).await?;
         let mut by_trace: HashMap<[u8; 16], Vec<SpanRecord>> = HashMap::new();
         for r in &rows {
             let span = span_from_row(r, &dict)?;
@@ -298,8 +300,9 @@ impl Store {
         let mut scopes = BTreeMap::new();
         let need_res: HashSet<i64> = by_trace.values().flatten().map(|s| s.resource).collect();
         let need_scope: HashSet<i64> = by_trace.values().flatten().map(|s| s.scope).collect();
-        self.load_resources(need_res, &dict, &mut resources).await?;
-        self.load_scopes(need_scope, &dict, &mut scopes).await?;
+        Self::load_resources(&mut conn, need_res, &dict, &mut resources).await?;
+        Self::load_scopes(&mut conn, need_scope, &dict, &mut scopes).await?;
+        drop(conn);
         for id in ids {
             if let Some(spans) = by_trace.remove(id) {
                 let res = spans.iter().filter_map(|s| Some((s.resource, resources.get(&s.resource)?.clone()))).collect();
@@ -311,7 +314,7 @@ impl Store {
     }
 
     async fn load_resources(
-        &self,
+        conn: &mut SqliteConnection,
         ids: HashSet<i64>,
         dict: &StringsSnapshot,
         out: &mut BTreeMap<i64, ResourceRecord>,
@@ -327,7 +330,7 @@ impl Store {
             sep.push_bind(id);
         }
         qb.push(")");
-        for r in qb.build().fetch_all(&self.read).await? {
+        for r in qb.build().fetch_all(&mut *conn).await? {
             let attrs: Vec<u8> = r.try_get(2)?;
             out.insert(
                 r.try_get(0)?,
@@ -343,7 +346,7 @@ impl Store {
     }
 
     async fn load_scopes(
-        &self,
+        conn: &mut SqliteConnection,
         ids: HashSet<i64>,
         dict: &StringsSnapshot,
         out: &mut BTreeMap<i64, ScopeRecord>,
@@ -359,7 +362,7 @@ impl Store {
             sep.push_bind(id);
         }
         qb.push(")");
-        for r in qb.build().fetch_all(&self.read).await? {
+        for r in qb.build().fetch_all(&mut *conn).await? {
             let attrs: Vec<u8> = r.try_get(3)?;
             out.insert(
                 r.try_get(0)?,
@@ -376,17 +379,28 @@ impl Store {
     }
 
     /// Trace ids of the traces that match, most recent match first.
+    ///
+    /// Runs on one connection in one read transaction: the resources that attribute filters
+    /// need are read before the spans, from the same snapshot, so a search never waits for a
+    /// second connection while it holds one (concurrent searches would starve the pool).
     pub async fn search(&self, q: &SearchQuery) -> Result<Vec<[u8; 16]>, StoreError> {
         let dict = self.dicts.strings.snapshot();
+        let service = match &q.service {
+            Some(name) => match self.dicts.strings.find(name) {
+                Some(id) => Some(id),
+                None => return Ok(Vec::new()),
+            },
+            None => None,
+        };
+        let mut tx = self.read.begin().await?;
+        let resource_attrs: HashMap<i64, Vec<KeyValue>> =
+            if q.attributes.is_empty() { HashMap::new() } else { resource_attributes(&mut tx, service, &dict).await? };
         let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
             "SELECT t.trace_id, s.status_code, s.kind, s.resource, s.attributes, s.events, s.start_ns \
              FROM spans s JOIN traces t ON t.id = s.trace WHERE ",
         );
-        match &q.service {
-            Some(name) => match self.dicts.strings.find(name) {
-                Some(id) => qb.push("s.service = ").push_bind(id),
-                None => return Ok(Vec::new()),
-            },
+        match service {
+            Some(id) => qb.push("s.service = ").push_bind(id),
             None => qb.push("s.service IN (SELECT DISTINCT service FROM operations)"),
         };
         qb.push(" AND s.start_ns >= ").push_bind(q.start_ns);
@@ -413,8 +427,7 @@ impl Store {
 
         let mut found: Vec<[u8; 16]> = Vec::new();
         let mut seen = HashSet::new();
-        let mut resource_attrs: HashMap<i64, Vec<KeyValue>> = HashMap::new();
-        let mut rows = qb.build().fetch(&self.read);
+        let mut rows = qb.build().fetch(&mut *tx);
         let mut scanned = 0;
         while let Some(r) = rows.try_next().await? {
             scanned += 1;
@@ -430,22 +443,13 @@ impl Store {
                 let status: i32 = r.try_get(1)?;
                 let kind: i32 = r.try_get(2)?;
                 let resource: i64 = r.try_get(3)?;
-                if !resource_attrs.contains_key(&resource) {
-                    let b: Option<Vec<u8>> = sqlx::query("SELECT attributes FROM resources WHERE id = ?")
-                        .bind(resource)
-                        .fetch_optional(&self.read)
-                        .await?
-                        .map(|r| r.try_get(0))
-                        .transpose()?;
-                    resource_attrs.insert(resource, b.map(|b| decode_attributes(&b, &dict)).transpose()?.unwrap_or_default());
-                }
                 let span_attrs = r.try_get::<Option<Vec<u8>>, _>(4)?.map(|b| decode_attributes(&b, &dict)).transpose()?;
                 let events = r
                     .try_get::<Option<Vec<u8>>, _>(5)?
                     .map(|b| Reader::new(&b, &dict).events(0))
                     .transpose()?
                     .unwrap_or_default();
-                let res = &resource_attrs[&resource];
+                let res = resource_attrs.get(&resource).map_or(&[][..], Vec::as_slice);
                 let all_match = q.attributes.iter().all(|(k, v)| {
                     let derived = match k.as_str() {
                         "error" => Some((status == 2).to_string()),
@@ -616,11 +620,12 @@ impl Store {
         max_points: usize,
     ) -> Result<Vec<SeriesData>, StoreError> {
         let dict = self.dicts.strings.snapshot();
+        let mut conn = self.read.acquire().await?;
         let defs: Vec<MetricDef> = sqlx::query(
             "SELECT m.id, m.name, m.description, m.unit, m.type, m.temporality, m.monotonic, 0 FROM metrics m WHERE m.name = ?",
         )
         .bind(name)
-        .fetch_all(&self.read)
+        .fetch_all(&mut *conn)
         .await?
         .iter()
         .map(metric_def)
@@ -632,7 +637,7 @@ impl Store {
                  JOIN resources r ON r.id = s.resource JOIN scopes sc ON sc.id = s.scope WHERE s.metric = ?",
             )
             .bind(def.id)
-            .fetch_all(&self.read)
+            .fetch_all(&mut *conn)
             .await?;
             for s in series {
                 let id: i64 = s.try_get(0)?;
@@ -644,7 +649,7 @@ impl Store {
                 .bind(start_ns)
                 .bind(end_ns)
                 .bind(max_points as i64)
-                .fetch_all(&self.read)
+                .fetch_all(&mut *conn)
                 .await?
                 .iter()
                 .map(|p| Ok((p.try_get::<i64, _>(0)? as u64, p.try_get::<i64, _>(1)? as u64, p.try_get(2)?, p.try_get(3)?)))
@@ -706,6 +711,25 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+/// Decoded attributes of the resources of one service (of all services without one), for
+/// matching search filters; read on the search's own connection.
+async fn resource_attributes(
+    conn: &mut SqliteConnection,
+    service: Option<i64>,
+    dict: &StringsSnapshot,
+) -> Result<HashMap<i64, Vec<KeyValue>>, StoreError> {
+    let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new("SELECT id, attributes FROM resources");
+    if let Some(id) = service {
+        qb.push(" WHERE service = ").push_bind(id);
+    }
+    let mut out = HashMap::new();
+    for r in qb.build().fetch_all(&mut *conn).await? {
+        let attrs: Vec<u8> = r.try_get(1)?;
+        out.insert(r.try_get(0)?, decode_attributes(&attrs, dict)?);
+    }
+    Ok(out)
 }
 
 fn metric_def(r: &sqlx::sqlite::SqliteRow) -> Result<MetricDef, StoreError> {
