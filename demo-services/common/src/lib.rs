@@ -10,6 +10,7 @@ pub mod error;
 pub mod http;
 pub mod registry;
 pub mod resilience;
+pub mod service;
 pub mod shutdown;
 pub mod telemetry;
 

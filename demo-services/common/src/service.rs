@@ -1,0 +1,86 @@
+//! Starting and stopping a service the same way everywhere: telemetry, instrumented routes plus
+//! `/metrics` and `/healthz`, registration with its lease, graceful shutdown (deregister first so
+//! callers stop choosing this instance, then finish in-flight requests, then flush telemetry).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::args::ServiceArgs;
+use crate::http::HttpMetrics;
+use crate::registry::{Lease, RegisterRequest, RegistryClient, keep_registered};
+use crate::telemetry::{self, Telemetry};
+
+pub struct Service {
+    pub name: &'static str,
+    pub args: ServiceArgs,
+    pub instance_id: String,
+    pub telemetry: Telemetry,
+    pub http_metrics: Arc<HttpMetrics>,
+    pub listener: TcpListener,
+}
+
+impl Service {
+    /// Starts logging and telemetry and binds the listener.
+    pub async fn start(name: &'static str, args: ServiceArgs) -> anyhow::Result<Self> {
+        telemetry::init_logging();
+        let instance_id = telemetry::instance_id(name, args.instance_id.as_deref());
+        let telemetry = telemetry::init(name, &instance_id)?;
+        let http_metrics = HttpMetrics::new(&telemetry.prometheus)?;
+        let listener = TcpListener::bind(args.addr).await.map_err(|e| anyhow::anyhow!("binding --addr {}: {e}", args.addr))?;
+        Ok(Self { name, args, instance_id, telemetry, http_metrics, listener })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// The address this instance registers.
+    pub fn advertised(&self) -> anyhow::Result<String> {
+        Ok(self.args.advertised(self.local_addr()?))
+    }
+
+    /// Serves `api` (instrumented) with `/metrics` and `/healthz` until SIGTERM/SIGINT, registered
+    /// in the registry with `metadata` the whole time.
+    pub async fn serve(self, api: Router, metadata: BTreeMap<String, String>) -> anyhow::Result<()> {
+        let address = self.advertised()?;
+        let app = crate::http::instrument(api, self.http_metrics.clone()).merge(crate::http::ops_routes(self.http_metrics.clone()));
+        tracing::info!(service = self.name, instance = %self.instance_id, addr = %address, "listening");
+
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let registration = RegisterRequest {
+            service: self.name.to_owned(),
+            instance_id: self.instance_id.clone(),
+            address: address.clone(),
+            metadata,
+            health_check_url: Some(format!("http://{address}/healthz")),
+            lease: Some(Lease::for_interval(self.args.heartbeat_interval)),
+        };
+        let registry = tokio::spawn(keep_registered(RegistryClient::new(&self.args.registry_url), registration, stop_rx));
+
+        let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = axum::serve(self.listener, app.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(async move {
+                let _ = drain_rx.await;
+            });
+        let server = tokio::spawn(async move { server.await });
+
+        crate::shutdown::signal().await;
+        let _ = stop_tx.send(true);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), registry).await;
+        let _ = drain_tx.send(());
+        match tokio::time::timeout(self.args.shutdown_grace, server).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "server"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "server task"),
+            Err(_) => tracing::warn!(grace = ?self.args.shutdown_grace, "in-flight requests cut off at the end of the grace period"),
+        }
+        self.telemetry.shutdown().await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
