@@ -241,6 +241,60 @@ def test_concurrent_attribute_searches_share_the_read_pool(collector):
             f.result()
 
 
+def test_queries_during_ingest_of_new_names_resolve_every_name(collector):
+    """Queries racing exports that bring new strings (service, span names, attribute keys) never
+    fail and never show a blank name: rows can only refer to strings committed with them."""
+    import threading
+    import time
+
+    now = time.time_ns()
+    done = threading.Event()
+    problems = []
+
+    def export():
+        try:
+            for i in range(1, 301):
+                span = raw_span(i.to_bytes(16, "big"), i.to_bytes(8, "big"), f"op-{i}", [kv(f"key-{i}", string_value=f"value-{i}")])
+                span.start_time_unix_nano, span.end_time_unix_nano = now + i, now + i + 1000
+                span.events.append(trace_pb2.Span.Event(time_unix_nano=now + i, name=f"event-{i}"))
+                r = post_traces(collector, trace_service_pb2.ExportTraceServiceRequest(resource_spans=[trace_pb2.ResourceSpans(
+                    resource=resource_pb2.Resource(attributes=[kv("service.name", string_value=f"svc-{i}")]),
+                    scope_spans=[trace_pb2.ScopeSpans(spans=[span])])]))
+                assert r.status_code == 200, r.text
+        finally:
+            done.set()
+
+    def query():
+        while not done.is_set():
+            r = collector.get("/api/v1/traces", attr="key-0=none", lookback="1h")
+            if r.status_code != 200 or r.json()["traces"] != []:
+                problems.append(("search", r.status_code, r.text))
+            r = collector.get("/api/v1/traces", limit="1000", lookback="1h")
+            if r.status_code != 200:
+                problems.append(("summaries", r.status_code, r.text))
+            else:
+                for t in r.json()["traces"]:
+                    i = int(t["traceId"], 16)
+                    if (t["rootService"], t["rootOperation"]) != (f"svc-{i}", f"op-{i}"):
+                        problems.append(("summary", t))
+            r = collector.get("/api/v1/services")
+            if r.status_code != 200 or "" in r.json()["services"]:
+                problems.append(("services", r.status_code, r.text))
+
+    readers = [threading.Thread(target=query) for _ in range(3)]
+    for t in readers:
+        t.start()
+    export()
+    for t in readers:
+        t.join()
+    assert problems == []
+    services = collector.api("/api/v1/services")["services"]
+    assert sorted(services) == sorted(f"svc-{i}" for i in range(1, 301))
+    t = collector.api(f"/api/v1/traces/{(300).to_bytes(16, 'big').hex()}")["spans"][0]
+    assert (t["name"], t["service"], t["events"][0]["name"]) == ("op-300", "svc-300", "event-300")
+    assert t["attributes"] == [{"key": "key-300", "value": {"stringValue": "value-300"}}]
+
+
 def test_python_sdk_metrics_are_stored_and_queryable(collector):
     from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
     from opentelemetry.metrics import Observation

@@ -1,5 +1,10 @@
 //! Reads: traces by id, trace search, services and operations, dependencies, metrics and logs.
 //! Everything here runs on the read-only pool and never blocks the writer.
+//!
+//! Every call holds at most one pooled connection at a time. String ids are resolved with a
+//! snapshot of the dictionary taken *after* the rows are read: an id is committed no later than
+//! the rows that use it, and assigned in memory before that commit, so such a snapshot knows
+//! every id the rows refer to (one taken before could miss ids committed in between).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -240,10 +245,9 @@ fn span_from_row(r: &sqlx::sqlite::SqliteRow, dict: &StringsSnapshot) -> Result<
 
 impl Store {
     pub async fn services(&self) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query("SELECT DISTINCT service FROM operations").fetch_all(&self.read).await?;
         let dict = self.dicts.strings.snapshot();
-        let mut names: Vec<String> = sqlx::query("SELECT DISTINCT service FROM operations")
-            .fetch_all(&self.read)
-            .await?
+        let mut names: Vec<String> = rows
             .iter()
             .map(|r| r.try_get::<i64, _>(0).map(|id| dict.get(id).to_owned()))
             .collect::<Result<_, _>>()?;
@@ -254,11 +258,9 @@ impl Store {
     /// A service's operations as (name, span kind), sorted by name.
     pub async fn operations(&self, service: &str, kind: Option<i32>) -> Result<Vec<(String, i32)>, StoreError> {
         let Some(service) = self.dicts.strings.find(service) else { return Ok(Vec::new()) };
+        let rows = sqlx::query("SELECT name, kind FROM operations WHERE service = ?").bind(service).fetch_all(&self.read).await?;
         let dict = self.dicts.strings.snapshot();
-        let mut ops: Vec<(String, i32)> = sqlx::query("SELECT name, kind FROM operations WHERE service = ?")
-            .bind(service)
-            .fetch_all(&self.read)
-            .await?
+        let mut ops: Vec<(String, i32)> = rows
             .iter()
             .map(|r| Ok((dict.get(r.try_get(0)?).to_owned(), r.try_get(1)?)))
             .collect::<Result<Vec<_>, sqlx::Error>>()?
@@ -278,7 +280,6 @@ impl Store {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let dict = self.dicts.strings.snapshot();
         let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(format!(
             "SELECT {SPAN_COLUMNS} FROM traces t JOIN spans s ON s.trace = t.id WHERE t.trace_id IN ("
         ));
@@ -290,6 +291,9 @@ impl Store {
         // One connection for the spans, their resources and scopes: no call holds two.
         let mut conn = self.read.acquire().await?;
         let rows = qb.build().fetch_all(&mut *conn).await?;
+        // Taken after the read: it then knows every string id the rows (and their resources
+        // and scopes, committed no later) refer to.
+        let dict = self.dicts.strings.snapshot();
         let mut by_trace: HashMap<[u8; 16], Vec<SpanRecord>> = HashMap::new();
         for r in &rows {
             let span = span_from_row(r, &dict)?;
@@ -384,7 +388,6 @@ impl Store {
     /// need are read before the spans, from the same snapshot, so a search never waits for a
     /// second connection while it holds one (concurrent searches would starve the pool).
     pub async fn search(&self, q: &SearchQuery) -> Result<Vec<[u8; 16]>, StoreError> {
-        let dict = self.dicts.strings.snapshot();
         let service = match &q.service {
             Some(name) => match self.dicts.strings.find(name) {
                 Some(id) => Some(id),
@@ -393,8 +396,15 @@ impl Store {
             None => None,
         };
         let mut tx = self.read.begin().await?;
-        let resource_attrs: HashMap<i64, Vec<KeyValue>> =
-            if q.attributes.is_empty() { HashMap::new() } else { resource_attributes(&mut tx, service, &dict).await? };
+        // The resources are read first, which fixes the transaction's snapshot; the dictionary's,
+        // taken after, then knows every string id the spans read later can refer to. Only
+        // attribute filters decode anything.
+        let resources = if q.attributes.is_empty() { Vec::new() } else { resource_rows(&mut tx, service).await? };
+        let dict = self.dicts.strings.snapshot();
+        let resource_attrs: HashMap<i64, Vec<KeyValue>> = resources
+            .iter()
+            .map(|(id, attrs)| Ok((*id, decode_attributes(attrs, &dict)?)))
+            .collect::<Result<_, StoreError>>()?;
         let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
             "SELECT t.trace_id, s.status_code, s.kind, s.resource, s.attributes, s.events, s.start_ns \
              FROM spans s JOIN traces t ON t.id = s.trace WHERE ",
@@ -482,7 +492,6 @@ impl Store {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let dict = self.dicts.strings.snapshot();
         let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
             "SELECT t.trace_id, s.span_id, s.parent_span_id, s.service, s.name, s.start_ns, s.duration_ns, s.status_code \
              FROM traces t JOIN spans s ON s.trace = t.id WHERE t.trace_id IN (",
@@ -515,6 +524,7 @@ impl Store {
                 error: r.try_get::<i32, _>(7)? == 2,
             });
         }
+        let dict = self.dicts.strings.snapshot();
         let mut out = Vec::new();
         for id in ids {
             let Some(spans) = by_trace.get(id) else { continue };
@@ -548,7 +558,6 @@ impl Store {
     /// Calls between services seen in spans that started within the window: an edge for every
     /// span whose parent belongs to another service, with the child span's latency and status.
     pub async fn dependencies(&self, start_ns: i64, end_ns: i64) -> Result<Vec<Dependency>, StoreError> {
-        let dict = self.dicts.strings.snapshot();
         let mut rows = sqlx::query(
             "SELECT trace, span_id, parent_span_id, service, duration_ns, status_code FROM spans \
              WHERE service IN (SELECT DISTINCT service FROM operations) AND start_ns >= ? AND start_ns <= ?",
@@ -571,6 +580,8 @@ impl Store {
                 children.push((trace, parent, service, r.try_get(4)?, r.try_get::<i32, _>(5)? == 2));
             }
         }
+        drop(rows);
+        let dict = self.dicts.strings.snapshot();
         let mut edges: BTreeMap<(i64, i64), (Vec<u64>, u64)> = BTreeMap::new();
         for (trace, parent, service, duration, error) in children {
             let Some(&parent_service) = owner.get(&(trace, parent)) else { continue };
@@ -619,7 +630,6 @@ impl Store {
         end_ns: i64,
         max_points: usize,
     ) -> Result<Vec<SeriesData>, StoreError> {
-        let dict = self.dicts.strings.snapshot();
         let mut conn = self.read.acquire().await?;
         let defs: Vec<MetricDef> = sqlx::query(
             "SELECT m.id, m.name, m.description, m.unit, m.type, m.temporality, m.monotonic, 0 FROM metrics m WHERE m.name = ?",
@@ -639,6 +649,7 @@ impl Store {
             .bind(def.id)
             .fetch_all(&mut *conn)
             .await?;
+            let dict = self.dicts.strings.snapshot();
             for s in series {
                 let id: i64 = s.try_get(0)?;
                 let mut points: Vec<(u64, u64, Option<f64>, Vec<u8>)> = sqlx::query(
@@ -672,7 +683,6 @@ impl Store {
     }
 
     pub async fn logs(&self, q: &LogQuery) -> Result<Vec<LogRecord>, StoreError> {
-        let dict = self.dicts.strings.snapshot();
         let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
             "SELECT time_ns, observed_ns, service, severity_number, severity_text, body, attributes, trace_id, span_id, \
              flags, event_name FROM logs WHERE ",
@@ -691,8 +701,10 @@ impl Store {
             qb.push(" AND time_ns <= ").push_bind(q.end_ns);
         }
         qb.push(" ORDER BY time_ns DESC LIMIT ").push_bind(q.limit as i64);
+        let rows = qb.build().fetch_all(&self.read).await?;
+        let dict = self.dicts.strings.snapshot();
         let mut out = Vec::new();
-        for r in qb.build().fetch_all(&self.read).await? {
+        for r in rows {
             let body: Option<Vec<u8>> = r.try_get(5)?;
             let attrs: Option<Vec<u8>> = r.try_get(6)?;
             out.push(LogRecord {
@@ -713,23 +725,15 @@ impl Store {
     }
 }
 
-/// Decoded attributes of the resources of one service (of all services without one), for
+/// The encoded attributes of the resources of one service (of all services without one), for
 /// matching search filters; read on the search's own connection.
-async fn resource_attributes(
-    conn: &mut SqliteConnection,
-    service: Option<i64>,
-    dict: &StringsSnapshot,
-) -> Result<HashMap<i64, Vec<KeyValue>>, StoreError> {
+async fn resource_rows(conn: &mut SqliteConnection, service: Option<i64>) -> Result<Vec<(i64, Vec<u8>)>, StoreError> {
     let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new("SELECT id, attributes FROM resources");
     if let Some(id) = service {
         qb.push(" WHERE service = ").push_bind(id);
     }
-    let mut out = HashMap::new();
-    for r in qb.build().fetch_all(&mut *conn).await? {
-        let attrs: Vec<u8> = r.try_get(1)?;
-        out.insert(r.try_get(0)?, decode_attributes(&attrs, dict)?);
-    }
-    Ok(out)
+    let rows = qb.build().fetch_all(&mut *conn).await?;
+    Ok(rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect::<Result<_, sqlx::Error>>()?)
 }
 
 fn metric_def(r: &sqlx::sqlite::SqliteRow) -> Result<MetricDef, StoreError> {
