@@ -20,3 +20,20 @@ pub async fn open(path: &Path, max_connections: u32) -> anyhow::Result<SqlitePoo
         .foreign_keys(true);
     Ok(SqlitePoolOptions::new().max_connections(max_connections).connect_with(opts).await?)
 }
+
+/// Runs `migrator`, retrying for a while: instances of one service starting together share the
+/// file, and the loser of the race sees the winner's migrations as applied on its next try.
+pub async fn migrate(pool: &SqlitePool, migrator: &sqlx::migrate::Migrator) -> anyhow::Result<()> {
+    let mut attempt = 0u32;
+    loop {
+        match migrator.run(pool).await {
+            Ok(()) => return Ok(()),
+            Err(e) if attempt < 10 => {
+                attempt += 1;
+                tracing::debug!(error = %e, attempt, "migrations raced with another instance; retrying");
+                tokio::time::sleep(crate::resilience::full_jitter(Duration::from_millis(50), Duration::from_secs(1), attempt)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}

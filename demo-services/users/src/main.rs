@@ -47,7 +47,7 @@ async fn main() -> anyhow::Result<()> {
     let cfg = Config::parse();
     let svc = Service::start("users", cfg.service.clone()).await?;
     let db = common::db::open(&cfg.service.db_path("users"), 4).await?;
-    sqlx::migrate!().run(&db).await?;
+    common::db::migrate(&db, &sqlx::migrate!()).await?;
     let keys = Keys::load_or_create(&db).await?;
     let state = Arc::new(AppState { db, keys, token_ttl: cfg.token_ttl });
     let api = Router::new()
