@@ -45,6 +45,7 @@ impl App {
         let metrics = Arc::new(Metrics::new());
         let mut store_cfg = StoreConfig::new(&cfg.db);
         store_cfg.queue_capacity = cfg.queue_capacity as usize;
+        store_cfg.retention_check_interval = cfg.retention_check_every();
         let (store, writer) = Store::open(&store_cfg, metrics.clone())
             .await
             .with_context(|| format!("opening the database {}", cfg.db.display()))?;
@@ -73,10 +74,7 @@ impl App {
         let otlp_http_router = otlp::http::router(ingest, max);
         let http_router = http_router(self.store.clone(), self.metrics.clone());
 
-        let every = self
-            .cfg
-            .retention_check_interval
-            .unwrap_or_else(|| (self.cfg.retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60)));
+        let every = self.cfg.retention_check_every();
         let retention = tokio::spawn(retention_loop(self.store.clone(), self.cfg.retention, every));
         let (stop_tx, stop_rx) = watch::channel(false);
         let serve = |listener: TcpListener, router: Router| {

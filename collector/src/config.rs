@@ -48,6 +48,15 @@ pub struct Config {
     pub shutdown_grace: Duration,
 }
 
+impl Config {
+    /// How often retention runs: `--retention-check-interval`, else a tenth of `--retention`
+    /// between 1s and 60s.
+    pub fn retention_check_every(&self) -> Duration {
+        self.retention_check_interval
+            .unwrap_or_else(|| (self.retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60)))
+    }
+}
+
 fn parse_retention(s: &str) -> Result<Duration, String> {
     let ns = crate::query::params::parse_go_duration(s).map_err(|e| format!("{e} (use e.g. 30m, 24h, 7d)"))?;
     if ns <= 0 {

@@ -70,11 +70,19 @@ pub struct StoreConfig {
     pub max_batch_items: usize,
     /// Recent trace ids remembered so that their late spans share a `traces` row.
     pub trace_cache: usize,
+    /// How often retention runs; under load a retention pass still takes a step at least this often.
+    pub retention_check_interval: Duration,
 }
 
 impl StoreConfig {
     pub fn new(path: impl Into<PathBuf>) -> Self {
-        Self { path: path.into(), queue_capacity: 262_144, max_batch_items: 32_768, trace_cache: 500_000 }
+        Self {
+            path: path.into(),
+            queue_capacity: 262_144,
+            max_batch_items: 32_768,
+            trace_cache: 500_000,
+            retention_check_interval: Duration::from_secs(60),
+        }
     }
 }
 
@@ -135,7 +143,8 @@ impl Store {
             .await?;
 
         let (tx, rx) = mpsc::unbounded_channel();
-        let writer = writer::Writer::new(conn, dicts.clone(), metrics.clone(), cfg.max_batch_items);
+        let writer =
+            writer::Writer::new(conn, dicts.clone(), metrics.clone(), cfg.max_batch_items, cfg.retention_check_interval);
         let task = tokio::spawn(writer.run(rx));
         metrics.queue_capacity.set(cfg.queue_capacity as i64);
         let store = Store {
