@@ -51,6 +51,13 @@ def check_search_and_lists(c, tid):
     assert c.api("/api/traces", service="frontend", tags=json.dumps({"http.response.status_code": 503}))["data"][0]["traceID"] == tid
     assert c.api("/api/traces", service="frontend", tags=json.dumps({"http.response.status_code": 404}))["data"] == []
     assert c.api("/api/traces", service="checkout", tags='{"error":"true"}')["data"][0]["traceID"] == tid
+    # Tags derived from the status, as the Jaeger API shows them.
+    assert c.api("/api/traces", service="checkout", tag="otel.status_code:ERROR")["data"][0]["traceID"] == tid
+    found = c.api("/api/traces", service="checkout", tags=json.dumps({"otel.status_description": "card declined"}))
+    assert [t["traceID"] for t in found["data"]] == [tid]
+    assert c.api("/api/traces", service="checkout", tag="otel.status_description:card accepted")["data"] == []
+    assert c.api("/api/traces", service="frontend", tag="otel.status_description:card declined")["data"] == []
+    assert c.api("/api/v1/traces", attr="otel.status_description=card declined")["traces"][0]["traceId"] == tid
     assert c.api("/api/traces", service="frontend", operation="POST /api/orders", minDuration="0ms")["total"] == 1
     assert c.api("/api/traces", service="frontend", minDuration="1h")["data"] == []
     # Native search with summaries.

@@ -406,7 +406,7 @@ impl Store {
             .map(|(id, attrs)| Ok((*id, decode_attributes(attrs, &dict)?)))
             .collect::<Result<_, StoreError>>()?;
         let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
-            "SELECT t.trace_id, s.status_code, s.kind, s.resource, s.attributes, s.events, s.start_ns \
+            "SELECT t.trace_id, s.status_code, s.kind, s.resource, s.attributes, s.events, s.start_ns, s.status_message \
              FROM spans s JOIN traces t ON t.id = s.trace WHERE ",
         );
         match service {
@@ -453,6 +453,7 @@ impl Store {
                 let status: i32 = r.try_get(1)?;
                 let kind: i32 = r.try_get(2)?;
                 let resource: i64 = r.try_get(3)?;
+                let status_message: Option<String> = r.try_get(7)?;
                 let span_attrs = r.try_get::<Option<Vec<u8>>, _>(4)?.map(|b| decode_attributes(&b, &dict)).transpose()?;
                 let events = r
                     .try_get::<Option<Vec<u8>>, _>(5)?
@@ -461,14 +462,16 @@ impl Store {
                     .unwrap_or_default();
                 let res = resource_attrs.get(&resource).map_or(&[][..], Vec::as_slice);
                 let all_match = q.attributes.iter().all(|(k, v)| {
+                    // The tags the Jaeger API derives from the span's fields, as it shows them.
                     let derived = match k.as_str() {
-                        "error" => Some((status == 2).to_string()),
-                        "span.kind" => Some(kind_name(kind).to_owned()),
-                        "otel.status_code" => Some(status_name(status).to_owned()),
+                        "error" => Some(if status == 2 { "true" } else { "false" }),
+                        "span.kind" => Some(kind_name(kind)),
+                        "otel.status_code" => Some(status_name(status)),
+                        "otel.status_description" => Some(status_message.as_deref().unwrap_or("")),
                         _ => None,
                     };
                     if let Some(d) = derived {
-                        return d == *v;
+                        return d == v;
                     }
                     let matches = |attrs: &[KeyValue]| attrs.iter().any(|kv| kv.key == *k && value_text(kv.value.as_ref()) == *v);
                     span_attrs.as_deref().is_some_and(matches)
