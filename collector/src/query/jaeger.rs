@@ -115,11 +115,14 @@ fn search_query(p: &Params) -> Result<SearchQuery, ApiError> {
         None => {
             let lookback = match p.get("lookback") {
                 Some("custom") | None => 3600 * 1_000_000_000,
-                Some(_) => p.duration_ns("lookback")?.unwrap_or(0),
+                Some(_) => p.lookback_ns("lookback")?.unwrap_or(0),
             };
             end.saturating_sub(lookback)
         }
     };
+    if start > end {
+        return Err(ApiError::bad("start", "must not be after end".into()));
+    }
     let mut attributes = Vec::new();
     if let Some(tags) = p.get("tags") {
         let obj: serde_json::Map<String, Value> = serde_json::from_str(tags)

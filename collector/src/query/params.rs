@@ -29,6 +29,14 @@ impl Params {
             .transpose()
     }
 
+    /// A duration back from the end of a window: not negative.
+    pub fn lookback_ns(&self, name: &'static str) -> Result<Option<i64>, ApiError> {
+        match self.duration_ns(name)? {
+            Some(ns) if ns < 0 => Err(ApiError::bad(name, format!("must not be negative, got {:?}", self.get(name).unwrap_or("")))),
+            other => Ok(other),
+        }
+    }
+
     pub fn int(&self, name: &'static str) -> Result<Option<i64>, ApiError> {
         self.get(name)
             .map(|v| v.trim().parse::<i64>().map_err(|_| ApiError::bad(name, format!("expected an integer, got {v:?}"))))
@@ -66,7 +74,7 @@ impl Params {
         let end = self.time_ns("end")?.unwrap_or_else(now_ns);
         let start = match self.time_ns("start")? {
             Some(s) => s,
-            None => end.saturating_sub(self.duration_ns("lookback")?.unwrap_or(default_lookback_ns)),
+            None => end.saturating_sub(self.lookback_ns("lookback")?.unwrap_or(default_lookback_ns)),
         };
         if start > end {
             return Err(ApiError::bad("start", "must not be after end".into()));
@@ -150,5 +158,14 @@ mod tests {
         assert!(e.to_string().contains("limit"), "{e}");
         let e = p.duration_ns("minDuration").expect_err("bad");
         assert!(e.to_string().contains("minDuration"), "{e}");
+    }
+
+    #[test]
+    fn windows_refuse_negative_lookbacks_and_reversed_bounds() {
+        let e = Params::parse(Some("lookback=-1h")).window(1).expect_err("negative");
+        assert_eq!(e.to_string(), "invalid parameter lookback: must not be negative, got \"-1h\"");
+        let e = Params::parse(Some("start=20&end=10")).window(1).expect_err("reversed");
+        assert!(e.to_string().starts_with("invalid parameter start:"), "{e}");
+        assert_eq!(Params::parse(Some("end=100&lookback=10ns")).window(1).expect("window"), (90, 100));
     }
 }
