@@ -9,6 +9,7 @@ use axum::extract::{Path, Query, State};
 use axum::routing::get;
 use axum::{Json, Router};
 use catalog::proto::catalog_server::{Catalog, CatalogServer};
+use catalog::ProductJson;
 use catalog::proto::{GetProductRequest, ListProductsRequest, ListProductsResponse, Product};
 use clap::Parser;
 use common::ApiError;
@@ -105,39 +106,6 @@ async fn main() -> anyhow::Result<()> {
 }
 
 // ---- REST ----
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct ProductJson {
-    id: String,
-    name: String,
-    description: String,
-    category: String,
-    price: PriceJson,
-    rating: f64,
-    image_url: String,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct PriceJson {
-    amount_cents: i64,
-    currency: String,
-}
-
-impl From<Product> for ProductJson {
-    fn from(p: Product) -> Self {
-        Self {
-            id: p.id,
-            name: p.name,
-            description: p.description,
-            category: p.category,
-            price: PriceJson { amount_cents: p.price_cents, currency: p.currency },
-            rating: p.rating,
-            image_url: p.image_url,
-        }
-    }
-}
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]

@@ -21,6 +21,8 @@ pub enum ApiError {
     NotFound(String),
     #[error("{message}")]
     Conflict { field: Option<String>, message: String },
+    #[error("{0}")]
+    TooLarge(String),
     #[error("rate limit exceeded: retry in {retry_after_secs}s")]
     TooManyRequests { retry_after_secs: u64 },
     /// No healthy upstream, an open circuit, shutting down.
@@ -51,6 +53,7 @@ impl ApiError {
             Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, tonic::Code::Unauthenticated),
             Self::NotFound(_) => (StatusCode::NOT_FOUND, tonic::Code::NotFound),
             Self::Conflict { .. } => (StatusCode::CONFLICT, tonic::Code::AlreadyExists),
+            Self::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, tonic::Code::ResourceExhausted),
             Self::TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, tonic::Code::ResourceExhausted),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, tonic::Code::Unavailable),
             Self::BadGateway(_) => (StatusCode::BAD_GATEWAY, tonic::Code::Unavailable),
@@ -65,6 +68,7 @@ impl ApiError {
             Self::Unauthorized(_) => "unauthorized",
             Self::NotFound(_) => "not_found",
             Self::Conflict { .. } => "conflict",
+            Self::TooLarge(_) => "too_large",
             Self::TooManyRequests { .. } => "rate_limited",
             Self::Unavailable(_) => "unavailable",
             Self::BadGateway(_) => "bad_gateway",
@@ -77,6 +81,21 @@ impl ApiError {
         match self {
             Self::BadRequest { field, .. } | Self::Conflict { field, .. } => field.as_deref(),
             _ => None,
+        }
+    }
+
+    /// The error a gRPC status from an upstream stands for (the inverse of [`ApiError::codes`]).
+    pub fn from_grpc(s: &tonic::Status) -> Self {
+        let m = s.message().to_owned();
+        match s.code() {
+            tonic::Code::InvalidArgument | tonic::Code::OutOfRange => Self::BadRequest { field: None, message: m },
+            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => Self::Unauthorized(m),
+            tonic::Code::NotFound => Self::NotFound(m),
+            tonic::Code::AlreadyExists => Self::Conflict { field: None, message: m },
+            tonic::Code::ResourceExhausted => Self::TooManyRequests { retry_after_secs: 1 },
+            tonic::Code::Unavailable => Self::Unavailable(m),
+            tonic::Code::DeadlineExceeded => Self::GatewayTimeout(m),
+            _ => Self::BadGateway(m),
         }
     }
 
@@ -109,7 +128,7 @@ impl IntoResponse for ApiError {
         let headers = resp.headers_mut();
         match &self {
             Self::Unauthorized(message) => {
-                let value = format!("Bearer error=\"invalid_token\", error_description=\"{}\"", message.replace('"', "'"));
+                let value = format!("Bearer realm=\"switchyard\", error=\"invalid_token\", error_description=\"{}\"", message.replace('"', "'"));
                 if let Ok(v) = HeaderValue::from_str(&value) {
                     headers.insert(header::WWW_AUTHENTICATE, v);
                 }

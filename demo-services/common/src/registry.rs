@@ -254,6 +254,13 @@ impl Discovery {
         }
     }
 
+    /// The names of every service with an instance.
+    pub fn services(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.view.read().map(|v| v.keys().cloned().collect()).unwrap_or_default();
+        names.sort();
+        names
+    }
+
     /// Every known instance of `service` (any status).
     pub fn instances(&self, service: &str) -> Arc<Vec<Instance>> {
         self.view.read().ok().and_then(|v| v.get(service).cloned()).unwrap_or_default()

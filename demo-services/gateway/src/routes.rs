@@ -1,0 +1,279 @@
+//! The gateway's handlers: the generic proxy, the REST route answered over gRPC, the storefront
+//! aggregation, and the admin views of circuits and upstreams.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use catalog::ProductJson;
+use catalog::proto::GetProductRequest;
+use catalog::proto::catalog_client::CatalogClient;
+use common::ApiError;
+use opentelemetry::context::FutureExt;
+use serde_json::{Value, json};
+use tonic::transport::Channel;
+
+use crate::upstream::{Attempt, Failure};
+use crate::{Gateway, Served};
+
+/// Headers that belong to one hop and are never passed on (RFC 9110 §7.6.1), plus `host`.
+const HOP_BY_HOP: &[&str] =
+    &["connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade", "host"];
+
+fn passable(name: &HeaderName) -> bool {
+    !HOP_BY_HOP.contains(&name.as_str())
+}
+
+fn idempotent(m: &Method) -> bool {
+    matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE)
+}
+
+pub async fn proxy_root(State(g): State<Arc<Gateway>>, Path(service): Path<String>, req: Request) -> Result<Response, ApiError> {
+    forward(g, service, String::new(), req).await
+}
+
+pub async fn proxy(State(g): State<Arc<Gateway>>, Path((service, rest)): Path<(String, String)>, req: Request) -> Result<Response, ApiError> {
+    forward(g, service, rest, req).await
+}
+
+/// Passes a request on to an instance of `service`, path `/<rest>`.
+async fn forward(g: Arc<Gateway>, service: String, rest: String, req: Request) -> Result<Response, ApiError> {
+    // A service's own operational endpoints are not part of the public API.
+    if matches!(rest.as_str(), "metrics" | "healthz") {
+        return Err(ApiError::NotFound(format!("/{rest} of {service} is not public")));
+    }
+    let (parts, body) = req.into_parts();
+    let body = axum::body::to_bytes(body, g.max_body)
+        .await
+        .map_err(|_| ApiError::TooLarge(format!("request body is over the {} byte limit", g.max_body)))?;
+    let path_and_query = match parts.uri.query() {
+        Some(q) => format!("/{rest}?{q}"),
+        None => format!("/{rest}"),
+    };
+    let mut headers = HeaderMap::with_capacity(parts.headers.len() + 3);
+    for (k, v) in &parts.headers {
+        if passable(k) {
+            headers.append(k.clone(), v.clone());
+        }
+    }
+    if let Some(host) = parts.headers.get(header::HOST) {
+        headers.insert("x-forwarded-host", host.clone());
+    }
+    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    if let Some(ci) = parts.extensions.get::<axum::extract::ConnectInfo<std::net::SocketAddr>>() {
+        headers.insert("x-forwarded-for", common::http::header_value(&ci.0.ip().to_string()));
+    }
+    let method = parts.method.clone();
+
+    let (resp, instance) = g
+        .upstreams
+        .call(&service, idempotent(&method), |instance, timeout| {
+            let url = format!("http://{}{path_and_query}", instance.address);
+            let builder = g.client.raw().request(method.clone(), url).headers(headers.clone()).body(body.clone()).timeout(timeout);
+            let (client, service) = (g.client.clone(), service.clone());
+            async move {
+                match client.send(builder, &service).await {
+                    Ok(r) if matches!(r.status().as_u16(), 502..=504) => {
+                        let detail = format!("answered {}", r.status());
+                        Attempt::Failed { kind: Failure::Status, detail, answer: Some(r) }
+                    }
+                    Ok(r) => Attempt::Done(r),
+                    Err(e) if e.is_timeout() => Attempt::Failed { kind: Failure::Timeout, detail: e.to_string(), answer: None },
+                    Err(e) if e.is_connect() => Attempt::Failed { kind: Failure::Connect, detail: "connection refused".into(), answer: None },
+                    Err(e) => Attempt::Failed { kind: Failure::Status, detail: e.to_string(), answer: None },
+                }
+            }
+        })
+        .await?;
+
+    let mut out = Response::builder().status(resp.status());
+    if let Some(h) = out.headers_mut() {
+        for (k, v) in resp.headers() {
+            if passable(k) {
+                h.append(k.clone(), v.clone());
+            }
+        }
+        h.insert("x-served-by", common::http::header_value(&instance.instance_id));
+    }
+    let mut response = out.body(Body::from_stream(resp.bytes_stream())).map_err(ApiError::internal)?;
+    response.extensions_mut().insert(Served { service, instance: instance.instance_id });
+    Ok(response)
+}
+
+/// gRPC channels to upstream instances, one per address, connected lazily.
+#[derive(Default)]
+pub struct Channels(Mutex<HashMap<String, Channel>>);
+
+impl Channels {
+    fn get(&self, address: &str) -> Result<Channel, ApiError> {
+        let mut m = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(c) = m.get(address) {
+            return Ok(c.clone());
+        }
+        let channel = Channel::from_shared(format!("http://{address}"))
+            .map_err(|e| ApiError::BadGateway(format!("bad upstream address {address}: {e}")))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        m.insert(address.to_owned(), channel.clone());
+        Ok(channel)
+    }
+}
+
+/// `GET /api/catalog/products/{id}`: a REST route the gateway answers by calling catalog's gRPC
+/// API (`switchyard.catalog.v1.Catalog/GetProduct`), with the same JSON the REST API gives.
+pub async fn product_over_grpc(State(g): State<Arc<Gateway>>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let (result, instance) = g
+        .upstreams
+        .call("catalog", true, |instance, timeout| {
+            let channel = g.grpc.get(&instance.address);
+            let id = id.clone();
+            async move {
+                let channel = match channel {
+                    Ok(c) => c,
+                    Err(e) => return Attempt::Failed { kind: Failure::Connect, detail: e.to_string(), answer: None },
+                };
+                let cx = common::http::grpc_client_context("switchyard.catalog.v1.Catalog", "GetProduct", &instance.address, "catalog");
+                let mut req = tonic::Request::new(GetProductRequest { id });
+                req.set_timeout(timeout);
+                common::http::inject_grpc(&cx, &mut req);
+                let call = tokio::time::timeout(timeout, CatalogClient::new(channel).get_product(req)).with_context(cx.clone()).await;
+                let result = match call {
+                    Ok(r) => r.map(tonic::Response::into_inner),
+                    Err(_) => Err(tonic::Status::deadline_exceeded(format!("no answer within {} ms", timeout.as_millis()))),
+                };
+                common::http::end_grpc(&cx, &result);
+                match result {
+                    Err(s) if s.code() == tonic::Code::Unavailable => Attempt::Failed { kind: Failure::Connect, detail: s.message().to_owned(), answer: None },
+                    Err(s) if s.code() == tonic::Code::DeadlineExceeded => Attempt::Failed { kind: Failure::Timeout, detail: s.message().to_owned(), answer: None },
+                    other => Attempt::Done(other),
+                }
+            }
+        })
+        .await?;
+    let product = result.map_err(|s| ApiError::from_grpc(&s))?;
+    let mut resp = Json(ProductJson::from(product)).into_response();
+    resp.headers_mut().insert("x-upstream-protocol", HeaderValue::from_static("grpc"));
+    resp.extensions_mut().insert(Served { service: "catalog".into(), instance: instance.instance_id });
+    Ok(resp)
+}
+
+/// One GET to `service` through the resilient path, answered as JSON.
+async fn fetch_json(g: &Gateway, service: &str, path: &str, headers: &HeaderMap) -> Result<Value, ApiError> {
+    let (resp, _) = g
+        .upstreams
+        .call(service, true, |instance, timeout| {
+            let builder = g.client.raw().get(format!("http://{}{path}", instance.address)).headers(headers.clone()).timeout(timeout);
+            let client = g.client.clone();
+            async move {
+                match client.send(builder, service).await {
+                    Ok(r) if matches!(r.status().as_u16(), 502..=504) => {
+                        Attempt::Failed { kind: Failure::Status, detail: format!("answered {}", r.status()), answer: None }
+                    }
+                    Ok(r) => Attempt::Done(r),
+                    Err(e) if e.is_timeout() => Attempt::Failed { kind: Failure::Timeout, detail: e.to_string(), answer: None },
+                    Err(e) if e.is_connect() => Attempt::Failed { kind: Failure::Connect, detail: "connection refused".into(), answer: None },
+                    Err(e) => Attempt::Failed { kind: Failure::Status, detail: e.to_string(), answer: None },
+                }
+            }
+        })
+        .await?;
+    let status = resp.status();
+    let body: Value = resp.json().await.map_err(|e| ApiError::BadGateway(format!("{service} answered something that is not JSON: {e}")))?;
+    if status.is_success() {
+        Ok(body)
+    } else {
+        let message = body["error"]["message"].as_str().unwrap_or("failed").to_owned();
+        Err(match status {
+            StatusCode::UNAUTHORIZED => ApiError::Unauthorized(message),
+            StatusCode::NOT_FOUND => ApiError::NotFound(message),
+            _ => ApiError::BadGateway(format!("{service} answered {status}: {message}")),
+        })
+    }
+}
+
+/// `GET /api/storefront`: the home page in one answer: categories and featured products from
+/// catalog and, with a token, the caller's profile from users, fetched at the same time. A part
+/// that fails is reported in `errors` while the others are still served.
+pub async fn storefront(State(g): State<Arc<Gateway>>, req: Request) -> Result<Response, ApiError> {
+    let mut headers = HeaderMap::new();
+    for name in ["x-request-id", "authorization", "x-user-id"] {
+        if let Some(v) = req.headers().get(name) {
+            headers.insert(name, v.clone());
+        }
+    }
+    let signed_in = req.extensions().get::<crate::auth::Claims>().is_some();
+    let user = async {
+        if signed_in { fetch_json(&g, "users", "/me", &headers).await.map(Some) } else { Ok(None) }
+    };
+    let (categories, featured, user) = tokio::join!(
+        fetch_json(&g, "catalog", "/categories", &headers),
+        fetch_json(&g, "catalog", "/products?pageSize=8", &headers),
+        user
+    );
+    let mut errors = Vec::new();
+    let mut part = |name: &str, r: Result<Value, ApiError>| match r {
+        Ok(v) => v,
+        Err(e) => {
+            errors.push(json!({ "part": name, "status": e.codes().0.as_u16(), "message": e.to_string() }));
+            Value::Null
+        }
+    };
+    let categories = part("categories", categories);
+    let featured = part("featured", featured.map(|v| v["items"].clone()));
+    let user = part("user", user.map(|u| u.unwrap_or(Value::Null)));
+    if categories.is_null() && featured.is_null() {
+        return Err(ApiError::BadGateway(format!("the catalog could not be reached: {}", errors[0]["message"])));
+    }
+    Ok(Json(json!({
+        "user": user,
+        "categories": categories,
+        "featured": featured,
+        "partial": !errors.is_empty(),
+        "errors": errors,
+    }))
+    .into_response())
+}
+
+/// `GET /admin/circuits`: every upstream's breaker.
+pub async fn circuits(State(g): State<Arc<Gateway>>) -> Json<Value> {
+    let circuits: serde_json::Map<String, Value> = g
+        .upstreams
+        .breakers()
+        .into_iter()
+        .map(|(service, b)| (service, serde_json::to_value(b.snapshot()).unwrap_or(Value::Null)))
+        .collect();
+    Json(json!({ "circuits": circuits }))
+}
+
+/// `GET /admin/upstreams`: the instances the gateway routes to, as it sees them.
+pub async fn upstreams(State(g): State<Arc<Gateway>>) -> Json<Value> {
+    let d = g.upstreams.discovery();
+    let services: serde_json::Map<String, Value> = d
+        .services()
+        .into_iter()
+        .map(|s| {
+            let instances: Vec<Value> = d
+                .instances(&s)
+                .iter()
+                .map(|i| {
+                    json!({
+                        "instanceId": i.instance_id,
+                        "address": i.address,
+                        "status": i.status,
+                        "inFlight": g.upstreams.in_flight(&i.instance_id),
+                        "ejected": g.upstreams.is_ejected(&i.instance_id),
+                    })
+                })
+                .collect();
+            let timeout_ms = g.upstreams.timeout(&s).as_millis() as u64;
+            (s, json!({ "timeoutMs": timeout_ms, "instances": instances }))
+        })
+        .collect();
+    Json(json!({ "registryReachable": d.registry_reachable(), "services": services }))
+}
