@@ -2,7 +2,13 @@
 against the spans the SDK recorded."""
 
 import base64
+import gzip
+import http.server
 import json
+import threading
+from types import SimpleNamespace
+
+import requests
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
@@ -121,8 +127,11 @@ def check_native(span, got, trace_json):
     assert got["endTimeUnixNano"] == str(span.end_time)
     assert got["durationNanos"] == span.end_time - span.start_time
     assert got["status"] == {"code": STATUS[span.status.status_code], "message": span.status.description or ""}
-    # The Python exporter sends only the "has is-remote" bits of the span flags.
-    assert got["flags"] == 0x100 | (0x200 if span.parent and span.parent.is_remote else 0)
+    want_flags = getattr(span, "otlp_flags", None)  # a SentSpan knows what was sent
+    if want_flags is None:
+        # The Python exporter sends only the "has is-remote" bits of the span flags.
+        want_flags = 0x100 | (0x200 if span.parent and span.parent.is_remote else 0)
+    assert got["flags"] == want_flags
     assert got["attributes"] == otlp_attrs(dict(span.attributes))
     assert got["events"] == [
         {"timeUnixNano": str(e.timestamp), "name": e.name, "attributes": otlp_attrs(dict(e.attributes)),
@@ -191,25 +200,147 @@ def check_jaeger(span, got, processes):
             assert ptags[k] == v, k
 
 
-def check_trace_everywhere(collector, spans):
-    """Reads the trace back through both APIs and checks every span."""
-    root = spans["POST /api/orders"]
-    tid = hex_trace(root.get_span_context().trace_id)
+def check_spans_of_trace(collector, tid, spans):
+    """Reads one trace back through both APIs and checks each of `spans` (all of its spans)."""
     native = collector.api(f"/api/v1/traces/{tid}")
-    assert native["spanCount"] == 3
+    assert native["spanCount"] == len(spans) > 0
     by_id = {s["spanId"]: s for s in native["spans"]}
     jaeger = collector.api(f"/api/traces/{tid}")
     assert jaeger["errors"] is None and len(jaeger["data"]) == 1
     jt = jaeger["data"][0]
     assert jt["traceID"] == tid
     jby_id = {s["spanID"]: s for s in jt["spans"]}
-    for name in ("POST /api/orders", "POST checkout/charge", "charge"):
-        s = spans[name]
+    for s in spans:
         sid = hex_span(s.get_span_context().span_id)
         check_native(s, by_id[sid], native)
         check_jaeger(s, jby_id[sid], jt["processes"])
+    return by_id
+
+
+def check_trace_everywhere(collector, spans, root="POST /api/orders"):
+    """Reads the trace of the span named `root` back through both APIs and checks every span
+    (`spans` is keyed by name), then the trace its first link points to."""
+    root = spans[root]
+
+    def in_trace(trace_id):
+        return [s for s in spans.values() if s.get_span_context().trace_id == trace_id]
+
+    tid = hex_trace(root.get_span_context().trace_id)
+    by_id = check_spans_of_trace(collector, tid, in_trace(root.get_span_context().trace_id))
     # The linked trace is its own trace, reachable from the link.
     link = by_id[hex_span(root.get_span_context().span_id)]["links"][0]
-    linked = collector.api(f"/api/v1/traces/{link['traceId']}")
-    assert [s["spanId"] for s in linked["spans"]] == [link["spanId"]]
+    linked = check_spans_of_trace(collector, link["traceId"], in_trace(int(link["traceId"], 16)))
+    assert list(linked) == [link["spanId"]]
     return tid
+
+
+def json_value(v):
+    """An OTLP/JSON AnyValue as the Python value an SDK attribute would hold."""
+    if "stringValue" in v:
+        return v["stringValue"]
+    if "boolValue" in v:
+        return v["boolValue"]
+    if "intValue" in v:
+        return int(v["intValue"])
+    if "doubleValue" in v:
+        return float(v["doubleValue"])
+    if "bytesValue" in v:
+        return base64.b64decode(v["bytesValue"])
+    if "arrayValue" in v:
+        return tuple(json_value(x) for x in v["arrayValue"].get("values", []))
+    if "kvlistValue" in v:
+        return json_attrs(v["kvlistValue"].get("values", []))
+    raise ValueError(v)
+
+
+def json_attrs(kvs):
+    return {kv["key"]: json_value(kv["value"]) for kv in kvs}
+
+
+class SentSpan:
+    """A span as an OTLP/JSON exporter sent it, with the fields of an SDK span that check_native
+    and check_jaeger read: exporters in other languages are checked against what they sent."""
+
+    def __init__(self, span, resource, scope):
+        self._ctx = SimpleNamespace(trace_id=int(span["traceId"], 16), span_id=int(span["spanId"], 16))
+        parent = span.get("parentSpanId")
+        self.parent = SimpleNamespace(span_id=int(parent, 16), is_remote=False) if parent else None
+        self.name = span["name"]
+        self.kind = SpanKind(span["kind"] - 1)  # OTLP numbers kinds from 1 (internal)
+        self.start_time = int(span["startTimeUnixNano"])
+        self.end_time = int(span["endTimeUnixNano"])
+        status = span.get("status", {})
+        self.status = SimpleNamespace(status_code=StatusCode(status.get("code", 0)), description=status.get("message"))
+        self.otlp_flags = span.get("flags", 0)
+        self.attributes = json_attrs(span.get("attributes", []))
+        self.events = [SimpleNamespace(name=e["name"], timestamp=int(e["timeUnixNano"]),
+                                       attributes=json_attrs(e.get("attributes", [])))
+                       for e in span.get("events", [])]
+        self.links = [SimpleNamespace(context=SimpleNamespace(trace_id=int(l["traceId"], 16), span_id=int(l["spanId"], 16)),
+                                      attributes=json_attrs(l.get("attributes", [])))
+                      for l in span.get("links", [])]
+        self.resource = SimpleNamespace(attributes=json_attrs(resource.get("attributes", [])))
+        self.instrumentation_scope = SimpleNamespace(name=scope.get("name", ""), version=scope.get("version", ""))
+
+    def get_span_context(self):
+        return self._ctx
+
+
+def sent_spans(bodies):
+    """The spans in OTLP/JSON trace export bodies, keyed by name."""
+    out = {}
+    for body in bodies:
+        for rs in json.loads(body).get("resourceSpans", []):
+            for ss in rs.get("scopeSpans", []):
+                for span in ss.get("spans", []):
+                    out[span["name"]] = SentSpan(span, rs.get("resource", {}), ss.get("scope", {}))
+    return out
+
+
+class RecordingProxy:
+    """An HTTP server on 127.0.0.1 that keeps a copy of every OTLP/HTTP export (decompressed)
+    and forwards it to `target`, answering with the target's answer."""
+
+    def __init__(self, target):
+        self.bodies = []
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):
+                body = self._body()
+                encoding = self.headers.get("Content-Encoding", "")
+                proxy.bodies.append(gzip.decompress(body) if encoding == "gzip" else body)
+                headers = {k: v for k, v in self.headers.items() if k.lower() in ("content-type", "content-encoding")}
+                r = requests.post(f"{target}{self.path}", data=body, headers=headers, timeout=30)
+                self.send_response(r.status_code)
+                self.send_header("Content-Type", r.headers.get("content-type", "application/octet-stream"))
+                self.send_header("Content-Length", str(len(r.content)))
+                self.end_headers()
+                self.wfile.write(r.content)
+
+            def _body(self):
+                if self.headers.get("Transfer-Encoding", "").lower() != "chunked":
+                    return self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                body = b""
+                while True:
+                    size = int(self.rfile.readline().split(b";")[0], 16)
+                    body += self.rfile.read(size)
+                    self.rfile.readline()
+                    if size == 0:
+                        return body
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self):
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()

@@ -19,7 +19,7 @@ from opentelemetry.proto.resource.v1 import resource_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 from conftest import ROOT, wait_until
-from otlp_helpers import XSS, check_trace_everywhere, emit_trace
+from otlp_helpers import XSS, RecordingProxy, check_trace_everywhere, emit_trace, sent_spans
 
 
 def test_python_sdk_over_grpc_with_gzip(collector):
@@ -84,10 +84,17 @@ def check_search_and_lists(c, tid):
 
 
 def test_node_sdk_over_http_json(collector):
-    out = subprocess.run(["node", str(ROOT / "tests" / "node" / "export.mjs"), collector.otlp_http],
-                         capture_output=True, text=True, timeout=120)
+    # The Node SDK's spans are checked against what its exporter sent, kept by a proxy on the way.
+    with RecordingProxy(collector.otlp_http) as proxy:
+        out = subprocess.run(["node", str(ROOT / "tests" / "node" / "export.mjs"), proxy.url],
+                             capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     ids = json.loads(out.stdout.strip().splitlines()[-1])
+    sent = sent_spans(proxy.bodies)
+    assert sorted(sent) == ["GET /checkout", "charge", "linked-job"]
+    assert format(sent["GET /checkout"].get_span_context().span_id, "016x") == ids["rootSpanId"]
+    assert format(sent["charge"].get_span_context().span_id, "016x") == ids["childSpanId"]
+    assert check_trace_everywhere(collector, sent, root="GET /checkout") == ids["traceId"]
     t = collector.api(f"/api/v1/traces/{ids['traceId']}")
     spans = {s["spanId"]: s for s in t["spans"]}
     root, child = spans[ids["rootSpanId"]], spans[ids["childSpanId"]]
