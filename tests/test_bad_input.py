@@ -92,6 +92,24 @@ def test_bad_otlp_http_bodies(small, name, path, body, headers, status, message)
     still_serving(small, f"after-{name}"[:16])
 
 
+def metric_samples(c):
+    return {name: float(value) for name, value in
+            (line.rsplit(" ", 1) for line in c.get("/metrics").text.splitlines() if line and not line.startswith("#"))}
+
+
+def test_refused_media_types_are_counted_by_outcome(small):
+    assert post(small, "/v1/traces", b"hello", content_type="text/plain").status_code == 415
+    assert post(small, "/v1/logs", b"{}", content_type="application/xml").status_code == 415
+    assert post(small, "/v1/traces", b"x", **{"Content-Encoding": "br"}).status_code == 415
+    s = metric_samples(small)
+    requests_total = 'collector_export_requests_total{{encoding="{}",outcome="unsupported",protocol="http",signal="{}"}}'
+    assert s[requests_total.format("unknown", "spans")] == 1
+    assert s[requests_total.format("unknown", "log_records")] == 1
+    assert s[requests_total.format("protobuf", "spans")] == 1
+    # Nothing was decoded, so no items were received or rejected.
+    assert not [k for k in s if k.startswith(("collector_received_items_total", "collector_rejected_items_total"))]
+
+
 def test_chunked_body_and_cors_preflight(small):
     def chunks():
         data = one_span_request(name="chunked").SerializeToString()

@@ -65,14 +65,16 @@ async fn handle(s: HttpState, signal: Signal, headers: HeaderMap, body: Body) ->
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let encoding = match Encoding::from_content_type(content_type) {
         Ok(e) => e,
-        // The answer to an unknown type is plain JSON: the client's format is unknown.
-        Err(e) => return error_response(&e, Encoding::Json),
+        Err(e) => {
+            s.ingest.count_refused(signal, "http", "unknown", &e);
+            // The answer to an unknown type is plain JSON: the client's format is unknown.
+            return error_response(&e, Encoding::Json);
+        }
     };
     let result = match read_body(&headers, body, s.max_message_size).await {
         Ok(bytes) => s.ingest.export_body(bytes, signal, encoding, "http").await,
         Err(e) => {
-            let labels = [signal.label(), "http", encoding.label(), e.outcome()];
-            s.ingest.metrics().requests.with_label_values(&labels).inc();
+            s.ingest.count_refused(signal, "http", encoding.label(), &e);
             Err(e)
         }
     };

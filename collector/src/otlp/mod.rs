@@ -148,12 +148,17 @@ impl Ingest {
         let req = match decode() {
             Ok(r) => r,
             Err(e) => {
-                let labels = [signal.label(), protocol, encoding.label(), e.outcome()];
-                self.metrics.requests.with_label_values(&labels).inc();
+                self.count_refused(signal, protocol, encoding.label(), &e);
                 return Err(e);
             }
         };
         self.export(req, protocol, encoding.label()).await
+    }
+
+    /// Counts a request refused before its items could be decoded (so none are counted as
+    /// received), by outcome. `encoding` is `unknown` when the Content-Type was refused.
+    pub fn count_refused(&self, signal: Signal, protocol: &'static str, encoding: &'static str, e: &IngestError) {
+        self.metrics.requests.with_label_values(&[signal.label(), protocol, encoding, e.outcome()]).inc();
     }
 }
 
