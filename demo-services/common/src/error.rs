@@ -172,7 +172,10 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
 fn json_rejection(r: JsonRejection) -> ApiError {
     let message = match &r {
         JsonRejection::MissingJsonContentType(_) => "expected a JSON body with `Content-Type: application/json`".to_owned(),
-        _ => r.body_text().replace("Failed to deserialize the JSON body into the target type: ", "invalid JSON body: "),
+        _ => r
+            .body_text()
+            .replace("Failed to deserialize the JSON body into the target type: ", "invalid JSON body: ")
+            .replace("Failed to parse the request body as JSON: ", "invalid JSON body: "),
     };
     let field = field_of(&message);
     ApiError::BadRequest { field, message }

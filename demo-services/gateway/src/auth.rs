@@ -31,11 +31,11 @@ pub struct Verifier {
 }
 
 impl Verifier {
-    pub fn new(discovery: Discovery) -> Self {
+    pub fn new(discovery: Discovery, leeway: Duration) -> Self {
         let mut validation = Validation::new(Algorithm::EdDSA);
         validation.set_issuer(&[ISSUER]);
         validation.set_audience(&[AUDIENCE]);
-        validation.leeway = 5;
+        validation.leeway = leeway.as_secs();
         let http = reqwest::Client::builder().timeout(Duration::from_secs(3)).build().unwrap_or_default();
         Self { discovery, http, keys: RwLock::new((HashMap::new(), None)), validation }
     }

@@ -70,6 +70,9 @@ pub struct Config {
     /// Probes in half-open; all must succeed to close the circuit.
     #[arg(long, env = "GATEWAY_BREAKER_HALF_OPEN_PROBES", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     pub breaker_half_open_probes: u32,
+    /// Clock skew allowed when checking a token's expiry.
+    #[arg(long, env = "GATEWAY_JWT_LEEWAY", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub jwt_leeway: Duration,
     /// Largest request body passed on.
     #[arg(long, env = "GATEWAY_MAX_BODY", default_value_t = 1 << 20)]
     pub max_body: usize,

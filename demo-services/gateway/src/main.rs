@@ -56,7 +56,7 @@ async fn main() -> anyhow::Result<()> {
     let prom = &svc.telemetry.prometheus;
     let gateway = Arc::new(Gateway {
         upstreams: Upstreams::new(&cfg, discovery.clone(), prom)?,
-        verifier: Verifier::new(discovery),
+        verifier: Verifier::new(discovery, cfg.jwt_leeway),
         limiter: Limiter::new(cfg.rate_limit, cfg.rate_burst, prom)?,
         client: common::http::Client::new(cfg.upstream_timeout.max(Duration::from_secs(1)) * 4)?,
         grpc: routes::Channels::default(),
