@@ -406,3 +406,20 @@ def test_blocking_query_wakes_on_change(shop):
     assert requests.delete(f"{reg}/v1/instances/watched-1", timeout=10).status_code == 204
     status = requests.get(f"{reg}/v1/status", timeout=10).json()
     assert {"selfPreservation", "renewalsPerMinute", "expectedRenewalsPerMinute", "thresholdPerMinute"} <= set(status["renewals"])
+
+
+def test_load_generator_traces_start_at_the_shopper(shop):
+    from shop import BIN
+    import subprocess
+    out = subprocess.run([str(BIN / "loadgen"), "--gateway", shop.gateway.url, "--rate", "40", "--shoppers", "3", "--duration", "1500ms"],
+                         env=shop.env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "done (action status)" in out.stderr and "sign up 201" in out.stderr
+
+    def traced():
+        r = shop.collector.get("/api/v1/dependencies", lookback="1h")
+        deps = {(d["parent"], d["child"]) for d in r.json()["dependencies"]}
+        return deps if {("loadgen", "gateway"), ("gateway", "catalog"), ("gateway", "users")} <= deps else None
+
+    deps = wait_until(traced, what="loadgen -> gateway -> catalog/users in the dependencies")
+    assert ("loadgen", "gateway") in deps

@@ -87,7 +87,7 @@ impl App {
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let r = self.registry;
         let api = Router::new()
-            .route("/v1/instances", get(list_instances).post(register))
+            .route("/v1/instances", axum::routing::post(register))
             .route("/v1/instances/{id}", get(get_instance).delete(deregister))
             .route("/v1/instances/{id}/status", put(set_status))
             .route("/v1/services", get(list_services))
@@ -95,7 +95,11 @@ impl App {
             .route("/v1/events", get(events))
             .route("/v1/status", get(status))
             .with_state(r.clone());
-        let quiet = Router::new().route("/v1/instances/{id}/heartbeat", put(heartbeat)).with_state(r.clone());
+        // Heartbeats and the watchers' long polls are machine chatter: counted, not traced.
+        let quiet = Router::new()
+            .route("/v1/instances", get(list_instances))
+            .route("/v1/instances/{id}/heartbeat", put(heartbeat))
+            .with_state(r.clone());
         let app = common::http::instrument(api, self.http_metrics.clone())
             .merge(common::http::count_only(quiet, self.http_metrics.clone()))
             .merge(common::http::ops_routes(self.http_metrics))
