@@ -423,3 +423,25 @@ def test_load_generator_traces_start_at_the_shopper(shop):
 
     deps = wait_until(traced, what="loadgen -> gateway -> catalog/users in the dependencies")
     assert ("loadgen", "gateway") in deps
+
+
+def test_every_service_serves_promtool_clean_metrics(shop):
+    import subprocess
+    register_and_login(shop)
+    shop.api("GET", "/api/catalog/products/p-1001")
+    for _ in range(3):
+        shop.api("GET", "/api/catalog/products")
+    served = shop.api("GET", "/api/catalog/products").headers["x-served-by"]
+    catalog = next(c for c in shop.catalogs if c.instance_id == served)
+    targets = {"gateway": shop.gateway.url, "registry": shop.registry.url, "users": shop.users.url, "catalog": catalog.url}
+    for name, url in targets.items():
+        r = requests.get(f"{url}/metrics", timeout=10)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4"), name
+        check = subprocess.run(["promtool", "check", "metrics"], input=r.text, capture_output=True, text=True, timeout=60)
+        assert check.returncode == 0, (name, check.stdout + check.stderr)
+        assert "http_server_request_duration_seconds_bucket" in r.text, name
+    gateway = requests.get(f"{shop.gateway.url}/metrics", timeout=10).text
+    assert 'gateway_upstream_attempts_total{outcome="ok",service="catalog"}' in gateway
+    registry = requests.get(f"{shop.registry.url}/metrics", timeout=10).text
+    assert 'registry_instances{service="catalog",status="UP"} 3' in registry
+    assert "registry_renewals_total" in registry and "registry_self_preservation 0" in registry
