@@ -357,6 +357,29 @@ def test_python_sdk_metrics_are_stored_and_queryable(collector):
     assert r.status_code == 404 and "no.such.metric" in r.json()["error"]
 
 
+def test_metric_names_with_slashes_are_queryable(collector):
+    """OTel allows `/` in instrument names; the rest of the path after /api/v1/metrics/ is the name."""
+    import time
+
+    now = str(time.time_ns())
+    name = "rpc/grpc/server.duration"
+    body = {"resourceMetrics": [{"resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "slash-svc"}}]},
+            "scopeMetrics": [{"scope": {"name": "slash"}, "metrics": [
+                {"name": name, "unit": "ms", "gauge": {"dataPoints": [{"timeUnixNano": now, "asDouble": 12.5}]}},
+                {"name": "rpc", "gauge": {"dataPoints": [{"timeUnixNano": now, "asDouble": 1}]}},
+            ]}]}]}
+    r = requests.post(f"{collector.otlp_http}/v1/metrics", json=body, timeout=10)
+    assert r.status_code == 200, r.text
+    assert name in {m["name"] for m in collector.api("/api/v1/metrics")["metrics"]}
+    for path in (f"/api/v1/metrics/{name}", "/api/v1/metrics/rpc%2Fgrpc%2Fserver.duration"):
+        series = collector.api(path)["series"]
+        assert [(s["name"], s["service"], s["unit"]) for s in series] == [(name, "slash-svc", "ms")], path
+        assert series[0]["points"][-1]["asDouble"] == 12.5 and series[0]["points"][-1]["timeUnixNano"] == now
+    assert collector.api("/api/v1/metrics/rpc")["series"][0]["points"][-1]["value"] == 1
+    r = collector.get("/api/v1/metrics/rpc/grpc/none")
+    assert r.status_code == 404 and "rpc/grpc/none" in r.json()["error"]
+
+
 def test_logs_over_http_json_are_stored_with_trace_ids(make_collector):
     collector = make_collector(extra_args=KEEP_2023)
     tid, sid = "5b8efff798038103d269b633813fc60c", "eee19b7ec3c1b174"

@@ -29,7 +29,8 @@ pub fn router() -> Router<Store> {
         .route("/api/v1/traces/{trace_id}", get(trace))
         .route("/api/v1/dependencies", get(dependencies))
         .route("/api/v1/metrics", get(metrics))
-        .route("/api/v1/metrics/{name}", get(metric_series))
+        // OTel metric names may contain `/`: the rest of the path is the name.
+        .route("/api/v1/metrics/{*name}", get(metric_series))
         .route("/api/v1/logs", get(logs))
 }
 
