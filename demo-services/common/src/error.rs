@@ -25,9 +25,12 @@ pub enum ApiError {
     TooLarge(String),
     #[error("rate limit exceeded: retry in {retry_after_secs}s")]
     TooManyRequests { retry_after_secs: u64 },
-    /// No healthy upstream, an open circuit, shutting down.
+    /// No healthy upstream, shutting down.
     #[error("{0}")]
     Unavailable(String),
+    /// An upstream's circuit is open; callers may retry after the given time.
+    #[error("{message}")]
+    CircuitOpen { message: String, retry_after_secs: u64 },
     #[error("{0}")]
     BadGateway(String),
     #[error("{0}")]
@@ -55,7 +58,7 @@ impl ApiError {
             Self::Conflict { .. } => (StatusCode::CONFLICT, tonic::Code::AlreadyExists),
             Self::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, tonic::Code::ResourceExhausted),
             Self::TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, tonic::Code::ResourceExhausted),
-            Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, tonic::Code::Unavailable),
+            Self::Unavailable(_) | Self::CircuitOpen { .. } => (StatusCode::SERVICE_UNAVAILABLE, tonic::Code::Unavailable),
             Self::BadGateway(_) => (StatusCode::BAD_GATEWAY, tonic::Code::Unavailable),
             Self::GatewayTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, tonic::Code::DeadlineExceeded),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, tonic::Code::Internal),
@@ -71,6 +74,7 @@ impl ApiError {
             Self::TooLarge(_) => "too_large",
             Self::TooManyRequests { .. } => "rate_limited",
             Self::Unavailable(_) => "unavailable",
+            Self::CircuitOpen { .. } => "circuit_open",
             Self::BadGateway(_) => "bad_gateway",
             Self::GatewayTimeout(_) => "timeout",
             Self::Internal(_) => "internal",
@@ -133,7 +137,7 @@ impl IntoResponse for ApiError {
                     headers.insert(header::WWW_AUTHENTICATE, v);
                 }
             }
-            Self::TooManyRequests { retry_after_secs } => {
+            Self::TooManyRequests { retry_after_secs } | Self::CircuitOpen { retry_after_secs, .. } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
             }
             Self::Unavailable(_) => {

@@ -108,7 +108,8 @@ pub fn count_only(router: Router, metrics: Arc<HttpMetrics>) -> Router {
 async fn observe(State((metrics, traced)): State<(Arc<HttpMetrics>, bool)>, req: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = req.method().as_str().to_owned();
-    let route = req.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()).to_owned();
+    let matched = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
+    let route = matched.clone().unwrap_or_else(|| "unmatched".to_owned());
     if !traced {
         let resp = next.run(req).await;
         metrics.record(&method, &route, resp.status(), started.elapsed());
@@ -128,13 +129,16 @@ async fn observe(State((metrics, traced)): State<(Arc<HttpMetrics>, bool)>, req:
         path.trim_start_matches('/').to_owned()
     } else {
         attrs.push(KeyValue::new("http.request.method", method.clone()));
-        attrs.push(KeyValue::new("http.route", route.clone()));
+        if let Some(r) = &matched {
+            attrs.push(KeyValue::new("http.route", r.clone()));
+        }
         attrs.push(KeyValue::new("url.path", path.clone()));
         attrs.push(KeyValue::new("url.scheme", "http"));
         if let Some(q) = req.uri().query() {
             attrs.push(KeyValue::new("url.query", q.to_owned()));
         }
-        format!("{method} {route}")
+        // Without a route template the name is the method alone (semantic conventions).
+        matched.as_ref().map_or_else(|| method.clone(), |r| format!("{method} {r}"))
     };
     add_host_attrs(req.headers(), &mut attrs);
     if let Some(ua) = req.headers().get(header::USER_AGENT).and_then(|v| v.to_str().ok()) {
@@ -191,9 +195,13 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(timeout: Duration) -> anyhow::Result<Self> {
-        let inner = reqwest::Client::builder()
-            .timeout(timeout)
+    /// A client whose requests are bounded by `timeout` overall unless the call gives its own.
+    pub fn new(timeout: Option<Duration>) -> anyhow::Result<Self> {
+        let mut builder = reqwest::Client::builder();
+        if let Some(t) = timeout {
+            builder = builder.timeout(t);
+        }
+        let inner = builder
             .connect_timeout(Duration::from_secs(2))
             .pool_idle_timeout(Duration::from_secs(30))
             .tcp_nodelay(true)
@@ -206,9 +214,10 @@ impl Client {
     }
 
     /// Sends `req` inside a CLIENT span (`peer` becomes `peer.service`); the span ends when the
-    /// response headers arrive.
-    pub async fn send(&self, req: reqwest::RequestBuilder, peer: &str) -> reqwest::Result<reqwest::Response> {
-        let mut req = req.build()?;
+    /// response headers arrive. `timeout` bounds the wait for those headers only, so a body is
+    /// never cut off mid-stream.
+    pub async fn send(&self, req: reqwest::RequestBuilder, peer: &str, timeout: Option<Duration>) -> Result<reqwest::Response, SendError> {
+        let mut req = req.build().map_err(SendError::Other)?;
         let cx = Context::current();
         let tracer = global::tracer("switchyard");
         let url = req.url();
@@ -228,27 +237,66 @@ impl Client {
             .start_with_context(&tracer, &cx);
         let cx = cx.with_span(span);
         inject(&cx, req.headers_mut());
-        let result = self.inner.execute(req).with_context(cx.clone()).await;
+        let call = self.inner.execute(req).with_context(cx.clone());
+        let result = match timeout {
+            Some(t) => match tokio::time::timeout(t, call).await {
+                Ok(r) => r.map_err(SendError::from),
+                Err(_) => Err(SendError::Timeout(t)),
+            },
+            None => call.await.map_err(SendError::from),
+        };
         let span = cx.span();
         match &result {
             Ok(resp) => {
                 let status = resp.status();
                 span.set_attribute(KeyValue::new("http.response.status_code", i64::from(status.as_u16())));
+                // For a client, any 4xx or 5xx answer is an error (semantic conventions).
                 if status.is_server_error() || status.is_client_error() {
                     span.set_attribute(KeyValue::new("error.type", status.as_str().to_owned()));
-                }
-                if status.is_server_error() {
-                    span.set_status(Status::error(status.canonical_reason().unwrap_or("server error")));
+                    span.set_status(Status::error(status.canonical_reason().unwrap_or("error status")));
                 }
             }
             Err(e) => {
-                let kind = if e.is_timeout() { "timeout" } else if e.is_connect() { "connect" } else { "request" };
-                span.set_attribute(KeyValue::new("error.type", kind));
+                span.set_attribute(KeyValue::new("error.type", e.kind()));
                 span.set_status(Status::error(e.to_string()));
             }
         }
         span.end();
         result
+    }
+}
+
+/// Why an outbound request got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("no answer within {} ms", .0.as_millis())]
+    Timeout(Duration),
+    #[error("connection failed")]
+    Connect(#[source] reqwest::Error),
+    #[error("request failed: {0}")]
+    Other(reqwest::Error),
+}
+
+impl SendError {
+    /// As the `error.type` attribute.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Timeout(_) => "timeout",
+            Self::Connect(_) => "connect",
+            Self::Other(_) => "request",
+        }
+    }
+}
+
+impl From<reqwest::Error> for SendError {
+    fn from(e: reqwest::Error) -> Self {
+        if e.is_timeout() {
+            Self::Timeout(Duration::ZERO)
+        } else if e.is_connect() {
+            Self::Connect(e)
+        } else {
+            Self::Other(e)
+        }
     }
 }
 

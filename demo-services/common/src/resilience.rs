@@ -114,12 +114,19 @@ impl CircuitBreaker {
         self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Asks to make a call; report its outcome with [`CircuitBreaker::record`].
-    pub fn try_call(&self) -> Result<(), Rejected> {
+    /// Asks to make a call. The permit reports the outcome with [`Permit::record`]; a permit
+    /// dropped without one (the caller gave up) gives its half-open probe slot back.
+    pub fn try_call(&self) -> Result<Permit<'_>, Rejected> {
+        let probe = self.acquire()?;
+        Ok(Permit { breaker: self, probe, done: false })
+    }
+
+    /// Takes a slot: `Ok(true)` for a half-open probe, `Ok(false)` for a call in closed state.
+    fn acquire(&self) -> Result<bool, Rejected> {
         let mut s = self.lock();
         let now = Instant::now();
         match s.state {
-            BreakerState::Closed => Ok(()),
+            BreakerState::Closed => Ok(false),
             BreakerState::Open => {
                 let since = now.duration_since(s.opened_at);
                 if since < self.cfg.open_for {
@@ -128,12 +135,12 @@ impl CircuitBreaker {
                 s.state = BreakerState::HalfOpen;
                 s.probes_started = 1;
                 s.probes_ok = 0;
-                Ok(())
+                Ok(true)
             }
             BreakerState::HalfOpen => {
                 if s.probes_started < self.cfg.half_open_probes {
                     s.probes_started += 1;
-                    Ok(())
+                    Ok(true)
                 } else {
                     Err(Rejected { retry_in: Duration::from_millis(100) })
                 }
@@ -142,7 +149,7 @@ impl CircuitBreaker {
     }
 
     /// Reports the outcome of a call that [`CircuitBreaker::try_call`] allowed.
-    pub fn record(&self, ok: bool) {
+    fn record(&self, ok: bool) {
         let mut s = self.lock();
         let now = Instant::now();
         match s.state {
@@ -183,6 +190,14 @@ impl CircuitBreaker {
         }
     }
 
+    /// A probe that ended without an outcome frees its slot.
+    fn abandon_probe(&self) {
+        let mut s = self.lock();
+        if s.state == BreakerState::HalfOpen {
+            s.probes_started = s.probes_started.saturating_sub(1);
+        }
+    }
+
     fn open(s: &mut Inner, now: Instant) {
         s.state = BreakerState::Open;
         s.opened_at = now;
@@ -211,6 +226,28 @@ impl CircuitBreaker {
             consecutive_failures: s.consecutive,
             retry_in_ms,
             times_opened: s.times_opened,
+        }
+    }
+}
+
+/// Permission for one call; see [`CircuitBreaker::try_call`].
+pub struct Permit<'a> {
+    breaker: &'a CircuitBreaker,
+    probe: bool,
+    done: bool,
+}
+
+impl Permit<'_> {
+    pub fn record(mut self, ok: bool) {
+        self.done = true;
+        self.breaker.record(ok);
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        if !self.done && self.probe {
+            self.breaker.abandon_probe();
         }
     }
 }
@@ -284,17 +321,18 @@ mod tests {
     fn opens_on_consecutive_failures_and_closes_after_probes() {
         let b = breaker();
         for _ in 0..3 {
-            assert!(b.try_call().is_ok());
-            b.record(false);
+            b.try_call().unwrap_or_else(|_| panic!("closed")).record(false);
         }
         assert_eq!(b.state(), BreakerState::Open);
         assert!(b.try_call().is_err());
         std::thread::sleep(Duration::from_millis(40));
-        assert!(b.try_call().is_ok());
-        assert!(b.try_call().is_ok());
+        let p1 = b.try_call().unwrap_or_else(|_| panic!("half-open"));
+        let p2 = b.try_call().unwrap_or_else(|_| panic!("half-open"));
         assert!(b.try_call().is_err(), "only two probes in half-open");
-        b.record(true);
-        b.record(true);
+        drop(p2);
+        let p3 = b.try_call().unwrap_or_else(|_| panic!("an abandoned probe frees its slot"));
+        p1.record(true);
+        p3.record(true);
         assert_eq!(b.state(), BreakerState::Closed);
         assert_eq!(b.snapshot().times_opened, 1);
     }
@@ -303,13 +341,11 @@ mod tests {
     fn opens_on_failure_ratio_and_reopens_on_failed_probe() {
         let b = breaker();
         for ok in [true, false, true, false] {
-            b.try_call().ok();
-            b.record(ok);
+            b.try_call().unwrap_or_else(|_| panic!("closed")).record(ok);
         }
         assert_eq!(b.state(), BreakerState::Open);
         std::thread::sleep(Duration::from_millis(40));
-        assert!(b.try_call().is_ok());
-        b.record(false);
+        b.try_call().unwrap_or_else(|_| panic!("half-open")).record(false);
         assert_eq!(b.lock().state, BreakerState::Open);
         assert_eq!(b.snapshot().times_opened, 2);
     }

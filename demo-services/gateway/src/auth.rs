@@ -25,18 +25,17 @@ pub struct Claims {
 
 pub struct Verifier {
     discovery: Discovery,
-    http: reqwest::Client,
+    http: common::http::Client,
     keys: RwLock<(HashMap<String, DecodingKey>, Option<Instant>)>,
     validation: Validation,
 }
 
 impl Verifier {
-    pub fn new(discovery: Discovery, leeway: Duration) -> Self {
+    pub fn new(discovery: Discovery, leeway: Duration, http: common::http::Client) -> Self {
         let mut validation = Validation::new(Algorithm::EdDSA);
         validation.set_issuer(&[ISSUER]);
         validation.set_audience(&[AUDIENCE]);
         validation.leeway = leeway.as_secs();
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(3)).build().unwrap_or_default();
         Self { discovery, http, keys: RwLock::new((HashMap::new(), None)), validation }
     }
 
@@ -109,7 +108,10 @@ impl Verifier {
         Err(ApiError::Unavailable("cannot check tokens: the signing keys are unavailable".into()))
     }
 
-    async fn fetch(&self, url: &str) -> Result<JwkSet, reqwest::Error> {
-        self.http.get(url).send().await?.error_for_status()?.json().await
+    /// Fetched inside the request that needed the keys, so the fetch shows in its trace.
+    async fn fetch(&self, url: &str) -> Result<JwkSet, String> {
+        let resp = self.http.send(self.http.raw().get(url), "users", None).await.map_err(|e| e.to_string())?;
+        let resp = resp.error_for_status().map_err(|e| e.to_string())?;
+        resp.json().await.map_err(|e| e.to_string())
     }
 }

@@ -19,7 +19,8 @@ pub enum Balancer {
     name = "gateway",
     about = "Switchyard's API gateway: the single door to the shop",
     version,
-    mut_arg("addr", |a| a.default_value("0.0.0.0:8080").env("GATEWAY_ADDR"))
+    mut_arg("addr", |a| a.default_value("0.0.0.0:8080").env("GATEWAY_ADDR")),
+    mut_arg("db", |a| a.hide(true))
 )]
 pub struct Config {
     #[command(flatten)]

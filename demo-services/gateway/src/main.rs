@@ -56,9 +56,9 @@ async fn main() -> anyhow::Result<()> {
     let prom = &svc.telemetry.prometheus;
     let gateway = Arc::new(Gateway {
         upstreams: Upstreams::new(&cfg, discovery.clone(), prom)?,
-        verifier: Verifier::new(discovery, cfg.jwt_leeway),
+        verifier: Verifier::new(discovery, cfg.jwt_leeway, common::http::Client::new(Some(Duration::from_secs(3)))?),
         limiter: Limiter::new(cfg.rate_limit, cfg.rate_burst, prom)?,
-        client: common::http::Client::new(cfg.upstream_timeout.max(Duration::from_secs(1)) * 4)?,
+        client: common::http::Client::new(None)?,
         grpc: routes::Channels::default(),
         max_body: cfg.max_body,
     });
@@ -112,7 +112,8 @@ async fn front_door(State(g): State<Arc<Gateway>>, mut req: Request, next: Next)
     let started = Instant::now();
     let id = request_id(&req);
     let cx = opentelemetry::Context::current();
-    cx.span().set_attribute(KeyValue::new("http.request.header.x-request-id", id.clone()));
+    let header_values = opentelemetry::Array::String(vec![id.clone().into()]);
+    cx.span().set_attribute(KeyValue::new("http.request.header.x-request-id", opentelemetry::Value::Array(header_values)));
     let id_value = common::http::header_value(&id);
     req.headers_mut().insert("x-request-id", id_value.clone());
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());

@@ -34,26 +34,43 @@ fn idempotent(m: &Method) -> bool {
 }
 
 pub async fn proxy_root(State(g): State<Arc<Gateway>>, Path(service): Path<String>, req: Request) -> Result<Response, ApiError> {
-    forward(g, service, String::new(), req).await
+    forward(g, service, req).await
 }
 
-pub async fn proxy(State(g): State<Arc<Gateway>>, Path((service, rest)): Path<(String, String)>, req: Request) -> Result<Response, ApiError> {
-    forward(g, service, rest, req).await
+pub async fn proxy(State(g): State<Arc<Gateway>>, Path((service, _)): Path<(String, String)>, req: Request) -> Result<Response, ApiError> {
+    forward(g, service, req).await
 }
 
-/// Passes a request on to an instance of `service`, path `/<rest>`.
-async fn forward(g: Arc<Gateway>, service: String, rest: String, req: Request) -> Result<Response, ApiError> {
-    // A service's own operational endpoints are not part of the public API.
-    if matches!(rest.as_str(), "metrics" | "healthz") {
-        return Err(ApiError::NotFound(format!("/{rest} of {service} is not public")));
+/// The upstream path of `/api/<service>/<rest>`: `/<rest>` exactly as the client encoded it.
+/// Dot segments and encoded slashes or dots are refused, so no path reaches what the route table
+/// does not name (`/metrics`, `/healthz`, another prefix).
+fn upstream_path(raw: &str, service: &str) -> Result<String, ApiError> {
+    let rest = raw.strip_prefix("/api/").and_then(|r| r.strip_prefix(service)).unwrap_or("");
+    let lower = rest.to_ascii_lowercase();
+    let dotted = rest.split('/').any(|seg| seg == "." || seg == "..");
+    if dotted || lower.contains("%2f") || lower.contains("%2e") || lower.contains("%5c") || rest.contains('\\') {
+        return Err(ApiError::BadRequest { field: Some("path".into()), message: "the path must not contain dot segments or encoded slashes".into() });
     }
+    let rest = if rest.is_empty() { "/" } else { rest };
+    if matches!(rest.trim_end_matches('/'), "/metrics" | "/healthz") {
+        return Err(ApiError::NotFound(format!("{rest} of {service} is not public")));
+    }
+    Ok(rest.to_owned())
+}
+
+/// Passes a request on to an instance of `service`.
+async fn forward(g: Arc<Gateway>, service: String, req: Request) -> Result<Response, ApiError> {
+    if service == "gateway" {
+        return Err(ApiError::NotFound("the gateway is not an upstream".into()));
+    }
+    let rest = upstream_path(req.uri().path(), &service)?;
     let (parts, body) = req.into_parts();
     let body = axum::body::to_bytes(body, g.max_body)
         .await
         .map_err(|_| ApiError::TooLarge(format!("request body is over the {} byte limit", g.max_body)))?;
     let path_and_query = match parts.uri.query() {
-        Some(q) => format!("/{rest}?{q}"),
-        None => format!("/{rest}"),
+        Some(q) => format!("{rest}?{q}"),
+        None => rest,
     };
     let mut headers = HeaderMap::with_capacity(parts.headers.len() + 3);
     for (k, v) in &parts.headers {
@@ -74,20 +91,9 @@ async fn forward(g: Arc<Gateway>, service: String, rest: String, req: Request) -
         .upstreams
         .call(&service, idempotent(&method), |instance, timeout| {
             let url = format!("http://{}{path_and_query}", instance.address);
-            let builder = g.client.raw().request(method.clone(), url).headers(headers.clone()).body(body.clone()).timeout(timeout);
+            let builder = g.client.raw().request(method.clone(), url).headers(headers.clone()).body(body.clone());
             let (client, service) = (g.client.clone(), service.clone());
-            async move {
-                match client.send(builder, &service).await {
-                    Ok(r) if matches!(r.status().as_u16(), 502..=504) => {
-                        let detail = format!("answered {}", r.status());
-                        Attempt::Failed { kind: Failure::Status, detail, answer: Some(r) }
-                    }
-                    Ok(r) => Attempt::Done(r),
-                    Err(e) if e.is_timeout() => Attempt::Failed { kind: Failure::Timeout, detail: e.to_string(), answer: None },
-                    Err(e) if e.is_connect() => Attempt::Failed { kind: Failure::Connect, detail: "connection refused".into(), answer: None },
-                    Err(e) => Attempt::Failed { kind: Failure::Status, detail: e.to_string(), answer: None },
-                }
-            }
+            async move { attempt_outcome(client.send(builder, &service, Some(timeout)).await, true) }
         })
         .await?;
 
@@ -103,6 +109,22 @@ async fn forward(g: Arc<Gateway>, service: String, rest: String, req: Request) -
     let mut response = out.body(Body::from_stream(resp.bytes_stream())).map_err(ApiError::internal)?;
     response.extensions_mut().insert(Served { service, instance: instance.instance_id });
     Ok(response)
+}
+
+/// What one HTTP attempt's result means for retries and the breaker. A 502/503/504 from the
+/// upstream is a failure; with `pass_on`, that answer is what the client gets if no retry follows.
+fn attempt_outcome(r: Result<reqwest::Response, common::http::SendError>, pass_on: bool) -> Attempt<reqwest::Response> {
+    use common::http::SendError;
+    match r {
+        Ok(r) if matches!(r.status().as_u16(), 502..=504) => {
+            let detail = format!("answered {}", r.status());
+            Attempt::Failed { kind: Failure::Status, detail, answer: pass_on.then_some(r) }
+        }
+        Ok(r) => Attempt::Done(r),
+        Err(e @ SendError::Timeout(_)) => Attempt::Failed { kind: Failure::Timeout, detail: e.to_string(), answer: None },
+        Err(e @ SendError::Connect(_)) => Attempt::Failed { kind: Failure::Connect, detail: e.to_string(), answer: None },
+        Err(e) => Attempt::Failed { kind: Failure::Status, detail: e.to_string(), answer: None },
+    }
 }
 
 /// gRPC channels to upstream instances, one per address, connected lazily.
@@ -168,19 +190,9 @@ async fn fetch_json(g: &Gateway, service: &str, path: &str, headers: &HeaderMap)
     let (resp, _) = g
         .upstreams
         .call(service, true, |instance, timeout| {
-            let builder = g.client.raw().get(format!("http://{}{path}", instance.address)).headers(headers.clone()).timeout(timeout);
+            let builder = g.client.raw().get(format!("http://{}{path}", instance.address)).headers(headers.clone());
             let client = g.client.clone();
-            async move {
-                match client.send(builder, service).await {
-                    Ok(r) if matches!(r.status().as_u16(), 502..=504) => {
-                        Attempt::Failed { kind: Failure::Status, detail: format!("answered {}", r.status()), answer: None }
-                    }
-                    Ok(r) => Attempt::Done(r),
-                    Err(e) if e.is_timeout() => Attempt::Failed { kind: Failure::Timeout, detail: e.to_string(), answer: None },
-                    Err(e) if e.is_connect() => Attempt::Failed { kind: Failure::Connect, detail: "connection refused".into(), answer: None },
-                    Err(e) => Attempt::Failed { kind: Failure::Status, detail: e.to_string(), answer: None },
-                }
-            }
+            async move { attempt_outcome(client.send(builder, service, Some(timeout)).await, false) }
         })
         .await?;
     let status = resp.status();
@@ -228,7 +240,8 @@ pub async fn storefront(State(g): State<Arc<Gateway>>, req: Request) -> Result<R
     let featured = part("featured", featured.map(|v| v["items"].clone()));
     let user = part("user", user.map(|u| u.unwrap_or(Value::Null)));
     if categories.is_null() && featured.is_null() {
-        return Err(ApiError::BadGateway(format!("the catalog could not be reached: {}", errors[0]["message"])));
+        let why = errors.first().and_then(|e| e["message"].as_str()).unwrap_or("it answered no data").to_owned();
+        return Err(ApiError::BadGateway(format!("the catalog could not be reached: {why}")));
     }
     Ok(Json(json!({
         "user": user,

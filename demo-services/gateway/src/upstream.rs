@@ -198,30 +198,42 @@ impl Upstreams {
         let timeout = self.timeout(service);
         self.budget.deposit();
         let mut tried = HashSet::new();
+        let mut last: Option<(Failure, String, Option<T>)> = None;
         let mut n = 0u32;
         loop {
             let Some(instance) = self.pick(service, &tried) else {
+                // Every instance was tried: answer with the last failure, as it happened.
+                if let Some((kind, detail, answer)) = last {
+                    return match answer {
+                        Some(a) => Ok((a, self.last_instance(service, &tried))),
+                        None => Err(self.failure_error(service, kind, &detail, timeout)),
+                    };
+                }
                 let known = self.discovery.instances(service).len();
                 let reason = if known == 0 && !self.discovery.registry_reachable() {
                     format!("no instance of {service} is known and the registry is unreachable")
                 } else if known == 0 {
                     format!("no instance of {service} is registered")
-                } else if tried.is_empty() {
-                    format!("no healthy instance of {service} ({known} registered, none UP)")
                 } else {
-                    format!("every healthy instance of {service} failed")
+                    format!("no healthy instance of {service} ({known} registered, none UP)")
                 };
                 self.metrics.calls.with_label_values(&[service, "no_instance"]).inc();
                 return Err(ApiError::Unavailable(reason));
             };
-            if let Err(open) = breaker.try_call() {
-                self.metrics.circuit.with_label_values(&[service]).set(breaker.state().as_gauge());
-                self.metrics.calls.with_label_values(&[service, "circuit_open"]).inc();
-                return Err(ApiError::Unavailable(format!(
-                    "circuit for {service} is open after repeated failures; retry in {} ms",
-                    open.retry_in.as_millis().max(1)
-                )));
-            }
+            let permit = match breaker.try_call() {
+                Ok(p) => p,
+                Err(open) => {
+                    self.metrics.circuit.with_label_values(&[service]).set(breaker.state().as_gauge());
+                    self.metrics.calls.with_label_values(&[service, "circuit_open"]).inc();
+                    return Err(ApiError::CircuitOpen {
+                        message: format!(
+                            "circuit for {service} is open after repeated failures; retry in {} ms",
+                            open.retry_in.as_millis().max(1)
+                        ),
+                        retry_after_secs: open.retry_in.as_secs_f64().ceil().max(1.0) as u64,
+                    });
+                }
+            };
             tried.insert(instance.instance_id.clone());
             let counter = self.counter(&instance.instance_id);
             counter.fetch_add(1, Ordering::Relaxed);
@@ -232,14 +244,14 @@ impl Upstreams {
             self.metrics.duration.with_label_values(&[service]).observe(started.elapsed().as_secs_f64());
             let (kind, detail, answer) = match outcome {
                 Attempt::Done(v) => {
-                    breaker.record(true);
+                    permit.record(true);
                     self.metrics.calls.with_label_values(&[service, "ok"]).inc();
                     self.metrics.circuit.with_label_values(&[service]).set(breaker.state().as_gauge());
                     return Ok((v, instance));
                 }
                 Attempt::Failed { kind, detail, answer } => (kind, detail, answer),
             };
-            breaker.record(false);
+            permit.record(false);
             self.metrics.circuit.with_label_values(&[service]).set(breaker.state().as_gauge());
             self.metrics.calls.with_label_values(&[service, kind.label()]).inc();
             if kind == Failure::Connect {
@@ -252,16 +264,40 @@ impl Upstreams {
             if repeatable && n < self.retries && self.budget.try_withdraw() {
                 n += 1;
                 self.metrics.retries.with_label_values(&[service]).inc();
+                last = Some((kind, detail, answer));
                 tokio::time::sleep(full_jitter(self.retry_base, self.retry_cap, n - 1)).await;
                 continue;
             }
-            if let Some(answer) = answer {
-                return Ok((answer, instance));
-            }
-            return Err(match kind {
-                Failure::Timeout => ApiError::GatewayTimeout(format!("{service} did not answer within {} ms", timeout.as_millis())),
-                Failure::Connect | Failure::Status => ApiError::BadGateway(format!("{service} failed: {detail}")),
-            });
+            return match answer {
+                Some(a) => Ok((a, instance)),
+                None => Err(self.failure_error(service, kind, &detail, timeout)),
+            };
         }
+    }
+
+    fn failure_error(&self, service: &str, kind: Failure, detail: &str, timeout: Duration) -> ApiError {
+        match kind {
+            Failure::Timeout => ApiError::GatewayTimeout(format!("{service} did not answer within {} ms", timeout.as_millis())),
+            Failure::Connect | Failure::Status => ApiError::BadGateway(format!("{service} failed: {detail}")),
+        }
+    }
+
+    /// The last instance tried (for the access log when answering with an earlier failure).
+    fn last_instance(&self, service: &str, tried: &HashSet<String>) -> Instance {
+        let all = self.discovery.instances(service);
+        all.iter().find(|i| tried.contains(&i.instance_id)).cloned().unwrap_or_else(|| Instance {
+            service: service.to_owned(),
+            instance_id: "-".into(),
+            address: String::new(),
+            metadata: Default::default(),
+            health_check_url: None,
+            status: common::registry::InstanceStatus::Down,
+            lease: common::registry::Lease { renewal_interval_secs: 0.0, duration_secs: 0.0 },
+            registered_at: String::new(),
+            last_heartbeat: String::new(),
+            lease_expires_at: String::new(),
+            status_changed_at: String::new(),
+            lease_expired: false,
+        })
     }
 }

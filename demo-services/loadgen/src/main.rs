@@ -85,7 +85,7 @@ impl Load {
     }
 
     async fn send(&self, req: reqwest::RequestBuilder) -> u16 {
-        match self.http.send(req, "gateway").await {
+        match self.http.send(req, "gateway", None).await {
             Ok(r) => {
                 let status = r.status().as_u16();
                 let _ = r.bytes().await;
@@ -98,7 +98,7 @@ impl Load {
     async fn login(&self, s: &mut Shopper, password: &str) -> u16 {
         let body = serde_json::json!({ "email": s.email, "password": password });
         let req = self.http.raw().post(format!("{}/api/users/login", self.gateway)).json(&body);
-        match self.http.send(req, "gateway").await {
+        match self.http.send(req, "gateway", None).await {
             Ok(r) => {
                 let status = r.status().as_u16();
                 if status == 200 {
@@ -119,7 +119,7 @@ async fn main() -> anyhow::Result<()> {
     common::telemetry::init_logging();
     let instance = common::telemetry::instance_id("loadgen", None);
     let telemetry = common::telemetry::init("loadgen", &instance)?;
-    let mut load = Load { gateway: cfg.gateway.trim_end_matches('/').to_owned(), http: common::http::Client::new(Duration::from_secs(10))?, counts: BTreeMap::new() };
+    let mut load = Load { gateway: cfg.gateway.trim_end_matches('/').to_owned(), http: common::http::Client::new(Some(Duration::from_secs(10)))?, counts: BTreeMap::new() };
 
     let run = std::process::id();
     let mut shoppers: Vec<Shopper> = (0..cfg.shoppers.max(1)).map(|i| Shopper { email: format!("shopper{i}-{run}@example.com"), token: None }).collect();

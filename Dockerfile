@@ -1,0 +1,32 @@
+# syntax=docker/dockerfile:1
+# One image with every Switchyard binary (collector, registry, users, catalog, gateway, loadgen);
+# docker-compose.yml runs one of them per service through `command`.
+
+FROM rust:1-bookworm AS builder
+WORKDIR /src
+COPY . .
+# The cache mounts keep downloaded crates and build artefacts between builds. The target folder
+# is a cache, not part of the image, so the binaries are copied out of it.
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/usr/local/cargo/git \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked --bins \
+ && mkdir -p /out \
+ && cp target/release/collector target/release/registry target/release/users \
+       target/release/catalog target/release/gateway target/release/loadgen /out/
+
+FROM debian:bookworm-slim
+# ca-certificates for HTTPS exporters, curl for the healthchecks.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates curl \
+ && rm -rf /var/lib/apt/lists/*
+# /data holds the SQLite databases; a named volume mounted there starts with this ownership.
+RUN useradd --system --uid 10001 --user-group --home-dir /data --no-create-home switchyard \
+ && mkdir /data \
+ && chown switchyard:switchyard /data
+COPY --from=builder /out/ /usr/local/bin/
+USER switchyard
+WORKDIR /data
+# collector: OTLP gRPC, OTLP HTTP, query API; registry; gateway; users and catalog in compose.
+EXPOSE 4317 4318 16686 8500 8080 9000
+CMD ["collector", "--db", "/data/collector.db"]
