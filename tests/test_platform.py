@@ -173,6 +173,7 @@ def test_bad_payloads_get_400_naming_the_problem(shop):
         ({k: v for k, v in base.items() if k != "instanceId"}, "instanceId"),
         ({**base, "healthCheckUrl": "ftp://x"}, "healthCheckUrl"),
         ({**base, "lease": {"renewalIntervalSecs": 10, "durationSecs": 1}}, "lease.durationSecs"),
+        ({**base, "lease": {"renewalIntervalSecs": 0.001, "durationSecs": 1}}, "lease.renewalIntervalSecs"),
         ({**base, "address": 9}, "address"),
     ]
     for body, field in cases:
@@ -445,3 +446,47 @@ def test_every_service_serves_promtool_clean_metrics(shop):
     registry = requests.get(f"{shop.registry.url}/metrics", timeout=10).text
     assert 'registry_instances{service="catalog",status="UP"} 3' in registry
     assert "registry_renewals_total" in registry and "registry_self_preservation 0" in registry
+
+
+def test_registry_back_after_more_than_a_lease_evicts_only_the_dead(fresh_shop):
+    from datetime import datetime
+    shop = fresh_shop(catalogs=2)
+    reg = shop.registry.url
+    before = {i["instanceId"]: i for i in shop.instances()}
+    lease = max(i["lease"]["durationSecs"] for i in before.values())
+    seen = max(e["id"] for e in requests.get(f"{reg}/v1/events", timeout=10).json()["events"])
+    addr = shop.registry.addr
+    shop.registry.stop(signal.SIGKILL)
+    killed_at = time.time()
+    # An instance that dies while the registry is away; every other one keeps heartbeating into the void.
+    victim = shop.catalogs[1]
+    victim.stop(signal.SIGKILL)
+    wait_until(lambda: time.time() > killed_at + 2 * lease, timeout=2 * lease + 10, what="two leases of registry downtime")
+    expires = lambda i: datetime.fromisoformat(i["leaseExpiresAt"]).timestamp()  # noqa: E731
+    assert all(expires(i) < time.time() for i in before.values()), "every stored lease ended during the downtime"
+
+    restarted_at = time.time()
+    shop.start_registry(addr)
+    live = set(before) - {victim.instance_id}
+
+    def renewed_after_restart():
+        now = {i["instanceId"]: i for i in shop.instances()}
+        return now if all(k in now and datetime.fromisoformat(now[k]["lastHeartbeat"]).timestamp() > restarted_at for k in live) else None
+
+    after = wait_until(renewed_after_restart, what="every live instance renewing against the restarted registry")
+    for k in live:
+        assert (after[k]["status"], after[k]["registeredAt"]) == (before[k]["status"], before[k]["registeredAt"]), k
+
+    def evicted():
+        events = requests.get(f"{reg}/v1/events", params={"limit": 1000}, timeout=10).json()["events"]
+        new = [e for e in events if e["id"] > seen]
+        return new if any(e["kind"] == "EVICTED" and e["instanceId"] == victim.instance_id for e in new) else None
+
+    events = wait_until(evicted, what="the dead instance evicted once its lease ran out")
+    eviction = next(e for e in events if e["kind"] == "EVICTED")
+    assert eviction["atMs"] >= (restarted_at + lease) * 1000, "loaded leases count from the restart"
+    churn = [e for e in events if e["instanceId"] in live and e["kind"] in ("EVICTED", "REGISTERED", "REREGISTERED")]
+    assert churn == [], churn
+    assert not any(e["kind"].startswith("SELF_PRESERVATION") for e in events), events
+    assert {i["instanceId"] for i in shop.instances()} == live
+    assert shop.api("GET", "/api/catalog/products/p-1001").status_code == 200

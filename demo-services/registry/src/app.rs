@@ -117,11 +117,14 @@ impl App {
 }
 
 impl Registry {
-    /// Runs one mutation under the lock and writes its changes before anyone sees them.
+    /// Runs one mutation under the lock on a copy of the state, writes its changes, and only then
+    /// makes the copy the state: a failed write leaves memory as the database has it.
     async fn mutate<R>(&self, f: impl FnOnce(&mut State, i64) -> (R, Vec<Change>)) -> Result<R, ApiError> {
         let mut state = self.state.lock().await;
-        let (result, changes) = f(&mut state, now_ms());
+        let mut next = state.clone();
+        let (result, changes) = f(&mut next, now_ms());
         self.store.apply(&changes).await.map_err(ApiError::internal)?;
+        *state = next;
         for c in &changes {
             if let Change::Event(e) = c {
                 self.metrics.events.with_label_values(&[e.kind]).inc();
@@ -213,8 +216,9 @@ fn validate(req: &RegisterRequest) -> Result<(), ApiError> {
         }
     }
     if let Some(l) = req.lease {
-        if !(l.renewal_interval_secs > 0.0 && l.renewal_interval_secs <= 3600.0) {
-            return Err(ApiError::bad_field("lease.renewalIntervalSecs", "lease.renewalIntervalSecs must be in (0, 3600]"));
+        // A floor, because expected renewals (hence self-preservation) scale with 1 / interval.
+        if !(l.renewal_interval_secs >= 0.1 && l.renewal_interval_secs <= 3600.0) {
+            return Err(ApiError::bad_field("lease.renewalIntervalSecs", "lease.renewalIntervalSecs must be from 0.1 to 3600"));
         }
         if !(l.duration_secs >= l.renewal_interval_secs && l.duration_secs <= 86_400.0) {
             return Err(ApiError::bad_field("lease.durationSecs", "lease.durationSecs must be at least renewalIntervalSecs and at most 86400"));
@@ -426,4 +430,45 @@ async fn status(AxumState(r): AxumState<Arc<Registry>>) -> axum::Json<StatusResp
         health_check_interval_secs: r.cfg.health_check_interval.as_secs_f64(),
         health_check_failures: r.cfg.health_check_failures,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_failed_write_leaves_the_state_unchanged() -> anyhow::Result<()> {
+        let db = std::env::temp_dir().join(format!("registry-mutate-{}-{}.db", std::process::id(), now_ms()));
+        let cfg = Config::try_parse_from(["registry", "--addr", "127.0.0.1:0", "--db", &db.display().to_string()])?;
+        let r = App::build(cfg, &prometheus::Registry::new()).await?.registry;
+        let req = |id: &str| RegisterRequest {
+            service: "catalog".into(),
+            instance_id: id.into(),
+            address: "127.0.0.1:1".into(),
+            metadata: BTreeMap::new(),
+            health_check_url: None,
+            lease: None,
+        };
+        r.mutate(|s, now| s.register(req("a"), now)).await?;
+        let a = r.state.lock().await.instances["a"].clone();
+
+        r.store.close().await;
+        let registered = r.mutate(|s, now| s.register(req("b"), now)).await;
+        assert!(matches!(registered, Err(ApiError::Internal(_))), "{registered:?}");
+        let renewed = r.mutate(|s, now| s.heartbeat("a", now + 5_000).map_or((false, Vec::new()), |(_, c)| (true, c))).await;
+        assert!(matches!(renewed, Err(ApiError::Internal(_))), "{renewed:?}");
+
+        let mut s = r.state.lock().await;
+        assert_eq!(s.instances.keys().collect::<Vec<_>>(), ["a"], "b was not written, so it is not registered");
+        assert_eq!(s.instances["a"], a, "nor was a's heartbeat");
+        assert_eq!((s.index, *r.index.borrow()), (1, 1));
+        assert_eq!(s.renewal_stats(now_ms()).renewals_in_window, 0);
+        drop(s);
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
+        }
+        Ok(())
+    }
 }

@@ -26,14 +26,19 @@ pub struct Entry {
     pub registered_at_ms: i64,
     pub last_heartbeat_ms: i64,
     pub status_changed_at_ms: i64,
-    /// In memory only: consecutive failed health checks, and whether the expired lease was logged.
+    /// In memory only: consecutive failed health checks, whether the expired lease was logged, and
+    /// when this registry loaded the instance from its database (0 if it registered since).
     pub health_failures: u32,
     pub lease_expired: bool,
+    pub loaded_at_ms: i64,
 }
 
 impl Entry {
+    /// A lease runs from the last heartbeat, but never from before the registry (re)started: the
+    /// instances it loaded get one whole lease to renew (as in Eureka), so a registry that was away
+    /// longer than a lease does not evict them all on its first sweep.
     pub fn lease_expires_ms(&self) -> i64 {
-        self.last_heartbeat_ms + (self.lease.duration_secs * 1000.0) as i64
+        self.last_heartbeat_ms.max(self.loaded_at_ms) + (self.lease.duration_secs * 1000.0) as i64
     }
 
     pub fn view(&self) -> Instance {
@@ -100,6 +105,7 @@ pub struct RenewalStats {
     pub window_secs: f64,
 }
 
+#[derive(Clone)]
 pub struct State {
     pub instances: BTreeMap<String, Entry>,
     pub index: u64,
@@ -110,8 +116,10 @@ pub struct State {
 }
 
 impl State {
+    /// The state loaded at (re)start: `instances` keep their status and registration time, and their
+    /// leases count from `now` at the earliest (see [`Entry::lease_expires_ms`]).
     pub fn new(instances: Vec<Entry>, index: u64, preservation: Preservation, now: i64) -> Self {
-        let instances = instances.into_iter().map(|e| (e.req.instance_id.clone(), e)).collect();
+        let instances = instances.into_iter().map(|e| (e.req.instance_id.clone(), Entry { loaded_at_ms: now, ..e })).collect();
         Self { instances, index, renewals: VecDeque::new(), self_preservation: false, started_ms: now, preservation }
     }
 
@@ -146,6 +154,7 @@ impl State {
             status_changed_at_ms: changed_at,
             health_failures: 0,
             lease_expired: false,
+            loaded_at_ms: 0,
         };
         let detail = format!("address {} status {}", entry.req.address, entry.status.as_str());
         let kind = if previous.is_some() { "REREGISTERED" } else { "REGISTERED" };
@@ -213,8 +222,11 @@ impl State {
         self.set_status(instance_id, target, reason, now).map(|(_, c)| c).unwrap_or_default()
     }
 
-    /// Renewal statistics over the window; expected renewals count each instance from when it
-    /// registered (or the registry started), less half a renewal for the phase of its heartbeats.
+    /// Renewal statistics over the window. An instance is expected to renew only once it has been
+    /// known for a whole window (since it registered, or the registry started): then `window /
+    /// renewalInterval` times, less one for the phase and drift of its heartbeats. So a registration
+    /// (or a restart) does not move the threshold while the window fills, and self-preservation
+    /// does not flap; the renewals of younger instances count, which only errs on the side of off.
     pub fn renewal_stats(&mut self, now: i64) -> RenewalStats {
         let window_ms = self.preservation.window.as_millis() as i64;
         while self.renewals.front().is_some_and(|t| *t <= now - window_ms) {
@@ -224,11 +236,8 @@ impl State {
             .instances
             .values()
             .filter(|e| e.status != InstanceStatus::OutOfService)
-            .map(|e| {
-                let since = e.registered_at_ms.max(self.started_ms);
-                let span = (now - since).clamp(0, window_ms) as f64 / 1000.0;
-                (span / e.lease.renewal_interval_secs - 0.5).max(0.0)
-            })
+            .filter(|e| now - e.registered_at_ms.max(self.started_ms) >= window_ms)
+            .map(|e| (window_ms as f64 / 1000.0 / e.lease.renewal_interval_secs - 1.0).max(0.0))
             .sum();
         let per_minute = 60.0 / self.preservation.window.as_secs_f64();
         let actual = self.renewals.len() as u64;
@@ -348,7 +357,9 @@ mod tests {
                 s.heartbeat(id, t * 1000);
             }
         }
+        assert_eq!(s.renewal_stats(9_900).expected_renewals_in_window, 0.0, "nothing is expected before a whole window");
         s.sweep(10_500);
+        assert_eq!(s.renewal_stats(10_500).expected_renewals_in_window, 27.0, "10 s / 1 s less one, for each of three");
         assert!(!s.self_preservation);
         // Two of three go silent: renewals fall far under 85% of the expected.
         for t in 11..=20 {
@@ -359,5 +370,53 @@ mod tests {
         assert!(changes.iter().any(|c| matches!(c, Change::Event(e) if e.kind == "SELF_PRESERVATION_ON")));
         assert_eq!(s.instances.len(), 3, "nothing is evicted under self-preservation");
         assert!(s.instances["b"].lease_expired);
+    }
+
+    #[test]
+    fn registering_and_starting_do_not_toggle_self_preservation() {
+        // Three instances from the start, a fourth at an odd phase later; heartbeats every 1.05 s
+        // (a little slower than the interval, as real ones drift), a sweep every 200 ms.
+        let mut s = state(true);
+        let mut registered: Vec<(&str, i64)> = vec![("a", 0), ("b", 0), ("c", 0)];
+        for (id, at) in &registered {
+            s.register(req(id, false), *at);
+        }
+        let mut toggles = Vec::new();
+        for t in (100..=40_000).step_by(100) {
+            if t == 12_300 {
+                s.register(req("d", false), t);
+                registered.push(("d", t));
+            }
+            for (id, at) in &registered {
+                if t > *at && (t - at) % 1_050 < 100 {
+                    s.heartbeat(id, t);
+                }
+            }
+            if t % 200 == 0 {
+                toggles.extend(s.sweep(t).into_iter().filter_map(|c| match c {
+                    Change::Event(e) => Some((t, e.kind, e.detail)),
+                    _ => None,
+                }));
+            }
+        }
+        assert_eq!(toggles, Vec::new(), "no event while every instance renews");
+        assert_eq!(s.renewal_stats(40_000).expected_renewals_in_window, 36.0, "d counts once it is a window old");
+    }
+
+    #[test]
+    fn a_restart_gives_loaded_leases_a_grace_period() {
+        // Written at 0 with three-second leases, loaded again after a minute away.
+        let mut before = state(true);
+        let (a, _) = before.register(req("a", true), 0);
+        let (b, _) = before.register(req("b", false), 0);
+        let a = Entry { status: InstanceStatus::Up, ..a };
+        let mut s = State::new(vec![a, b], before.index, before.preservation, 60_000);
+        assert!(s.sweep(60_000).is_empty(), "nothing is evicted on the first sweep");
+        assert_eq!(s.instances["a"].lease_expires_ms(), 63_000, "the lease counts from the restart");
+        s.heartbeat("a", 62_000);
+        let changes = s.sweep(63_500);
+        assert!(changes.contains(&Change::Delete("b".into())), "one that stays silent is evicted after its lease");
+        let a = &s.instances["a"];
+        assert_eq!((a.status, a.registered_at_ms, a.last_heartbeat_ms), (InstanceStatus::Up, 0, 62_000));
     }
 }

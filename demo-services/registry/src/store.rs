@@ -48,6 +48,7 @@ impl Store {
                 status_changed_at_ms: r.try_get("status_changed_at_ms")?,
                 health_failures: 0,
                 lease_expired: false,
+                loaded_at_ms: 0,
             });
         }
         let index: Option<i64> = sqlx::query_scalar("SELECT value FROM meta WHERE key = 'index'").fetch_optional(&self.pool).await?;
@@ -109,6 +110,12 @@ impl Store {
         // Keep the event log bounded.
         sqlx::query("DELETE FROM events WHERE id <= (SELECT MAX(id) FROM events) - 10000").execute(&mut *tx).await?;
         tx.commit().await
+    }
+
+    /// Closes the pool: every later write fails.
+    #[cfg(test)]
+    pub async fn close(&self) {
+        self.pool.close().await;
     }
 
     /// The newest events first.
