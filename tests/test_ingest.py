@@ -447,24 +447,71 @@ def test_sigterm_flushes_and_exits_cleanly(make_collector):
 
 
 def test_retention_removes_old_data_and_keeps_new(make_collector):
+    """Old spans and points go, and so do the services, operations, metrics and series that only
+    had old data: from the lists at once, from the catalog tables at the next pass."""
     c = make_collector(extra_args=["--retention", "1h", "--retention-check-interval", "100ms"])
     import time
     now = time.time_ns()
+    old_ns = now - 2 * 3600 * 10**9
+
+    def timed(span, start):
+        span.start_time_unix_nano, span.end_time_unix_nano = start, start + 1000
+        return span
+
+    def resource_spans(service, spans):
+        return trace_pb2.ResourceSpans(resource=resource_pb2.Resource(attributes=[kv("service.name", string_value=service)]),
+                                       scope_spans=[trace_pb2.ScopeSpans(spans=spans)])
+
     old_tid, new_tid = b"\x0a" * 16, b"\x0b" * 16
-    spans = [raw_span(old_tid, b"\x01" * 8, "old"), raw_span(new_tid, b"\x02" * 8, "new")]
-    spans[0].start_time_unix_nano, spans[0].end_time_unix_nano = now - 2 * 3600 * 10**9, now - 2 * 3600 * 10**9 + 1000
-    spans[1].start_time_unix_nano, spans[1].end_time_unix_nano = now, now + 1000
-    req = trace_service_pb2.ExportTraceServiceRequest(resource_spans=[trace_pb2.ResourceSpans(
-        resource=resource_pb2.Resource(attributes=[kv("service.name", string_value="ret")]),
-        scope_spans=[trace_pb2.ScopeSpans(spans=spans)])])
+    req = trace_service_pb2.ExportTraceServiceRequest(resource_spans=[
+        resource_spans("ret", [timed(raw_span(old_tid, b"\x01" * 8, "old"), old_ns), timed(raw_span(new_tid, b"\x02" * 8, "new"), now)]),
+        resource_spans("expired", [timed(raw_span(b"\x0c" * 16, b"\x03" * 8, "gone"), old_ns)]),
+    ])
     assert post_traces(c, req).status_code == 200
 
-    def deleted():
-        for line in c.get("/metrics").text.splitlines():
-            if line.startswith('collector_retention_deleted_total{table="spans"}'):
-                return float(line.split()[-1]) >= 1
-        return False
+    def gauge(name, points):
+        return {"name": name, "gauge": {"dataPoints": [
+            {"timeUnixNano": str(t), "asDouble": v, "attributes": [{"key": "k", "value": {"stringValue": k}}]} for k, t, v in points]}}
 
-    wait_until(deleted, what="retention to delete the old span")
+    def post_metrics(*metrics):
+        body = {"resourceMetrics": [{"resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "ret"}}]},
+                "scopeMetrics": [{"scope": {"name": "ret"}, "metrics": list(metrics)}]}]}
+        r = requests.post(f"{c.otlp_http}/v1/metrics", json=body, timeout=10)
+        assert r.status_code == 200, r.text
+
+    post_metrics(gauge("old.gauge", [("a", old_ns, 1)]), gauge("mixed.gauge", [("old", old_ns, 2), ("new", now, 3)]))
+
+    # The lists leave out what has no data within the retention at once, before any row is removed.
+    assert c.api("/api/services")["data"] == ["ret"]
+    assert c.api("/api/v1/services")["services"] == ["ret"]
+    assert c.api("/api/services/ret/operations")["data"] == ["new"]
+    assert c.api("/api/services/expired/operations")["data"] == []
+    assert c.api("/api/v1/services/ret/operations")["operations"] == [{"name": "new", "kind": "internal"}]
+    assert [(m["name"], m["seriesCount"]) for m in c.api("/api/v1/metrics")["metrics"]] == [("mixed.gauge", 1)]
+    assert c.get("/api/v1/metrics/old.gauge").status_code == 404
+
+    def deleted():
+        counts = {}
+        for line in c.get("/metrics").text.splitlines():
+            if line.startswith("collector_retention_deleted_total{"):
+                counts[line.split('"')[1]] = float(line.split()[-1])
+        want = {"spans": 2, "operations": 2, "metric_points": 2, "metric_series": 2, "metrics": 1}
+        return all(counts.get(t, 0) >= n for t, n in want.items())
+
+    wait_until(deleted, what="retention to delete the old spans, points and their catalog rows")
     assert c.get(f"/api/v1/traces/{old_tid.hex()}").status_code == 404
     assert c.api(f"/api/v1/traces/{new_tid.hex()}")["spans"][0]["name"] == "new"
+    assert c.api("/api/services")["data"] == ["ret"]
+    assert c.api("/api/services/ret/operations")["data"] == ["new"]
+    assert [(m["name"], m["seriesCount"]) for m in c.api("/api/v1/metrics")["metrics"]] == [("mixed.gauge", 1)]
+    assert [s["attributes"][0]["value"]["stringValue"] for s in c.api("/api/v1/metrics/mixed.gauge")["series"]] == ["new"]
+
+    # Data arriving again for removed entries brings them back (the rows are written again).
+    post_metrics(gauge("old.gauge", [("a", now, 4)]))
+    req = trace_service_pb2.ExportTraceServiceRequest(resource_spans=[
+        resource_spans("expired", [timed(raw_span(b"\x0d" * 16, b"\x04" * 8, "gone"), now)])])
+    assert post_traces(c, req).status_code == 200
+    assert c.api("/api/services")["data"] == ["expired", "ret"]
+    assert c.api("/api/services/expired/operations")["data"] == ["gone"]
+    series = c.api("/api/v1/metrics/old.gauge")["series"]
+    assert [(s["attributes"][0]["value"]["stringValue"], s["points"][-1]["value"]) for s in series] == [("a", 4)]

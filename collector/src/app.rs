@@ -45,6 +45,7 @@ impl App {
         let metrics = Arc::new(Metrics::new());
         let mut store_cfg = StoreConfig::new(&cfg.db);
         store_cfg.queue_capacity = cfg.queue_capacity as usize;
+        store_cfg.retention = cfg.retention;
         store_cfg.retention_check_interval = cfg.retention_check_every();
         let (store, writer) = Store::open(&store_cfg, metrics.clone())
             .await
@@ -75,7 +76,7 @@ impl App {
         let http_router = http_router(self.store.clone(), self.metrics.clone());
 
         let every = self.cfg.retention_check_every();
-        let retention = tokio::spawn(retention_loop(self.store.clone(), self.cfg.retention, every));
+        let retention = tokio::spawn(retention_loop(self.store.clone(), every));
         let (stop_tx, stop_rx) = watch::channel(false);
         let serve = |listener: TcpListener, router: Router| {
             let mut rx = stop_rx.clone();
@@ -131,13 +132,12 @@ async fn prometheus_metrics(State((store, metrics)): State<(Store, Arc<Metrics>)
     )
 }
 
-/// Asks the writer to remove data older than `retention`, every `every`.
-async fn retention_loop(store: Store, retention: Duration, every: Duration) {
+/// Asks the writer to remove data older than the retention, every `every`.
+async fn retention_loop(store: Store, every: Duration) {
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
-        let cutoff = crate::query::params::now_ns().saturating_sub(retention.as_nanos().min(i64::MAX as u128) as i64);
-        store.prune(cutoff);
+        store.prune(store.retention_cutoff_ns());
     }
 }
 

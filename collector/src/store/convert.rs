@@ -1,6 +1,9 @@
 //! Turns OTLP export requests into rows: validates ids, assigns dictionary ids, encodes
 //! attributes. Invalid items are counted and described, never stored half.
 
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+
 use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
@@ -9,9 +12,9 @@ use opentelemetry_proto::tonic::metrics::v1::{Metric, metric};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use prost::Message;
 
-use super::Dicts;
 use super::codec::{self, encode_attributes};
-use super::rows::{LogRow, PointRow, ResourceRow, Rows, ScopeRow, SpanRow};
+use super::rows::{LogRow, MetricRow, OperationKey, OperationRow, PointRow, ResourceRow, Rows, ScopeRow, SeriesRow, SpanRow};
+use super::{Dicts, now_ns};
 
 /// The service name OpenTelemetry SDKs report when none is configured.
 pub const UNKNOWN_SERVICE: &str = "unknown_service";
@@ -40,10 +43,6 @@ impl Converted {
             None => String::new(),
         }
     }
-}
-
-fn now_ns() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
 }
 
 fn service_name(resource: Option<&Resource>) -> &str {
@@ -113,6 +112,8 @@ fn span_id_i64(b: &[u8]) -> Option<i64> {
 pub fn traces(req: ExportTraceServiceRequest, dicts: &Dicts) -> Converted {
     let mut out = Converted::default();
     let now = now_ns();
+    // The request's operations with their latest span start: one row each for the writer.
+    let mut operations: HashMap<OperationKey, i64> = HashMap::new();
     for rs in req.resource_spans {
         let (resource, service) = resource_id(rs.resource.as_ref(), &rs.schema_url, dicts);
         for ss in rs.scope_spans {
@@ -154,7 +155,8 @@ pub fn traces(req: ExportTraceServiceRequest, dicts: &Dicts) -> Converted {
                 let trace = dicts.traces.get_or_insert(trace_id, now);
                 let name = dicts.strings.id(&span.name);
                 let kind = span.kind;
-                dicts.operations.get_or_insert(&(service, name, kind), |_| (service, name, kind));
+                let start_ns = span.start_time_unix_nano as i64;
+                operations.entry((service, name, kind)).and_modify(|t| *t = (*t).max(start_ns)).or_insert(start_ns);
                 let events = (!span.events.is_empty()).then(|| {
                     let mut b = Vec::new();
                     codec::encode_events(&mut b, &span.events, span.start_time_unix_nano, &mut &dicts.strings);
@@ -173,7 +175,7 @@ pub fn traces(req: ExportTraceServiceRequest, dicts: &Dicts) -> Converted {
                     service,
                     name,
                     kind,
-                    start_ns: span.start_time_unix_nano as i64,
+                    start_ns,
                     duration_ns: span.end_time_unix_nano.wrapping_sub(span.start_time_unix_nano) as i64,
                     status_code: status.code,
                     status_message: (!status.message.is_empty()).then_some(status.message),
@@ -191,6 +193,8 @@ pub fn traces(req: ExportTraceServiceRequest, dicts: &Dicts) -> Converted {
             }
         }
     }
+    out.rows.operations =
+        operations.into_iter().map(|(key, last_seen_ns)| OperationRow { key, last_seen_ns }).collect();
     out
 }
 
@@ -205,21 +209,31 @@ pub fn metric_type(data: &metric::Data) -> i32 {
     }
 }
 
+/// The metrics and series one request uses, each once, with the series' latest point time.
+#[derive(Default)]
+struct Catalog {
+    metrics: HashMap<i64, MetricRow>,
+    series: HashMap<i64, SeriesRow>,
+}
+
 pub fn metrics(req: ExportMetricsServiceRequest, dicts: &Dicts) -> Converted {
     let mut out = Converted::default();
+    let mut catalog = Catalog::default();
     for rm in req.resource_metrics {
         let (resource, _) = resource_id(rm.resource.as_ref(), &rm.schema_url, dicts);
         for sm in rm.scope_metrics {
             let scope = scope_id(sm.scope.as_ref(), &sm.schema_url, dicts);
             for m in sm.metrics {
-                metric_points(m, resource, scope, dicts, &mut out);
+                metric_points(m, resource, scope, dicts, &mut out, &mut catalog);
             }
         }
     }
+    out.rows.metrics = catalog.metrics.into_values().collect();
+    out.rows.series = catalog.series.into_values().collect();
     out
 }
 
-fn metric_points(m: Metric, resource: i64, scope: i64, dicts: &Dicts, out: &mut Converted) {
+fn metric_points(m: Metric, resource: i64, scope: i64, dicts: &Dicts, out: &mut Converted, catalog: &mut Catalog) {
     use metric::Data;
     let Some(data) = m.data else {
         // A metric without data has no points to count; nothing is stored.
@@ -251,11 +265,21 @@ fn metric_points(m: Metric, resource: i64, scope: i64, dicts: &Dicts, out: &mut 
         monotonic,
         encode(&m.metadata, dicts),
     );
-    let metric = dicts.metrics.get_or_insert(&key, |id| super::rows::MetricRow { id, key: key.clone() });
+    let metric = dicts.metrics.id(&key);
+    if n_points > 0 {
+        catalog.metrics.entry(metric).or_insert_with(|| MetricRow { id: metric, key });
+    }
     let mut push = |attrs: &mut Vec<KeyValue>, start: u64, time: u64, value: Option<f64>, data: Vec<u8>| {
         let skey = (metric, resource, scope, encode(attrs, dicts));
-        let series = dicts.series.get_or_insert(&skey, |id| super::rows::SeriesRow { id, key: skey.clone() });
-        out.rows.points.push(PointRow { series, start_ns: start as i64, time_ns: time as i64, value, data });
+        let series = dicts.series.id(&skey);
+        let time_ns = time as i64;
+        match catalog.series.entry(series) {
+            Entry::Occupied(mut e) => e.get_mut().last_seen_ns = e.get().last_seen_ns.max(time_ns),
+            Entry::Vacant(e) => {
+                e.insert(SeriesRow { id: series, key: skey, last_seen_ns: time_ns });
+            }
+        }
+        out.rows.points.push(PointRow { series, start_ns: start as i64, time_ns, value, data });
     };
     // Each point is kept whole as protobuf, minus its attributes (they identify the series).
     match data {

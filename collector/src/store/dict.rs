@@ -6,6 +6,10 @@
 //! entry's row waits in `pending` until the writer takes it into the next transaction. Because a
 //! request is converted before it is queued, the transaction that commits it also commits (or has
 //! already committed) every entry it refers to. A failed transaction puts its entries back.
+//!
+//! Metric descriptions and series, which retention may remove, work differently ([`Ids`]): the
+//! request carries the rows it uses and every transaction writes them again (an upsert), so a row
+//! removed by retention comes back, with the same id, as soon as something uses it.
 
 use std::borrow::Borrow;
 use std::collections::HashMap;
@@ -61,6 +65,39 @@ impl<K: Hash + Eq, R> Interner<K, R> {
 
     pub fn len(&self) -> usize {
         self.state.lock().unwrap_or_else(PoisonError::into_inner).map.len()
+    }
+}
+
+/// Assigns increasing ids to keys; the rows themselves travel with the requests that use them.
+/// Ids stay assigned after retention removes their rows (until a restart reloads the table).
+pub struct Ids<K> {
+    state: Mutex<(HashMap<K, i64>, i64)>,
+}
+
+impl<K: Hash + Eq> Ids<K> {
+    pub fn new(loaded: impl IntoIterator<Item = (K, i64)>) -> Self {
+        let map: HashMap<K, i64> = loaded.into_iter().collect();
+        let next = map.values().copied().max().unwrap_or(0) + 1;
+        Self { state: Mutex::new((map, next)) }
+    }
+
+    pub fn id<Q>(&self, key: &Q) -> i64
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(&id) = st.0.get(key) {
+            return id;
+        }
+        let id = st.1;
+        st.1 += 1;
+        st.0.insert(key.to_owned(), id);
+        id
+    }
+
+    pub fn len(&self) -> usize {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner).0.len()
     }
 }
 
@@ -307,6 +344,15 @@ mod tests {
         assert_eq!(t.get_or_insert([1; 16], 0), a);
         assert_eq!(t.take_pending().len(), 3);
         assert_eq!(t.rotate(), 10);
+    }
+
+    #[test]
+    fn ids_continue_after_the_loaded_ones() {
+        let i: Ids<Vec<u8>> = Ids::new([(vec![1u8], 4)]);
+        assert_eq!(i.id(&[1u8][..]), 4);
+        assert_eq!(i.id(&[2u8][..]), 5);
+        assert_eq!(i.id(&[2u8][..]), 5);
+        assert_eq!(i.len(), 2);
     }
 
     #[test]

@@ -22,8 +22,8 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::metrics::Metrics;
-use dict::{Interner, Strings, TraceRefs};
-use rows::{MetricKey, MetricRow, OperationKey, ResourceKey, ResourceRow, Rows, ScopeKey, ScopeRow, SeriesKey, SeriesRow};
+use dict::{Ids, Interner, Strings, TraceRefs};
+use rows::{MetricKey, ResourceKey, ResourceRow, Rows, ScopeKey, ScopeRow, SeriesKey};
 pub use writer::Command;
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -56,9 +56,8 @@ pub struct Dicts {
     pub resources: Interner<ResourceKey, ResourceRow>,
     pub scopes: Interner<ScopeKey, ScopeRow>,
     pub traces: TraceRefs,
-    pub operations: Interner<OperationKey, OperationKey>,
-    pub metrics: Interner<MetricKey, MetricRow>,
-    pub series: Interner<SeriesKey, SeriesRow>,
+    pub metrics: Ids<MetricKey>,
+    pub series: Ids<SeriesKey>,
 }
 
 #[derive(Debug, Clone)]
@@ -70,6 +69,9 @@ pub struct StoreConfig {
     pub max_batch_items: usize,
     /// Recent trace ids remembered so that their late spans share a `traces` row.
     pub trace_cache: usize,
+    /// How long data is kept; lists of services, operations and metrics show only what was seen
+    /// within it.
+    pub retention: Duration,
     /// How often retention runs; under load a retention pass still takes a step at least this often.
     pub retention_check_interval: Duration,
 }
@@ -81,6 +83,7 @@ impl StoreConfig {
             queue_capacity: 262_144,
             max_batch_items: 32_768,
             trace_cache: 500_000,
+            retention: Duration::from_secs(86_400),
             retention_check_interval: Duration::from_secs(60),
         }
     }
@@ -95,6 +98,7 @@ pub struct Store {
     pub dicts: Arc<Dicts>,
     metrics: Arc<Metrics>,
     path: PathBuf,
+    retention: Duration,
 }
 
 /// Owns the writer task; [`WriterHandle::shutdown`] writes what is queued and closes the database.
@@ -155,6 +159,7 @@ impl Store {
             dicts,
             metrics,
             path: cfg.path.clone(),
+            retention: cfg.retention,
         };
         Ok((store, WriterHandle { tx, task }))
     }
@@ -181,6 +186,12 @@ impl Store {
     /// Asks the writer to remove everything older than `cutoff_ns`, in small steps.
     pub fn prune(&self, cutoff_ns: i64) {
         let _ = self.tx.send(Command::Prune { cutoff_ns });
+    }
+
+    /// The oldest time whose data retention keeps: catalog entries last seen before it are not
+    /// listed (and the next retention pass removes them).
+    pub fn retention_cutoff_ns(&self) -> i64 {
+        now_ns().saturating_sub(self.retention.as_nanos().min(i64::MAX as u128) as i64)
     }
 
     /// Bytes used by the database file and its write-ahead log.
@@ -213,12 +224,6 @@ async fn load_dicts(conn: &mut SqliteConnection, trace_cache: usize) -> Result<D
         .into_iter()
         .map(|r| Ok(((r.try_get(1)?, r.try_get(2)?, r.try_get(3)?, r.try_get(4)?, r.try_get(5)?), r.try_get(0)?)))
         .collect::<Result<Vec<(ScopeKey, i64)>, sqlx::Error>>()?;
-    let operations = sqlx::query("SELECT service, name, kind FROM operations")
-        .fetch_all(&mut *conn)
-        .await?
-        .into_iter()
-        .map(|r| Ok(((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?), 0)))
-        .collect::<Result<Vec<(OperationKey, i64)>, sqlx::Error>>()?;
     let metrics = sqlx::query("SELECT id, name, description, unit, type, temporality, monotonic, metadata FROM metrics")
         .fetch_all(&mut *conn)
         .await?
@@ -242,10 +247,13 @@ async fn load_dicts(conn: &mut SqliteConnection, trace_cache: usize) -> Result<D
         resources: Interner::new(resources),
         scopes: Interner::new(scopes),
         traces: TraceRefs::new(next_trace, trace_cache),
-        operations: Interner::new(operations),
-        metrics: Interner::new(metrics),
-        series: Interner::new(series),
+        metrics: Ids::new(metrics),
+        series: Ids::new(series),
     })
+}
+
+pub(crate) fn now_ns() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
 }
 
 /// Parses a 32-digit hex trace id (shorter ids are padded on the left, as Jaeger does).

@@ -244,8 +244,12 @@ fn span_from_row(r: &sqlx::sqlite::SqliteRow, dict: &StringsSnapshot) -> Result<
 }
 
 impl Store {
+    /// Services with spans within the retention.
     pub async fn services(&self) -> Result<Vec<String>, StoreError> {
-        let rows = sqlx::query("SELECT DISTINCT service FROM operations").fetch_all(&self.read).await?;
+        let rows = sqlx::query("SELECT DISTINCT service FROM operations WHERE last_seen_ns >= ?")
+            .bind(self.retention_cutoff_ns())
+            .fetch_all(&self.read)
+            .await?;
         let dict = self.dicts.strings.snapshot();
         let mut names: Vec<String> = rows
             .iter()
@@ -255,10 +259,14 @@ impl Store {
         Ok(names)
     }
 
-    /// A service's operations as (name, span kind), sorted by name.
+    /// A service's operations with spans within the retention, as (name, span kind), sorted by name.
     pub async fn operations(&self, service: &str, kind: Option<i32>) -> Result<Vec<(String, i32)>, StoreError> {
         let Some(service) = self.dicts.strings.find(service) else { return Ok(Vec::new()) };
-        let rows = sqlx::query("SELECT name, kind FROM operations WHERE service = ?").bind(service).fetch_all(&self.read).await?;
+        let rows = sqlx::query("SELECT name, kind FROM operations WHERE service = ? AND last_seen_ns >= ?")
+            .bind(service)
+            .bind(self.retention_cutoff_ns())
+            .fetch_all(&self.read)
+            .await?;
         let dict = self.dicts.strings.snapshot();
         let mut ops: Vec<(String, i32)> = rows
             .iter()
@@ -614,14 +622,18 @@ impl Store {
         Ok(out)
     }
 
+    /// Metrics with points within the retention; `series_count` counts those series.
     pub async fn metric_defs(&self) -> Result<Vec<MetricDef>, StoreError> {
         let rows = sqlx::query(
             "SELECT m.id, m.name, m.description, m.unit, m.type, m.temporality, m.monotonic, \
-             (SELECT COUNT(*) FROM metric_series s WHERE s.metric = m.id) FROM metrics m ORDER BY m.name, m.id",
+             (SELECT COUNT(*) FROM metric_series s WHERE s.metric = m.id AND s.last_seen_ns >= ?) FROM metrics m \
+             ORDER BY m.name, m.id",
         )
+        .bind(self.retention_cutoff_ns())
         .fetch_all(&self.read)
         .await?;
-        rows.iter().map(metric_def).collect()
+        let defs: Vec<MetricDef> = rows.iter().map(metric_def).collect::<Result<_, _>>()?;
+        Ok(defs.into_iter().filter(|d| d.series_count > 0).collect())
     }
 
     /// Series of the metrics with this name, with their points in the window (at most

@@ -14,6 +14,8 @@ pub type Q<'q> = Query<'q, Sqlite, SqliteArguments>;
 pub trait Insert {
     const TABLE: &'static str;
     const COLUMNS: &'static [&'static str];
+    /// What to do with a row whose key is there already (an `ON CONFLICT` clause); none by default.
+    const UPSERT: &'static str = "";
     fn bind(self, q: Q<'_>) -> Q<'_>;
 }
 
@@ -173,6 +175,8 @@ impl Insert for ScopeRow {
 /// name, description, unit, type, temporality, monotonic, encoded metadata.
 pub type MetricKey = (String, String, String, i32, i32, bool, Vec<u8>);
 
+/// Written by every transaction with points of the metric (retention removes metrics without
+/// series), so the row is there whenever a series refers to it.
 #[derive(Debug, Clone)]
 pub struct MetricRow {
     pub id: i64,
@@ -183,6 +187,7 @@ impl Insert for MetricRow {
     const TABLE: &'static str = "metrics";
     const COLUMNS: &'static [&'static str] =
         &["id", "name", "description", "unit", "type", "temporality", "monotonic", "metadata"];
+    const UPSERT: &'static str = "ON CONFLICT (id) DO NOTHING";
     fn bind(self, q: Q<'_>) -> Q<'_> {
         let (name, description, unit, ty, temporality, monotonic, metadata) = self.key;
         q.bind(self.id).bind(name).bind(description).bind(unit).bind(ty).bind(temporality).bind(monotonic).bind(metadata)
@@ -192,29 +197,44 @@ impl Insert for MetricRow {
 /// metric, resource, scope, encoded attributes.
 pub type SeriesKey = (i64, i64, i64, Vec<u8>);
 
+/// A series and the time of its latest point in a request (or transaction). Written by every
+/// transaction with points of the series, raising `last_seen_ns`: retention may have removed the
+/// row, and the points must find it again.
 #[derive(Debug, Clone)]
 pub struct SeriesRow {
     pub id: i64,
     pub key: SeriesKey,
+    pub last_seen_ns: i64,
 }
 
 impl Insert for SeriesRow {
     const TABLE: &'static str = "metric_series";
-    const COLUMNS: &'static [&'static str] = &["id", "metric", "resource", "scope", "attributes"];
+    const COLUMNS: &'static [&'static str] = &["id", "metric", "resource", "scope", "attributes", "last_seen_ns"];
+    const UPSERT: &'static str = "ON CONFLICT (id) DO UPDATE SET last_seen_ns = max(last_seen_ns, excluded.last_seen_ns)";
     fn bind(self, q: Q<'_>) -> Q<'_> {
         let (metric, resource, scope, attributes) = self.key;
-        q.bind(self.id).bind(metric).bind(resource).bind(scope).bind(attributes)
+        q.bind(self.id).bind(metric).bind(resource).bind(scope).bind(attributes).bind(self.last_seen_ns)
     }
 }
 
 /// service, name, kind: one row per distinct operation, for the operations lists.
 pub type OperationKey = (i64, i64, i32);
 
-impl Insert for OperationKey {
+/// An operation and the latest start of its spans in a request (or transaction).
+#[derive(Debug, Clone)]
+pub struct OperationRow {
+    pub key: OperationKey,
+    pub last_seen_ns: i64,
+}
+
+impl Insert for OperationRow {
     const TABLE: &'static str = "operations";
-    const COLUMNS: &'static [&'static str] = &["service", "name", "kind"];
+    const COLUMNS: &'static [&'static str] = &["service", "name", "kind", "last_seen_ns"];
+    const UPSERT: &'static str =
+        "ON CONFLICT (service, name, kind) DO UPDATE SET last_seen_ns = max(last_seen_ns, excluded.last_seen_ns)";
     fn bind(self, q: Q<'_>) -> Q<'_> {
-        q.bind(self.0).bind(self.1).bind(self.2)
+        let (service, name, kind) = self.key;
+        q.bind(service).bind(name).bind(kind).bind(self.last_seen_ns)
     }
 }
 
@@ -234,15 +254,20 @@ impl Insert for (i64, Arc<str>) {
     }
 }
 
-/// What one export request adds, converted and ready to insert.
+/// What one export request adds, converted and ready to insert. The catalog rows (operations,
+/// metrics, series) are the distinct ones the request's items use, once each.
 #[derive(Debug, Default)]
 pub struct Rows {
     pub spans: Vec<SpanRow>,
     pub points: Vec<PointRow>,
     pub logs: Vec<LogRow>,
+    pub operations: Vec<OperationRow>,
+    pub metrics: Vec<MetricRow>,
+    pub series: Vec<SeriesRow>,
 }
 
 impl Rows {
+    /// Items (spans, points, log records): what the queue and the batch limit count.
     pub fn len(&self) -> usize {
         self.spans.len() + self.points.len() + self.logs.len()
     }

@@ -4,14 +4,14 @@
 //! the queue is empty, and under load on a time share (see [`Writer::run`]), so a steady stream of
 //! exports cannot starve it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sqlx::{AssertSqlSafe, Connection, SqliteConnection};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 
-use super::rows::{Insert, Rows};
+use super::rows::{Insert, MetricRow, OperationKey, OperationRow, Rows, SeriesRow};
 use super::{Dicts, StoreError};
 use crate::metrics::Metrics;
 
@@ -125,19 +125,33 @@ impl Writer {
         let resources = d.resources.take_pending();
         let scopes = d.scopes.take_pending();
         let traces = d.traces.take_pending();
-        let operations = d.operations.take_pending();
-        let metric_defs = d.metrics.take_pending();
-        let series = d.series.take_pending();
 
         let mut all = Rows::default();
         let mut acks = Vec::with_capacity(group.len());
         let n_requests = group.len();
+        // Catalog rows once per transaction, with the latest time any request saw, in key order.
+        let mut operations: BTreeMap<OperationKey, i64> = BTreeMap::new();
+        let mut metric_defs: BTreeMap<i64, MetricRow> = BTreeMap::new();
+        let mut series: BTreeMap<i64, SeriesRow> = BTreeMap::new();
         for (rows, permit, ack) in group {
             all.spans.extend(rows.spans);
             all.points.extend(rows.points);
             all.logs.extend(rows.logs);
+            for op in rows.operations {
+                let t = operations.entry(op.key).or_insert(op.last_seen_ns);
+                *t = (*t).max(op.last_seen_ns);
+            }
+            for m in rows.metrics {
+                metric_defs.entry(m.id).or_insert(m);
+            }
+            for s in rows.series {
+                let e = series.entry(s.id).or_insert_with(|| s.clone());
+                e.last_seen_ns = e.last_seen_ns.max(s.last_seen_ns);
+            }
             acks.push((permit, ack));
         }
+        let operations: Vec<OperationRow> =
+            operations.into_iter().map(|(key, last_seen_ns)| OperationRow { key, last_seen_ns }).collect();
 
         let result: Result<(), sqlx::Error> = async {
             let mut tx = self.conn.begin().await?;
@@ -145,9 +159,9 @@ impl Writer {
             insert(&mut self.sql, &mut tx, resources.clone()).await?;
             insert(&mut self.sql, &mut tx, scopes.clone()).await?;
             insert(&mut self.sql, &mut tx, traces.clone()).await?;
-            insert(&mut self.sql, &mut tx, operations.clone()).await?;
-            insert(&mut self.sql, &mut tx, metric_defs.clone()).await?;
-            insert(&mut self.sql, &mut tx, series.clone()).await?;
+            insert(&mut self.sql, &mut tx, operations).await?;
+            insert(&mut self.sql, &mut tx, metric_defs.into_values().collect()).await?;
+            insert(&mut self.sql, &mut tx, series.into_values().collect()).await?;
             insert(&mut self.sql, &mut tx, all.spans).await?;
             insert(&mut self.sql, &mut tx, all.points).await?;
             insert(&mut self.sql, &mut tx, all.logs).await?;
@@ -169,9 +183,6 @@ impl Writer {
                 d.resources.restore_pending(resources);
                 d.scopes.restore_pending(scopes);
                 d.traces.restore_pending(traces);
-                d.operations.restore_pending(operations);
-                d.metrics.restore_pending(metric_defs);
-                d.series.restore_pending(series);
                 Err(StoreError::Write)
             }
         };
@@ -194,15 +205,20 @@ impl Writer {
         self.prune = Some(Prune { cutoff_ns, min_trace_ref, next_step: Instant::now() });
     }
 
-    /// Deletes one chunk from each table; ends the pass when nothing is left to delete.
+    /// Deletes one chunk from each data table; once they hold nothing older than the cutoff, one
+    /// chunk from each catalog table (operations and series last seen before the cutoff, metrics
+    /// left without series). Ends the pass when nothing is left to delete.
+    ///
+    /// Spans and logs are found through `(service, time)` indexes, for every service that has a
+    /// resource (resources are never removed, so no span or log is left out).
     async fn prune_step(&mut self) {
         let Some(p) = &self.prune else { return };
         let (cutoff, min_ref) = (p.cutoff_ns, p.min_trace_ref);
         let started = Instant::now();
-        let steps: [(&str, &'static str, Vec<i64>); 4] = [
+        let data: [(&str, &'static str, Vec<i64>); 4] = [
             (
                 "spans",
-                "DELETE FROM spans WHERE rowid IN (SELECT rowid FROM spans WHERE service IN (SELECT DISTINCT service FROM operations) AND start_ns < ?1 LIMIT ?2)",
+                "DELETE FROM spans WHERE rowid IN (SELECT rowid FROM spans WHERE service IN (SELECT DISTINCT service FROM resources) AND start_ns < ?1 LIMIT ?2)",
                 vec![cutoff, PRUNE_CHUNK],
             ),
             (
@@ -221,6 +237,39 @@ impl Writer {
                 vec![cutoff, PRUNE_CHUNK],
             ),
         ];
+        let catalog: [(&str, &'static str, Vec<i64>); 3] = [
+            (
+                "operations",
+                "DELETE FROM operations WHERE (service, name, kind) IN (SELECT service, name, kind FROM operations WHERE last_seen_ns < ?1 LIMIT ?2)",
+                vec![cutoff, PRUNE_CHUNK],
+            ),
+            (
+                "metric_series",
+                "DELETE FROM metric_series WHERE id IN (SELECT id FROM metric_series WHERE last_seen_ns < ?1 LIMIT ?2)",
+                vec![cutoff, PRUNE_CHUNK],
+            ),
+            (
+                "metrics",
+                "DELETE FROM metrics WHERE id IN (SELECT id FROM metrics m WHERE NOT EXISTS (SELECT 1 FROM metric_series s WHERE s.metric = m.id) LIMIT ?1)",
+                vec![PRUNE_CHUNK],
+            ),
+        ];
+        let Some(mut total) = self.delete_chunks(data).await else { return };
+        if total == 0 {
+            let Some(n) = self.delete_chunks(catalog).await else { return };
+            total = n;
+        }
+        if total == 0 {
+            self.prune = None;
+            self.metrics.retention_runs.inc();
+        } else if let Some(p) = &mut self.prune {
+            let took = started.elapsed();
+            p.next_step = Instant::now() + (took * INGEST_SHARE).min(self.prune_every);
+        }
+    }
+
+    /// Runs the deletes in order; `None` (and the pass given up until the next check) on an error.
+    async fn delete_chunks<const N: usize>(&mut self, steps: [(&str, &'static str, Vec<i64>); N]) -> Option<u64> {
         let mut total = 0;
         for (table, sql, args) in steps {
             let mut q = sqlx::query(sql);
@@ -235,17 +284,11 @@ impl Writer {
                 Err(e) => {
                     tracing::error!(error = %e, table, "retention step failed; trying again next pass");
                     self.prune = None;
-                    return;
+                    return None;
                 }
             }
         }
-        if total == 0 {
-            self.prune = None;
-            self.metrics.retention_runs.inc();
-        } else if let Some(p) = &mut self.prune {
-            let took = started.elapsed();
-            p.next_step = Instant::now() + (took * INGEST_SHARE).min(self.prune_every);
-        }
+        Some(total)
     }
 }
 
@@ -258,7 +301,7 @@ async fn insert<R: Insert>(
     let mut left = rows.len();
     while left > 0 {
         let n = CHUNKS.into_iter().find(|&c| c <= left).unwrap_or(1);
-        let sql = sql_cache.entry((R::TABLE, n)).or_insert_with(|| insert_sql(R::TABLE, R::COLUMNS, n));
+        let sql = sql_cache.entry((R::TABLE, n)).or_insert_with(|| insert_sql(R::TABLE, R::COLUMNS, R::UPSERT, n));
         let mut q = sqlx::query(AssertSqlSafe(sql.clone()));
         for row in rows.by_ref().take(n) {
             q = row.bind(q);
@@ -269,9 +312,10 @@ async fn insert<R: Insert>(
     Ok(())
 }
 
-fn insert_sql(table: &str, columns: &[&str], rows: usize) -> String {
+fn insert_sql(table: &str, columns: &[&str], upsert: &str, rows: usize) -> String {
     let one = format!("({})", vec!["?"; columns.len()].join(","));
-    format!("INSERT INTO {table} ({}) VALUES {}", columns.join(","), vec![one; rows].join(","))
+    let sql = format!("INSERT INTO {table} ({}) VALUES {}", columns.join(","), vec![one; rows].join(","));
+    if upsert.is_empty() { sql } else { format!("{sql} {upsert}") }
 }
 
 #[cfg(test)]
@@ -290,7 +334,11 @@ mod tests {
 
     #[test]
     fn insert_sql_has_one_placeholder_per_value() {
-        assert_eq!(super::insert_sql("t", &["a", "b"], 2), "INSERT INTO t (a,b) VALUES (?,?),(?,?)");
+        assert_eq!(super::insert_sql("t", &["a", "b"], "", 2), "INSERT INTO t (a,b) VALUES (?,?),(?,?)");
+        assert_eq!(
+            super::insert_sql("t", &["a"], "ON CONFLICT (a) DO NOTHING", 1),
+            "INSERT INTO t (a) VALUES (?) ON CONFLICT (a) DO NOTHING"
+        );
     }
 
     fn spans(first: u64, n: u64, start_ns: u64) -> ExportTraceServiceRequest {
