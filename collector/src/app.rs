@@ -73,7 +73,8 @@ impl App {
         let max = self.cfg.max_message_size;
         let grpc_router = otlp::grpc::router(ingest.clone(), max);
         let otlp_http_router = otlp::http::router(ingest, max);
-        let http_router = http_router(self.store.clone(), self.metrics.clone());
+        let http_addr = self.http.local_addr()?;
+        let http_router = http_router(self.store.clone(), self.metrics.clone()).merge(dashboard(&self.cfg, http_addr));
 
         let every = self.cfg.retention_check_every();
         let retention = tokio::spawn(retention_loop(self.store.clone(), every));
@@ -108,6 +109,20 @@ impl App {
         tracing::info!("collector stopped");
         Ok(())
     }
+}
+
+/// The dashboard's pages (rendered here, reading this collector's own API over loopback) and its
+/// browser files.
+fn dashboard(cfg: &Config, http_addr: SocketAddr) -> Router {
+    if !cfg.ui_dir.join("pkg").join("ui.js").exists() {
+        tracing::warn!(ui_dir = %cfg.ui_dir.display(), "the dashboard's browser files are missing (run ui/build.sh): pages will not be interactive");
+    }
+    let api_base = if http_addr.ip().is_unspecified() {
+        format!("http://127.0.0.1:{}", http_addr.port())
+    } else {
+        format!("http://{http_addr}")
+    };
+    ui::server::router(&cfg.ui_dir, api_base)
 }
 
 fn http_router(store: Store, metrics: Arc<Metrics>) -> Router {

@@ -46,6 +46,15 @@ pub struct Config {
     /// Seconds to finish in-flight requests on SIGTERM or SIGINT before stopping.
     #[arg(long, env = "COLLECTOR_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_retention)]
     pub shutdown_grace: Duration,
+
+    /// The dashboard's built browser files (`pkg/ui.js`, `pkg/ui_bg.wasm`, `pkg/ui.css`), made by
+    /// `ui/build.sh`. Without them the pages are still rendered, but not interactive.
+    #[arg(long, env = "COLLECTOR_UI_DIR", default_value = "target/site")]
+    pub ui_dir: PathBuf,
+
+    /// The service registry whose state the dashboard shows.
+    #[arg(long, env = "COLLECTOR_REGISTRY_URL", default_value = "http://127.0.0.1:8500")]
+    pub registry_url: String,
 }
 
 impl Config {

@@ -180,7 +180,7 @@ impl State {
 
     pub fn deregister(&mut self, instance_id: &str, now: i64) -> Option<Vec<Change>> {
         let e = self.instances.remove(instance_id)?;
-        let mut changes = vec![Change::Delete(instance_id.to_owned()), Self::event("DEREGISTERED", &e, "graceful shutdown".into(), now)];
+        let mut changes = vec![Change::Delete(instance_id.to_owned()), Self::event("DEREGISTERED", &e, "deregistered through the API".into(), now)];
         self.bump(&mut changes);
         Some(changes)
     }

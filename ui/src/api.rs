@@ -1,0 +1,276 @@
+//! The collector's JSON API as the dashboard reads it. On the server the page is rendered from
+//! the same API over loopback (the base URL comes from the context); in the browser, from the
+//! page's own origin.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Where the API is, during server rendering (the collector's own address).
+#[derive(Clone, Debug)]
+pub struct ApiBase(pub String);
+
+/// The base URL to call: the context's on the server, the page's origin in the browser.
+pub fn base() -> String {
+    #[cfg(feature = "hydrate")]
+    {
+        if let Some(origin) = web_sys::window().and_then(|w| w.location().origin().ok()) {
+            return origin;
+        }
+    }
+    leptos::prelude::use_context::<ApiBase>().map(|b| b.0).unwrap_or_default()
+}
+
+/// GETs `path` (with its query) and decodes the JSON answer; an error answer's message is kept.
+/// The future is `Send` everywhere (in the browser by wrapping: there is only one thread).
+pub fn get<T: DeserializeOwned + 'static>(base: &str, path: &str) -> impl Future<Output = Result<T, String>> + Send + 'static {
+    let fut = fetch::<T>(format!("{base}{path}"), path.to_owned());
+    #[cfg(feature = "hydrate")]
+    let fut = send_wrapper::SendWrapper::new(fut);
+    fut
+}
+
+/// GET `url`: the status and the body. reqwest on the server; the browser's `fetch` in wasm
+/// (reqwest's wasm build would bring a second copy of wasm-streams next to Leptos's).
+async fn fetch_text(url: &str) -> Result<(u16, String), String> {
+    #[cfg(feature = "ssr")]
+    {
+        let resp = reqwest::get(url).await.map_err(|e| format!("the collector could not be reached: {e}"))?;
+        let status = resp.status().as_u16();
+        let text = resp.text().await.map_err(|e| format!("reading the answer: {e}"))?;
+        Ok((status, text))
+    }
+    #[cfg(all(feature = "hydrate", not(feature = "ssr")))]
+    {
+        use wasm_bindgen::JsCast;
+        use wasm_bindgen_futures::JsFuture;
+        let window = web_sys::window().ok_or("no window")?;
+        let resp = JsFuture::from(window.fetch_with_str(url)).await.map_err(|_| "the collector could not be reached".to_owned())?;
+        let resp: web_sys::Response = resp.dyn_into().map_err(|_| "fetch gave no response".to_owned())?;
+        let text = resp.text().map_err(|_| "reading the answer failed".to_owned())?;
+        let text = JsFuture::from(text).await.map_err(|_| "reading the answer failed".to_owned())?;
+        Ok((resp.status(), text.as_string().unwrap_or_default()))
+    }
+    #[cfg(not(any(feature = "ssr", feature = "hydrate")))]
+    {
+        Err(format!("no HTTP client in this build to fetch {url}"))
+    }
+}
+
+async fn fetch<T: DeserializeOwned>(url: String, path: String) -> Result<T, String> {
+    let (status, text) = fetch_text(&url).await?;
+    if !(200..300).contains(&status) {
+        let message = serde_json::from_str::<Value>(&text)
+            .ok()
+            .and_then(|v| v["error"].as_str().or(v["error"]["message"].as_str()).map(str::to_owned))
+            .unwrap_or(text);
+        return Err(format!("{status}: {message}"));
+    }
+    serde_json::from_str(&text).map_err(|e| format!("unexpected answer from {path}: {e}"))
+}
+
+/// Percent-encodes a query value.
+pub fn enc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => out.push(b as char),
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Services {
+    pub services: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Operation {
+    pub name: String,
+    pub kind: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Operations {
+    pub operations: Vec<Operation>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceCount {
+    pub name: String,
+    pub span_count: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TraceSummary {
+    pub trace_id: String,
+    pub root_service: String,
+    pub root_operation: String,
+    pub start_time_unix_nano: String,
+    pub duration_nanos: i64,
+    pub span_count: u64,
+    pub error_count: u64,
+    pub services: Vec<ServiceCount>,
+}
+
+impl TraceSummary {
+    pub fn start_ns(&self) -> i64 {
+        self.start_time_unix_nano.parse().unwrap_or(0)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SearchResult {
+    pub traces: Vec<TraceSummary>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeyValue {
+    pub key: String,
+    pub value: Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Resource {
+    pub id: i64,
+    pub service_name: String,
+    pub attributes: Vec<KeyValue>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Scope {
+    pub id: i64,
+    pub name: String,
+    #[serde(default)]
+    pub version: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SpanStatus {
+    pub code: String,
+    #[serde(default)]
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Event {
+    pub time_unix_nano: String,
+    pub name: String,
+    #[serde(default)]
+    pub attributes: Vec<KeyValue>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Link {
+    pub trace_id: String,
+    pub span_id: String,
+    #[serde(default)]
+    pub attributes: Vec<KeyValue>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Span {
+    pub span_id: String,
+    #[serde(default)]
+    pub parent_span_id: String,
+    #[serde(default)]
+    pub trace_state: String,
+    pub name: String,
+    pub kind: String,
+    pub service: String,
+    pub resource: i64,
+    #[serde(default)]
+    pub scope: i64,
+    pub start_time_unix_nano: String,
+    pub end_time_unix_nano: String,
+    pub duration_nanos: i64,
+    pub status: SpanStatus,
+    #[serde(default)]
+    pub attributes: Vec<KeyValue>,
+    #[serde(default)]
+    pub events: Vec<Event>,
+    #[serde(default)]
+    pub links: Vec<Link>,
+    #[serde(default)]
+    pub dropped_attributes_count: u64,
+    #[serde(default)]
+    pub dropped_events_count: u64,
+    #[serde(default)]
+    pub dropped_links_count: u64,
+    #[serde(default)]
+    pub flags: u64,
+}
+
+impl Span {
+    pub fn start_ns(&self) -> i64 {
+        self.start_time_unix_nano.parse().unwrap_or(0)
+    }
+    pub fn end_ns(&self) -> i64 {
+        self.end_time_unix_nano.parse().unwrap_or(0)
+    }
+    pub fn is_error(&self) -> bool {
+        self.status.code == "ERROR"
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Trace {
+    pub trace_id: String,
+    pub start_time_unix_nano: String,
+    pub duration_nanos: i64,
+    pub span_count: u64,
+    pub resources: Vec<Resource>,
+    #[serde(default)]
+    pub scopes: Vec<Scope>,
+    pub spans: Vec<Span>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Dependency {
+    pub parent: String,
+    pub child: String,
+    pub call_count: u64,
+    pub error_count: u64,
+    pub p50_nanos: i64,
+    pub p99_nanos: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Dependencies {
+    pub dependencies: Vec<Dependency>,
+}
+
+/// The text of an OTLP/JSON `AnyValue`, as the dashboard shows it (never as markup).
+pub fn any_value_text(v: &Value) -> String {
+    let Some((kind, inner)) = v.as_object().and_then(|o| o.iter().next()) else { return String::new() };
+    match (kind.as_str(), inner) {
+        ("stringValue", Value::String(s)) => s.clone(),
+        ("intValue", Value::String(s)) => s.clone(),
+        ("arrayValue", a) => {
+            let items: Vec<String> = a["values"].as_array().map(|vs| vs.iter().map(any_value_text).collect()).unwrap_or_default();
+            format!("[{}]", items.join(", "))
+        }
+        ("kvlistValue", kv) => {
+            let items: Vec<String> = kv["values"]
+                .as_array()
+                .map(|vs| vs.iter().map(|e| format!("{}={}", e["key"].as_str().unwrap_or(""), any_value_text(&e["value"]))).collect())
+                .unwrap_or_default();
+            format!("{{{}}}", items.join(", "))
+        }
+        (_, other) => match other {
+            Value::String(s) => s.clone(),
+            o => o.to_string(),
+        },
+    }
+}

@@ -1,0 +1,51 @@
+//! The app: the HTML shell, the top navigation and the routes. Every page's state is in its URL
+//! (path and query string), so a link reproduces it and the back button works.
+
+use leptos::prelude::*;
+use leptos_meta::{MetaTags, Stylesheet, Title, provide_meta_context};
+use leptos_router::components::{A, Route, Router, Routes};
+use leptos_router::path;
+
+use crate::pages;
+
+/// The HTML document around the app (server side).
+pub fn shell(options: LeptosOptions) -> impl IntoView {
+    view! {
+        <!DOCTYPE html>
+        <html lang="en">
+            <head>
+                <meta charset="utf-8"/>
+                <meta name="viewport" content="width=device-width, initial-scale=1"/>
+                <HydrationScripts options/>
+                <MetaTags/>
+            </head>
+            <body>
+                <App/>
+            </body>
+        </html>
+    }
+}
+
+#[component]
+pub fn App() -> impl IntoView {
+    provide_meta_context();
+    view! {
+        <Stylesheet id="switchyard" href="/pkg/ui.css"/>
+        <Title text="Switchyard"/>
+        <Router>
+            <header class="top">
+                <A href="/" attr:class="brand">"Switchyard"</A>
+                <nav>
+                    <A href="/traces">"Traces"</A>
+                </nav>
+            </header>
+            <main>
+                <Routes fallback=|| view! { <p class="notice">"There is no such page."</p> }>
+                    <Route path=path!("/") view=pages::traces::TracesPage/>
+                    <Route path=path!("/traces") view=pages::traces::TracesPage/>
+                    <Route path=path!("/traces/:id") view=pages::trace::TracePage/>
+                </Routes>
+            </main>
+        </Router>
+    }
+}

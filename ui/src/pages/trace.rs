@@ -1,0 +1,355 @@
+//! One trace: a header, a search inside the trace, the waterfall (span tree with collapse and
+//! expand, per-service colours, error markers, event marks, the critical path, a time axis) and the
+//! panel of the selected span. Only the rows in view are in the DOM, so a trace of 100,000 spans
+//! scrolls like a small one. The selected span, the search and the time zone are in the URL.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use leptos::prelude::*;
+use leptos_router::NavigateOptions;
+use leptos_router::components::A;
+use leptos_router::hooks::{use_navigate, use_params_map, use_query_map};
+
+use crate::api::{self, KeyValue, Trace, any_value_text, enc};
+use crate::format;
+use crate::waterfall::{Layout, search};
+
+const ROW_H: f64 = 24.0;
+const VIEW_H: f64 = 640.0;
+const OVERSCAN: usize = 20;
+
+#[component]
+pub fn TracePage() -> impl IntoView {
+    let params = use_params_map();
+    let id = Memo::new(move |_| params.read().get("id").unwrap_or_default());
+    // Fetched by the browser, not embedded in the page: a big trace would double the HTML.
+    let trace = LocalResource::new(move || {
+        let id = id.get();
+        async move {
+            let base = api::base();
+            api::get::<Trace>(&base, &format!("/api/v1/traces/{}", enc(&id))).await.map(Arc::new)
+        }
+    });
+    view! {
+        <Suspense fallback=|| view! { <p class="notice">"Loading the trace…"</p> }>
+            {move || trace.get().map(|r| match r {
+                Ok(t) => view! { <TraceView trace=t/> }.into_any(),
+                Err(e) => view! { <p class="notice error" data-testid="trace-error">"This trace could not be shown: " {e}</p> }.into_any(),
+            })}
+        </Suspense>
+    }
+}
+
+fn attrs_table(attrs: &[KeyValue]) -> impl IntoView + use<> {
+    let rows = attrs
+        .iter()
+        .map(|a| {
+            let (k, v) = (a.key.clone(), any_value_text(&a.value));
+            view! { <tr><th>{k}</th><td>{v}</td></tr> }
+        })
+        .collect_view();
+    view! { <table class="attrs">{rows}</table> }
+}
+
+#[component]
+fn TraceView(trace: Arc<Trace>) -> impl IntoView {
+    let layout = Arc::new(Layout::new(&trace));
+    let query = use_query_map();
+    let navigate = use_navigate();
+    let local = Memo::new(move |_| query.read().get("tz").is_some_and(|z| z == "local"));
+    let q = Memo::new(move |_| query.read().get("q").unwrap_or_default());
+    let selected_id = Memo::new(move |_| query.read().get("span").unwrap_or_default());
+    let collapsed = RwSignal::new(HashSet::<usize>::new());
+    let scroll_top = RwSignal::new(0.0_f64);
+
+    let matches = {
+        let trace = trace.clone();
+        Memo::new(move |_| Arc::new(search(&trace, &q.get())))
+    };
+    let visible = {
+        let layout = layout.clone();
+        Memo::new(move |_| Arc::new(layout.visible(&collapsed.read())))
+    };
+
+    // The URL with one parameter changed.
+    let href_with = move |key: &'static str, value: String| {
+        let m = query.get_untracked();
+        let mut parts: Vec<String> = ["span", "q", "tz"]
+            .iter()
+            .filter(|k| **k != key)
+            .filter_map(|k| m.get(k).filter(|v| !v.is_empty()).map(|v| format!("{k}={}", enc(&v))))
+            .collect();
+        if !value.is_empty() {
+            parts.push(format!("{key}={}", enc(&value)));
+        }
+        parts.join("&")
+    };
+
+    let root = layout.order.first().map(|&i| trace.spans[i].clone());
+    let services: HashSet<&str> = trace.spans.iter().map(|s| s.service.as_str()).collect();
+    let errors = trace.spans.iter().filter(|s| s.is_error()).count();
+    let total = (layout.end_ns - layout.start_ns).max(1);
+    let (start_ns, trace_id) = (layout.start_ns, trace.trace_id.clone());
+    let title = root.as_ref().map_or_else(|| "(no root span)".to_owned(), |r| format!("{}: {}", r.service, r.name));
+
+    let tz_href = {
+        let href_with = href_with.clone();
+        move || format!("?{}", href_with("tz", if local.get() { String::new() } else { "local".into() }))
+    };
+    let on_search = {
+        let navigate = navigate.clone();
+        let href_with = href_with.clone();
+        move |ev: leptos::ev::Event| {
+            let v = event_target_value(&ev);
+            navigate(&format!("?{}", href_with("q", v)), NavigateOptions { replace: true, ..Default::default() });
+        }
+    };
+    let download = {
+        let trace = trace.clone();
+        move |_| download_otlp(&trace)
+    };
+
+    // Rows in view.
+    let rows = {
+        let layout = layout.clone();
+        let trace = trace.clone();
+        let href_with = href_with.clone();
+        move || {
+            let vis = visible.get();
+            let first = ((scroll_top.get() / ROW_H) as usize).saturating_sub(OVERSCAN);
+            let last = (first + (VIEW_H / ROW_H) as usize + 2 * OVERSCAN).min(vis.len());
+            let matches = matches.get();
+            let selected = selected_id.get();
+            let coll = collapsed.get();
+            (first..last)
+                .map(|pos| {
+                    let i = vis[pos];
+                    let s = &trace.spans[i];
+                    let left = (s.start_ns() - start_ns) as f64 / total as f64 * 100.0;
+                    let width = (s.duration_nanos as f64 / total as f64 * 100.0).max(0.15);
+                    let indent = format!("padding-left:{}px", 6 + 14 * usize::from(layout.depth[i]).min(40));
+                    let colour = format::service_colour(&s.service);
+                    let bar_style = format!("left:{left:.4}%;width:{width:.4}%;background:{colour}");
+                    let has_kids = layout.descendants[i] > 0;
+                    let is_collapsed = coll.contains(&i);
+                    let marks = s
+                        .events
+                        .iter()
+                        .map(|e| {
+                            let t = e.time_unix_nano.parse::<i64>().unwrap_or(0);
+                            let at = (t - start_ns) as f64 / total as f64 * 100.0;
+                            view! { <span class="event-mark" style=format!("left:{at:.4}%")><title>{e.name.clone()}</title></span> }
+                        })
+                        .collect_view();
+                    let toggle = move |_| {
+                        collapsed.update(|c| {
+                            if !c.remove(&i) {
+                                c.insert(i);
+                            }
+                        })
+                    };
+                    let select_href = format!("?{}", href_with("span", s.span_id.clone()));
+                    let (is_selected, is_match, is_error, is_critical) = (s.span_id == selected, matches.contains(&i), s.is_error(), layout.critical[i]);
+                    let (span_id, service, name, dur) = (s.span_id.clone(), s.service.clone(), s.name.clone(), format::duration(s.duration_nanos));
+                    let dur_style = format!("left:{:.4}%", (left + width).min(92.0));
+                    let top = format!("top:{}px", pos as f64 * ROW_H);
+                    view! {
+                        <div class="row" style=top
+                            class:selected=is_selected
+                            class:match=is_match
+                            class:error=is_error
+                            class:critical=is_critical
+                            data-span-id=span_id>
+                            <div class="label" style=indent>
+                                {has_kids.then(|| view! {
+                                    <button class="toggle" on:click=toggle aria-label="collapse or expand" data-testid="toggle">
+                                        {if is_collapsed { "▸" } else { "▾" }}
+                                    </button>
+                                })}
+                                <A href=select_href attr:class="span-link">
+                                    <span class="svc" style=format!("color:{colour}")>{service}</span>
+                                    " "
+                                    <span class="name">{name}</span>
+                                </A>
+                                {is_error.then(|| view! { <span class="err-mark" title="error">"!"</span> })}
+                            </div>
+                            <div class="lane">
+                                <div class="bar" style=bar_style>{marks}</div>
+                                <span class="dur" style=dur_style>{dur}</span>
+                            </div>
+                        </div>
+                    }
+                })
+                .collect_view()
+        }
+    };
+
+    let panel = {
+        let trace = trace.clone();
+        let layout = layout.clone();
+        move || {
+            let id = selected_id.get();
+            let i = *layout.by_id.get(&id)?;
+            let s = trace.spans[i].clone();
+            let resource = trace.resources.iter().find(|r| r.id == s.resource).map(|r| r.attributes.clone()).unwrap_or_default();
+            let local = local.get();
+            let events = s
+                .events
+                .iter()
+                .map(|e| {
+                    let at = e.time_unix_nano.parse::<i64>().unwrap_or(0) - start_ns;
+                    view! { <li><b>{e.name.clone()}</b>" at +"{format::duration(at)}{attrs_table(&e.attributes)}</li> }
+                })
+                .collect_view();
+            let links = s
+                .links
+                .iter()
+                .map(|l| {
+                    let href = format!("/traces/{}?span={}", l.trace_id, l.span_id);
+                    view! { <li><A href=href attr:class="link" attr:data-testid="span-link">{format!("trace {} span {}", l.trace_id, l.span_id)}</A>{attrs_table(&l.attributes)}</li> }
+                })
+                .collect_view();
+            Some(view! {
+                <aside class="panel" data-testid="span-panel">
+                    <h2>{format!("{}: {}", s.service, s.name)}</h2>
+                    <dl>
+                        <dt>"Span"</dt><dd>{s.span_id.clone()}</dd>
+                        <dt>"Parent"</dt><dd>{if s.parent_span_id.is_empty() { "(root)".to_owned() } else { s.parent_span_id.clone() }}</dd>
+                        <dt>"Kind"</dt><dd>{s.kind.clone()}</dd>
+                        <dt>"Start"</dt><dd>{format::time(s.start_ns(), local)}" (+"{format::duration(s.start_ns() - start_ns)}")"</dd>
+                        <dt>"Duration"</dt><dd>{format::duration(s.duration_nanos)}</dd>
+                        <dt>"Status"</dt><dd class:error=s.is_error()>{format!("{} {}", s.status.code, s.status.message)}</dd>
+                    </dl>
+                    <h3>"Attributes"</h3>{attrs_table(&s.attributes)}
+                    <h3>"Resource"</h3>{attrs_table(&resource)}
+                    {(!s.events.is_empty()).then(|| view! { <h3>"Events"</h3><ul>{events}</ul> })}
+                    {(!s.links.is_empty()).then(|| view! { <h3>"Links"</h3><ul>{links}</ul> })}
+                </aside>
+            })
+        }
+    };
+
+    let axis = (0..=4)
+        .map(|k| {
+            let label = format::duration(total * k / 4);
+            view! { <span style=format!("left:{}%", k * 25)>{label}</span> }
+        })
+        .collect_view();
+    let height = move || format!("height:{}px", visible.get().len() as f64 * ROW_H);
+    let start_text = move || format::time(start_ns, local.get());
+    let match_count = move || {
+        let n = matches.get().len();
+        (!q.get().is_empty()).then(|| format!("{n} matching spans"))
+    };
+
+    view! {
+        <section class="trace" data-trace-id=trace_id.clone()>
+            <header class="trace-head">
+                <h1>{title}</h1>
+                <p class="facts">
+                    <span>{start_text}</span>
+                    <span>{format::duration(total)}</span>
+                    <span data-testid="span-count">{format!("{} spans", trace.spans.len())}</span>
+                    <span>{format!("{} services", services.len())}</span>
+                    <span class:error={errors > 0}>{format!("{errors} errors")}</span>
+                    <A href=tz_href>{move || if local.get() { "show UTC" } else { "show local time" }}</A>
+                    <button on:click=download data-testid="download">"Download OTLP JSON"</button>
+                </p>
+                <p class="find">
+                    <input type="search" placeholder="Find in trace: name, service, attribute…" prop:value=move || q.get() on:change=on_search data-testid="find"/>
+                    <span>{match_count}</span>
+                    <span class="legend"><span class="critical-key"></span>" critical path"</span>
+                </p>
+            </header>
+            <div class="split">
+                <div class="waterfall">
+                    <div class="axis">{axis}</div>
+                    <div class="viewport" style=format!("height:{VIEW_H}px") data-testid="waterfall"
+                        on:scroll=move |ev| {
+                            let top = event_target::<leptos::web_sys::Element>(&ev).scroll_top();
+                            scroll_top.set(f64::from(top));
+                        }>
+                        <div class="canvas" style=height>{rows}</div>
+                    </div>
+                </div>
+                {panel}
+            </div>
+        </section>
+    }
+}
+
+/// Saves the trace as OTLP/JSON (an `ExportTraceServiceRequest`), grouped by resource and scope.
+fn download_otlp(trace: &Trace) {
+    let json = otlp_json(trace);
+    #[cfg(feature = "hydrate")]
+    {
+        use wasm_bindgen::JsCast;
+        let parts = js_sys::Array::of1(&wasm_bindgen::JsValue::from_str(&json));
+        let opts = web_sys::BlobPropertyBag::new();
+        opts.set_type("application/json");
+        let Ok(blob) = web_sys::Blob::new_with_str_sequence_and_options(&parts, &opts) else { return };
+        let Ok(url) = web_sys::Url::create_object_url_with_blob(&blob) else { return };
+        if let Some(a) = web_sys::window()
+            .and_then(|w| w.document())
+            .and_then(|d| d.create_element("a").ok())
+            .and_then(|e| e.dyn_into::<web_sys::HtmlAnchorElement>().ok())
+        {
+            a.set_href(&url);
+            a.set_download(&format!("trace-{}.json", trace.trace_id));
+            a.click();
+        }
+        let _ = web_sys::Url::revoke_object_url(&url);
+    }
+    #[cfg(not(feature = "hydrate"))]
+    let _ = json;
+}
+
+pub fn otlp_json(t: &Trace) -> String {
+    use serde_json::{Value, json};
+    let kind = |k: &str| match k {
+        "internal" => 1,
+        "server" => 2,
+        "client" => 3,
+        "producer" => 4,
+        "consumer" => 5,
+        _ => 0,
+    };
+    let code = |c: &str| match c {
+        "OK" => 1,
+        "ERROR" => 2,
+        _ => 0,
+    };
+    let mut groups: Vec<((i64, i64), Vec<Value>)> = Vec::new();
+    for s in &t.spans {
+        let span = json!({
+            "traceId": t.trace_id, "spanId": s.span_id, "parentSpanId": s.parent_span_id, "traceState": s.trace_state,
+            "name": s.name, "kind": kind(&s.kind), "startTimeUnixNano": s.start_time_unix_nano, "endTimeUnixNano": s.end_time_unix_nano,
+            "attributes": s.attributes, "droppedAttributesCount": s.dropped_attributes_count,
+            "events": s.events.iter().map(|e| json!({"timeUnixNano": e.time_unix_nano, "name": e.name, "attributes": e.attributes})).collect::<Vec<_>>(),
+            "droppedEventsCount": s.dropped_events_count,
+            "links": s.links.iter().map(|l| json!({"traceId": l.trace_id, "spanId": l.span_id, "attributes": l.attributes})).collect::<Vec<_>>(),
+            "droppedLinksCount": s.dropped_links_count,
+            "status": {"code": code(&s.status.code), "message": s.status.message}, "flags": s.flags,
+        });
+        match groups.iter_mut().find(|(k, _)| *k == (s.resource, s.scope)) {
+            Some((_, v)) => v.push(span),
+            None => groups.push(((s.resource, s.scope), vec![span])),
+        }
+    }
+    let mut resource_spans: Vec<Value> = Vec::new();
+    for r in &t.resources {
+        let scope_spans: Vec<Value> = groups
+            .iter()
+            .filter(|((res, _), _)| *res == r.id)
+            .map(|((_, scope), spans)| {
+                let sc = t.scopes.iter().find(|s| s.id == *scope);
+                json!({"scope": {"name": sc.map_or("", |s| s.name.as_str()), "version": sc.map_or("", |s| s.version.as_str())}, "spans": spans})
+            })
+            .collect();
+        if !scope_spans.is_empty() {
+            resource_spans.push(json!({"resource": {"attributes": r.attributes}, "scopeSpans": scope_spans}));
+        }
+    }
+    json!({ "resourceSpans": resource_spans }).to_string()
+}
