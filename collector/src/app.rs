@@ -20,6 +20,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::otlp::{self, Ingest};
 use crate::query;
+use crate::query::registry::RegistryProxy;
 use crate::store::{Store, StoreConfig, WriterHandle};
 
 pub struct App {
@@ -27,6 +28,7 @@ pub struct App {
     store: Store,
     writer: WriterHandle,
     metrics: Arc<Metrics>,
+    registry: RegistryProxy,
     grpc: TcpListener,
     otlp_http: TcpListener,
     http: TcpListener,
@@ -43,6 +45,7 @@ pub struct Addrs {
 impl App {
     pub async fn build(cfg: Config) -> anyhow::Result<Self> {
         let metrics = Arc::new(Metrics::new());
+        let registry = RegistryProxy::new(&cfg.registry_url)?;
         let mut store_cfg = StoreConfig::new(&cfg.db);
         store_cfg.queue_capacity = cfg.queue_capacity as usize;
         store_cfg.retention = cfg.retention;
@@ -56,7 +59,7 @@ impl App {
         let grpc = bind(cfg.otlp_grpc_addr, "--otlp-grpc-addr").await?;
         let otlp_http = bind(cfg.otlp_http_addr, "--otlp-http-addr").await?;
         let http = bind(cfg.http_addr, "--http-addr").await?;
-        Ok(Self { cfg, store, writer, metrics, grpc, otlp_http, http })
+        Ok(Self { cfg, store, writer, metrics, registry, grpc, otlp_http, http })
     }
 
     pub fn addrs(&self) -> anyhow::Result<Addrs> {
@@ -74,7 +77,8 @@ impl App {
         let grpc_router = otlp::grpc::router(ingest.clone(), max);
         let otlp_http_router = otlp::http::router(ingest, max);
         let http_addr = self.http.local_addr()?;
-        let http_router = http_router(self.store.clone(), self.metrics.clone()).merge(dashboard(&self.cfg, http_addr));
+        let http_router =
+            http_router(self.store.clone(), self.metrics.clone(), self.registry).merge(dashboard(&self.cfg, http_addr));
 
         let every = self.cfg.retention_check_every();
         let retention = tokio::spawn(retention_loop(self.store.clone(), every));
@@ -125,8 +129,8 @@ fn dashboard(cfg: &Config, http_addr: SocketAddr) -> Router {
     ui::server::router(&cfg.ui_dir, api_base)
 }
 
-fn http_router(store: Store, metrics: Arc<Metrics>) -> Router {
-    let api = query::jaeger::router().merge(query::native::router()).with_state(store.clone());
+fn http_router(store: Store, metrics: Arc<Metrics>, registry: RegistryProxy) -> Router {
+    let api = query::jaeger::router().merge(query::native::router()).with_state(store.clone()).merge(registry.router());
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(prometheus_metrics))

@@ -1,11 +1,13 @@
-//! Query APIs on `--http-addr`: the Jaeger-compatible API under `/api/` ([`jaeger`]) and the
-//! project's own OTLP-native API under `/api/v1/` ([`native`]). Both are documented in
-//! `docs/API.md`.
+//! Query APIs on `--http-addr`: the Jaeger-compatible API under `/api/` ([`jaeger`]), the
+//! project's own OTLP-native API under `/api/v1/` ([`native`]) and, for the dashboard, a
+//! read-only proxy to the service registry under `/api/v1/registry/` ([`registry`]). All are
+//! documented in `docs/API.md`.
 
 pub mod jaeger;
 pub mod json;
 pub mod native;
 pub mod params;
+pub mod registry;
 
 use axum::Json;
 use axum::http::StatusCode;
@@ -22,6 +24,8 @@ pub enum ApiError {
     NotFound(String),
     #[error("the query failed")]
     Internal,
+    #[error("the registry at {url} is unreachable: {reason}")]
+    RegistryUnreachable { url: String, reason: String },
 }
 
 impl ApiError {
@@ -34,6 +38,7 @@ impl ApiError {
             Self::BadParam { .. } => StatusCode::BAD_REQUEST,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::RegistryUnreachable { .. } => StatusCode::BAD_GATEWAY,
         }
     }
 }

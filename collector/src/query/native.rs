@@ -1,6 +1,7 @@
 //! The project's own OTLP-native query API under `/api/v1/`, for the dashboard: trace search
 //! with summaries, full traces with kinds, events, links, status and resources, service
-//! dependencies with latency percentiles, metrics and logs.
+//! dependencies with latency percentiles, the service map and per-operation statistics,
+//! metrics and logs.
 //!
 //! Timestamps are Unix nanoseconds as decimal strings (they do not fit a JSON number exactly);
 //! attribute values use their OTLP/JSON form, so their types survive.
@@ -16,15 +17,19 @@ use serde_json::{Value, json};
 use super::ApiError;
 use super::json::{any_value_json, attributes_json, base64_ids_to_hex};
 use super::params::Params;
-use crate::store::read::{LogQuery, SearchQuery, SpanRecord, StatusFilter, TraceData, kind_name, status_name};
+use crate::store::read::{CallStats, LogQuery, SearchQuery, SpanRecord, StatusFilter, TraceData, kind_name, status_name};
 use crate::store::{Store, parse_trace_id};
 
 const HOUR_NS: i64 = 3600 * 1_000_000_000;
+/// The default window of the service map and of service statistics.
+const STATS_LOOKBACK_NS: i64 = 15 * 60 * 1_000_000_000;
 
 pub fn router() -> Router<Store> {
     Router::new()
         .route("/api/v1/services", get(services))
         .route("/api/v1/services/{service}/operations", get(operations))
+        .route("/api/v1/services/{service}/stats", get(service_stats))
+        .route("/api/v1/service-map", get(service_map))
         .route("/api/v1/traces", get(search))
         .route("/api/v1/traces/{trace_id}", get(trace))
         .route("/api/v1/dependencies", get(dependencies))
@@ -229,6 +234,62 @@ async fn dependencies(State(store): State<Store>, RawQuery(q): RawQuery) -> ApiR
         })
         .collect();
     Ok(Json(json!({ "startTimeUnixNano": start.to_string(), "endTimeUnixNano": end.to_string(), "dependencies": deps })))
+}
+
+/// `count_key` (`requests` or `calls`), `errors`, `ratePerSecond`, `errorRate`, `p50Nanos` and
+/// `p99Nanos` of `stats` over a window of `window_s` seconds, added to the object `v`.
+fn with_stats(mut v: Value, count_key: &str, stats: &CallStats, window_s: f64) -> Value {
+    let ratio = |n: u64, of: f64| if of > 0.0 { n as f64 / of } else { 0.0 };
+    if let Value::Object(m) = &mut v {
+        m.insert(count_key.into(), json!(stats.calls));
+        m.insert("errors".into(), json!(stats.errors));
+        m.insert("ratePerSecond".into(), json!(ratio(stats.calls, window_s)));
+        m.insert("errorRate".into(), json!(ratio(stats.errors, stats.calls as f64)));
+        m.insert("p50Nanos".into(), json!(stats.p50_ns));
+        m.insert("p99Nanos".into(), json!(stats.p99_ns));
+    }
+    v
+}
+
+fn window_seconds(start: i64, end: i64) -> f64 {
+    end.saturating_sub(start) as f64 / 1e9
+}
+
+async fn service_map(State(store): State<Store>, RawQuery(q): RawQuery) -> ApiResult {
+    let p = Params::parse(q.as_deref());
+    let (start, end) = p.window(STATS_LOOKBACK_NS)?;
+    let window_s = window_seconds(start, end);
+    let map = store.service_map(start, end).await?;
+    let nodes: Vec<Value> = map
+        .nodes
+        .iter()
+        .map(|n| with_stats(json!({ "id": n.id, "kind": n.kind.name() }), "requests", &n.stats, window_s))
+        .collect();
+    let edges: Vec<Value> = map
+        .edges
+        .iter()
+        .map(|e| with_stats(json!({ "source": e.source, "target": e.target }), "calls", &e.stats, window_s))
+        .collect();
+    Ok(Json(json!({
+        "startTimeUnixNano": start.to_string(), "endTimeUnixNano": end.to_string(), "windowSeconds": window_s,
+        "nodes": nodes, "edges": edges,
+    })))
+}
+
+async fn service_stats(State(store): State<Store>, Path(service): Path<String>, RawQuery(q): RawQuery) -> ApiResult {
+    let p = Params::parse(q.as_deref());
+    let (start, end) = p.window(STATS_LOOKBACK_NS)?;
+    let window_s = window_seconds(start, end);
+    let ops: Vec<Value> = store
+        .operation_stats(&service, start, end)
+        .await?
+        .iter()
+        .map(|o| with_stats(json!({ "name": o.name, "kind": kind_name(o.kind) }), "calls", &o.stats, window_s))
+        .collect();
+    Ok(Json(json!({
+        "service": service, "startTimeUnixNano": start.to_string(), "endTimeUnixNano": end.to_string(),
+        "windowSeconds": window_s, "operations": ops,
+    })))
 }
 
 fn metric_type_name(t: i32) -> &'static str {
