@@ -3,13 +3,15 @@ collector filled by real OpenTelemetry SDK exports."""
 
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-from conftest import ROOT, Collector
+from conftest import ROOT, Collector, wait_until
 from otlp_helpers import XSS, emit_trace
+from shop import Shop
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SITE = Path(os.environ.get("SWITCHYARD_SITE", ROOT / "target" / "site"))
@@ -21,7 +23,7 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 @pytest.fixture(scope="module")
 def dashboard(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ui")
-    c = Collector(tmp / "collector.db", ["--ui-dir", str(SITE)]).start()
+    c = Collector(tmp / "collector.db", ["--ui-dir", str(SITE), "--registry-url", "http://127.0.0.1:9"]).start()
     spans = emit_trace(lambda: OTLPSpanExporter(endpoint=f"{c.otlp_http}/v1/traces"))
     c.spans = spans
     yield c
@@ -143,3 +145,98 @@ def test_unknown_trace_shows_a_message(dashboard, page):
     open_page(page, f"{dashboard.http}/traces/{'ab' * 16}")
     msg = page.wait_for_selector("[data-testid=trace-error]")
     assert "could not be shown" in msg.inner_text()
+
+
+def free_port():
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def live_shop(tmp_path_factory):
+    """The whole shop with traffic, and a collector whose dashboard knows its registry."""
+    tmp = tmp_path_factory.mktemp("live")
+    registry_addr = f"127.0.0.1:{free_port()}"
+    c = Collector(tmp / "collector.db", ["--ui-dir", str(SITE), "--registry-url", f"http://{registry_addr}"]).start()
+    shop = Shop(tmp, c)
+    shop.start_registry(registry_addr)
+    shop.users = shop.service("users")
+    shop.catalogs = [shop.service(f"catalog-{i}") for i in range(3)]
+    shop.gateway = shop.start_gateway()
+    shop.wait_up(users=1, catalog=3, gateway=1)
+    email = "map@example.com"
+    shop.api("POST", "/api/users/register", json={"email": email, "password": "correct horse", "name": "Map"})
+    token = shop.api("POST", "/api/users/login", json={"email": email, "password": "correct horse"}).json()["accessToken"]
+    for i in range(6):
+        shop.api("GET", "/api/users/me", headers={"Authorization": f"Bearer {token}"})
+        shop.api("GET", "/api/catalog/products", params={"page": i % 3 + 1})
+        shop.api("GET", f"/api/catalog/products/p-10{10 + i}")
+
+    def mapped():
+        m = c.get("/api/v1/service-map", lookback="15m").json()
+        edges = {(e["source"], e["target"]) for e in m["edges"]}
+        return m if {("gateway", "users"), ("gateway", "catalog"), ("users", "sqlite users"), ("catalog", "sqlite catalog")} <= edges else None
+
+    wait_until(mapped, what="the service map's edges")
+    yield shop
+    shop.stop()
+    c.stop()
+
+
+def test_map_shows_services_databases_calls_and_instances(live_shop, page):
+    http = live_shop.collector.http
+    open_page(page, f"{http}/?window=15m")
+    page.wait_for_selector("svg.map [data-node='gateway']")
+    nodes = set(page.eval_on_selector_all("svg.map [data-node]", "els => els.map(e => e.dataset.node)"))
+    assert {"gateway", "users", "catalog", "sqlite users", "sqlite catalog"} <= nodes
+    edges = set(page.eval_on_selector_all("svg.map [data-edge]", "els => els.map(e => e.dataset.edge)"))
+    assert {"gateway->users", "gateway->catalog", "users->sqlite users", "catalog->sqlite catalog"} <= edges
+    page.wait_for_function("(t => t !== null && t.textContent.includes('3/3 instances up'))(document.querySelector(\"[data-node='catalog'] text.instances\"))")
+    assert "/s" in page.locator("[data-edge='gateway->catalog'] text").text_content()
+    # The gateway sits left of the services it calls, and they left of their databases.
+    x = {n: page.locator(f"[data-node='{n}'] rect").get_attribute("x") for n in ("gateway", "catalog", "sqlite catalog")}
+    assert float(x["gateway"]) < float(x["catalog"]) < float(x["sqlite catalog"])
+    shot(page, "map")
+
+    # A node opens its service: operations, instances from the registry, recent traces.
+    page.click("[data-node='catalog']")
+    page.wait_for_url("**/services/catalog")
+    page.wait_for_selector("[data-testid=operations]")
+    assert "switchyard.catalog.v1.Catalog/GetProduct" in page.locator("[data-testid=operations]").inner_text()
+    page.wait_for_function("document.querySelectorAll('[data-testid=instances] tbody tr').length === 3")
+    shot(page, "service")
+    page.go_back()
+    page.wait_for_selector("svg.map [data-node='gateway']")
+
+
+def test_registry_page_lists_instances_and_follows_a_failure(live_shop, page):
+    http = live_shop.collector.http
+    open_page(page, f"{http}/registry")
+    page.wait_for_selector("[data-testid=instances]")
+    for c in live_shop.catalogs:
+        row = page.locator(f"tr[data-instance='{c.instance_id}']")
+        assert "UP" in row.inner_text() and c.addr in row.inner_text()
+    assert "renewals" in page.locator("[data-testid=renewals]").inner_text()
+    assert "REGISTERED" in page.locator("[data-testid=events]").inner_text()
+    shot(page, "registry")
+    # An instance dies: without a reload, the page shows it DOWN (or, once its short test lease
+    # ran out, evicted) and the event log says what happened to it.
+    victim = live_shop.catalogs[2]
+    victim.stop(signal.SIGKILL)
+    page.wait_for_function(
+        f"""(r => r === null || r.innerText.includes('DOWN'))(document.querySelector("tr[data-instance='{victim.instance_id}']"))
+            && [...document.querySelectorAll('[data-testid=events] tr')].some(e => e.innerText.includes('{victim.instance_id}')
+               && (e.innerText.includes('UP -> DOWN') || e.innerText.includes('EVICTED')))""",
+        timeout=20_000)
+
+
+def test_registry_page_says_when_the_registry_is_unreachable(dashboard, page):
+    open_page(page, f"{dashboard.http}/registry")
+    msg = page.wait_for_selector("[data-testid=registry-error]")
+    assert "unreachable" in msg.inner_text()
+    # The map still shows the services, noting that instance counts are missing.
+    open_page(page, f"{dashboard.http}/")
+    page.wait_for_selector("svg.map [data-node='frontend']")
+    assert page.locator("[data-testid=registry-unreachable]").count() == 1

@@ -31,4 +31,6 @@ if [ "$profile" = wasm-release ]; then
     -o "$site/pkg/ui_bg.wasm" "$site/pkg/ui_bg.wasm"
 fi
 cp ui/style/ui.css "$site/pkg/ui.css"
+# Served precompressed to browsers that accept gzip.
+for f in ui_bg.wasm ui.js ui.css; do gzip -9 -k -f "$site/pkg/$f"; done
 echo "dashboard built into $site/pkg ($(du -h "$site/pkg/ui_bg.wasm" | cut -f1) wasm)"

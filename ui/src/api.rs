@@ -23,7 +23,7 @@ pub fn base() -> String {
 
 /// GETs `path` (with its query) and decodes the JSON answer; an error answer's message is kept.
 /// The future is `Send` everywhere (in the browser by wrapping: there is only one thread).
-pub fn get<T: DeserializeOwned + 'static>(base: &str, path: &str) -> impl Future<Output = Result<T, String>> + Send + 'static {
+pub fn get<T: DeserializeOwned + 'static>(base: &str, path: &str) -> impl Future<Output = Result<T, String>> + Send + use<T> {
     let fut = fetch::<T>(format!("{base}{path}"), path.to_owned());
     #[cfg(feature = "hydrate")]
     let fut = send_wrapper::SendWrapper::new(fut);
@@ -272,5 +272,159 @@ pub fn any_value_text(v: &Value) -> String {
             Value::String(s) => s.clone(),
             o => o.to_string(),
         },
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MapNode {
+    pub id: String,
+    pub kind: String,
+    pub requests: u64,
+    pub errors: u64,
+    pub rate_per_second: f64,
+    pub error_rate: f64,
+    pub p50_nanos: i64,
+    pub p99_nanos: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MapEdge {
+    pub source: String,
+    pub target: String,
+    pub calls: u64,
+    pub errors: u64,
+    pub rate_per_second: f64,
+    pub error_rate: f64,
+    pub p50_nanos: i64,
+    pub p99_nanos: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceMap {
+    pub window_seconds: f64,
+    pub nodes: Vec<MapNode>,
+    pub edges: Vec<MapEdge>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OperationStats {
+    pub name: String,
+    pub kind: String,
+    pub calls: u64,
+    pub errors: u64,
+    pub rate_per_second: f64,
+    pub error_rate: f64,
+    pub p50_nanos: i64,
+    pub p99_nanos: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceStats {
+    pub service: String,
+    pub operations: Vec<OperationStats>,
+}
+
+/// An instance as the registry reports it (through the collector's `/api/v1/registry/` proxy).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Instance {
+    pub service: String,
+    pub instance_id: String,
+    pub address: String,
+    #[serde(default)]
+    pub metadata: std::collections::BTreeMap<String, String>,
+    pub status: String,
+    pub last_heartbeat: String,
+    pub lease_expires_at: String,
+    pub registered_at: String,
+    #[serde(default)]
+    pub lease_expired: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Instances {
+    pub instances: Vec<Instance>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Renewals {
+    pub self_preservation: bool,
+    pub self_preservation_enabled: bool,
+    pub renewals_per_minute: f64,
+    pub expected_renewals_per_minute: f64,
+    pub threshold_per_minute: f64,
+    pub threshold: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RegistryStatus {
+    pub index: u64,
+    pub services: u64,
+    pub instances: u64,
+    pub renewals: Renewals,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RegistryEvent {
+    pub id: i64,
+    pub at: String,
+    pub kind: String,
+    pub service: String,
+    pub instance_id: String,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegistryEvents {
+    pub events: Vec<RegistryEvent>,
+}
+
+/// Milliseconds since the epoch of an RFC 3339 time as the registry writes it
+/// (`2026-11-22T21:01:37.105Z`); `None` for anything else.
+pub fn rfc3339_ms(s: &str) -> Option<i64> {
+    let (date, time) = s.trim_end_matches('Z').split_once('T')?;
+    let mut d = date.split('-').map(|p| p.parse::<i64>());
+    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+    let mut t = time.split(':');
+    let (h, min) = (t.next()?.parse::<i64>().ok()?, t.next()?.parse::<i64>().ok()?);
+    let sec: f64 = t.next()?.parse().ok()?;
+    // Days from civil (Howard Hinnant).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(((days * 86_400 + h * 3600 + min * 60) as f64 * 1000.0 + sec * 1000.0).round() as i64)
+}
+
+/// Now, in milliseconds since the epoch (the browser's clock, or the server's).
+pub fn now_ms() -> i64 {
+    #[cfg(feature = "hydrate")]
+    {
+        js_sys::Date::now() as i64
+    }
+    #[cfg(not(feature = "hydrate"))]
+    {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn parses_registry_times() {
+        assert_eq!(super::rfc3339_ms("2026-11-22T21:01:37.105Z"), Some(1_795_381_297_105));
+        assert_eq!(super::rfc3339_ms("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(super::rfc3339_ms("yesterday"), None);
     }
 }

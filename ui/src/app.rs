@@ -36,12 +36,16 @@ pub fn App() -> impl IntoView {
             <header class="top">
                 <A href="/" attr:class="brand">"Switchyard"</A>
                 <nav>
+                    <A href="/" exact=true>"Service map"</A>
                     <A href="/traces">"Traces"</A>
+                    <A href="/registry">"Registry"</A>
                 </nav>
             </header>
             <main>
                 <Routes fallback=|| view! { <p class="notice">"There is no such page."</p> }>
-                    <Route path=path!("/") view=pages::traces::TracesPage/>
+                    <Route path=path!("/") view=pages::map::MapPage/>
+                    <Route path=path!("/services/:name") view=pages::service::ServicePage/>
+                    <Route path=path!("/registry") view=pages::registry::RegistryPage/>
                     <Route path=path!("/traces") view=pages::traces::TracesPage/>
                     <Route path=path!("/traces/:id") view=pages::trace::TracePage/>
                 </Routes>

@@ -6,6 +6,7 @@
 pub mod api;
 pub mod app;
 pub mod format;
+pub mod map_layout;
 pub mod pages;
 pub mod waterfall;
 
@@ -43,7 +44,7 @@ pub mod server {
             .site_pkg_dir("pkg")
             .build();
         let routes = generate_route_list(App);
-        let pkg = tower_http::services::ServeDir::new(site_root.join("pkg"));
+        let pkg = tower_http::services::ServeDir::new(site_root.join("pkg")).precompressed_gzip();
         Router::new()
             .leptos_routes_with_context(&options, routes, move || provide_context(ApiBase(api_base.clone())), {
                 let options = options.clone();

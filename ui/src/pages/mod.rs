@@ -1,4 +1,7 @@
 //! One module per page.
 
+pub mod map;
+pub mod registry;
+pub mod service;
 pub mod trace;
 pub mod traces;
