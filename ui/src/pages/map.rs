@@ -14,10 +14,10 @@ use crate::format;
 use crate::map_layout::layered;
 
 const WINDOWS: &[&str] = &["5m", "15m", "1h", "6h", "24h"];
-const NODE_W: f64 = 170.0;
+const NODE_W: f64 = 200.0;
 const NODE_H: f64 = 64.0;
-const COL: f64 = 260.0;
-const ROW: f64 = 110.0;
+const COL: f64 = 340.0;
+const ROW: f64 = 120.0;
 
 /// A tick that advances every `secs` in the browser (never on the server).
 pub fn refresh_tick(secs: u64) -> RwSignal<u64> {
@@ -131,19 +131,17 @@ fn MapSvg(map: ServiceMap, counts: Option<BTreeMap<String, (usize, usize)>>) -> 
                 let mx = (sx + tx) / 2.0;
                 format!("M{sx},{sy} C{mx},{sy} {mx},{ty} {tx},{ty}")
             };
-            let label = format!(
-                "{:.2}/s · {:.1}% err · p50 {} · p99 {}",
-                e.rate_per_second,
-                e.error_rate * 100.0,
-                format::duration(e.p50_nanos),
-                format::duration(e.p99_nanos)
-            );
-            let (lx, ly) = ((sx + tx) / 2.0, (sy + ty) / 2.0 - if back { 60.0 } else { 6.0 });
+            let rate = format!("{:.2}/s · {:.1}% err", e.rate_per_second, e.error_rate * 100.0);
+            let latency = format!("p50 {} · p99 {}", format::duration(e.p50_nanos), format::duration(e.p99_nanos));
+            let (lx, ly) = ((sx + tx) / 2.0, (sy + ty) / 2.0 - if back { 60.0 } else { 18.0 });
             let class = if e.error_rate >= 0.05 { "edge bad" } else if e.error_rate >= 0.01 { "edge warn" } else { "edge" };
             view! {
                 <g class=class data-edge=format!("{}->{}", e.source, e.target)>
                     <path d=d marker-end="url(#arrow)"/>
-                    <text x=format!("{lx:.1}") y=format!("{ly:.1}") text-anchor="middle">{label}</text>
+                    <text x=format!("{lx:.1}") y=format!("{ly:.1}") text-anchor="middle">
+                        <tspan x=format!("{lx:.1}") dy="0">{rate}</tspan>
+                        <tspan x=format!("{lx:.1}") dy="12">{latency}</tspan>
+                    </text>
                 </g>
             }
         })
