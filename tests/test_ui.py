@@ -1,12 +1,14 @@
 """The dashboard in a real browser: headless Chromium (Debian's) driven by Playwright against a
 collector filled by real OpenTelemetry SDK exports."""
 
+import json
 import os
 import shutil
 import signal
 from pathlib import Path
 
 import pytest
+import requests
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
 from conftest import ROOT, Collector, wait_until
@@ -131,6 +133,17 @@ def test_trace_view_collapse_span_panel_xss_and_links(dashboard, page):
     page.press("[data-testid=find]", "Enter")
     page.wait_for_function("document.querySelectorAll('.row.match').length === 1")
     assert page.locator(".row.match").get_attribute("data-span-id") == span_id(charge)
+
+    # The trace downloads as OTLP/JSON that an OTLP endpoint takes back.
+    with page.expect_download() as download:
+        page.click("[data-testid=download]")
+    body = Path(download.value.path()).read_text()
+    otlp = json.loads(body)
+    spans = [sp for rs in otlp["resourceSpans"] for ss in rs["scopeSpans"] for sp in ss["spans"]]
+    assert sorted(sp["name"] for sp in spans) == sorted(["POST /api/orders", "POST checkout/charge", "charge"])
+    assert {kv["key"] for kv in otlp["resourceSpans"][0]["resource"]["attributes"]} >= {"service.name"}
+    again = requests.post(f"{dashboard.otlp_http}/v1/traces", data=body, headers={"Content-Type": "application/json"}, timeout=10)
+    assert again.status_code == 200 and "rejected" not in again.text, again.text
 
     # The link navigates to the linked trace and span.
     warm = dashboard.spans["warm cache"]
