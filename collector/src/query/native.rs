@@ -7,20 +7,29 @@
 //! attribute values use their OTLP/JSON form, so their types survive.
 
 use axum::extract::{Path, RawQuery, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use opentelemetry_proto::tonic::metrics::v1 as pm;
 use prost::Message;
 use prost_reflect::{DynamicMessage, SerializeOptions};
+use serde::Serialize;
+use serde::ser::{SerializeSeq, Serializer};
 use serde_json::{Value, json};
 
 use super::ApiError;
 use super::json::{any_value_json, attributes_json, base64_ids_to_hex};
 use super::params::Params;
-use crate::store::read::{CallStats, LogQuery, SearchQuery, SpanRecord, StatusFilter, TraceData, kind_name, status_name};
+use crate::store::read::{
+    CallStats, LogQuery, ResourceRecord, ScopeRecord, SearchQuery, SpanRecord, StatusFilter, TraceData, TraceOutline, kind_name,
+    status_name,
+};
 use crate::store::{Store, parse_trace_id};
 
 const HOUR_NS: i64 = 3600 * 1_000_000_000;
+/// The longest text a search within a trace takes, in characters.
+const MAX_FIND_CHARS: usize = 1000;
 /// The default window of the service map and of service statistics.
 const STATS_LOOKBACK_NS: i64 = 15 * 60 * 1_000_000_000;
 
@@ -32,6 +41,9 @@ pub fn router() -> Router<Store> {
         .route("/api/v1/service-map", get(service_map))
         .route("/api/v1/traces", get(search))
         .route("/api/v1/traces/{trace_id}", get(trace))
+        .route("/api/v1/traces/{trace_id}/outline", get(trace_outline))
+        .route("/api/v1/traces/{trace_id}/spans/{span_id}", get(span))
+        .route("/api/v1/traces/{trace_id}/search", get(find_in_trace))
         .route("/api/v1/dependencies", get(dependencies))
         .route("/api/v1/metrics", get(metrics))
         // OTel metric names may contain `/`: the rest of the path is the name.
@@ -137,37 +149,138 @@ async fn search(State(store): State<Store>, RawQuery(q): RawQuery) -> ApiResult 
     Ok(Json(json!({ "traces": traces, "limit": query.limit })))
 }
 
+fn trace_id_param(id: &str) -> Result<[u8; 16], ApiError> {
+    parse_trace_id(id).ok_or_else(|| ApiError::bad("trace_id", format!("not a hex trace id: {id:?}")))
+}
+
+fn trace_not_found(id: &str) -> ApiError {
+    ApiError::NotFound(format!("trace {id} not found"))
+}
+
 async fn trace(State(store): State<Store>, Path(id): Path<String>) -> ApiResult {
-    let tid = parse_trace_id(&id).ok_or_else(|| ApiError::bad("trace_id", format!("not a hex trace id: {id:?}")))?;
-    let t = store.trace(tid).await?.ok_or_else(|| ApiError::NotFound(format!("trace {id} not found")))?;
+    let t = store.trace(trace_id_param(&id)?).await?.ok_or_else(|| trace_not_found(&id))?;
     Ok(Json(trace_json(&t)))
 }
 
+/// [`TraceOutline`] in its JSON shape, serialized straight from the columns.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct OutlineJson<'a> {
+    trace_id: String,
+    start_time_unix_nano: String,
+    duration_nanos: u64,
+    span_count: usize,
+    services: &'a [String],
+    names: &'a [String],
+    #[serde(serialize_with = "hex_ids")]
+    span_ids: &'a [[u8; 8]],
+    parents: &'a [i64],
+    service: &'a [u32],
+    name: &'a [u32],
+    kind: &'a [i32],
+    start: &'a [u64],
+    duration: &'a [u64],
+    status: &'a [i32],
+    event_times: &'a [Vec<i64>],
+}
+
+/// Span ids as hex strings, without a `String` per id.
+fn hex_ids<S: Serializer>(ids: &&[[u8; 8]], ser: S) -> Result<S::Ok, S::Error> {
+    let mut seq = ser.serialize_seq(Some(ids.len()))?;
+    let mut buf = [0u8; 16];
+    for id in ids.iter() {
+        hex::encode_to_slice(id, &mut buf).map_err(serde::ser::Error::custom)?;
+        seq.serialize_element(std::str::from_utf8(&buf).map_err(serde::ser::Error::custom)?)?;
+    }
+    seq.end()
+}
+
+fn outline_json(o: &TraceOutline) -> Result<Vec<u8>, serde_json::Error> {
+    serde_json::to_vec(&OutlineJson {
+        trace_id: hex::encode(o.trace_id),
+        start_time_unix_nano: o.start_ns.to_string(),
+        duration_nanos: o.duration_ns,
+        span_count: o.span_ids.len(),
+        services: &o.services,
+        names: &o.names,
+        span_ids: &o.span_ids,
+        parents: &o.parents,
+        service: &o.service,
+        name: &o.name,
+        kind: &o.kind,
+        start: &o.start,
+        duration: &o.duration,
+        status: &o.status,
+        event_times: &o.event_times,
+    })
+}
+
+async fn trace_outline(State(store): State<Store>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let o = store.trace_outline(trace_id_param(&id)?).await?.ok_or_else(|| trace_not_found(&id))?;
+    let body = outline_json(&o).map_err(|e| {
+        tracing::error!(error = %e, "serializing a trace outline failed");
+        ApiError::Internal
+    })?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+}
+
+async fn span(State(store): State<Store>, Path((id, span)): Path<(String, String)>) -> ApiResult {
+    let tid = trace_id_param(&id)?;
+    let sid = parse_span_id(&span).ok_or_else(|| ApiError::bad("span_id", format!("not a hex span id: {span:?}")))?;
+    let d = store
+        .span(tid, sid)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("span {span} not found in trace {id}")))?;
+    let mut v = span_json(&d.span);
+    if let Value::Object(m) = &mut v {
+        m.insert("resource".into(), d.resource.as_ref().map_or(Value::Null, |r| resource_json(d.span.resource, r)));
+        m.insert("scope".into(), d.scope.as_ref().map_or(Value::Null, |s| scope_json(d.span.scope, s)));
+    }
+    Ok(Json(v))
+}
+
+/// Parses a hex span id of up to 16 digits (shorter ones are padded on the left, like trace ids).
+fn parse_span_id(s: &str) -> Option<[u8; 8]> {
+    if s.is_empty() || s.len() > 16 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let mut out = [0u8; 8];
+    hex::decode_to_slice(format!("{s:0>16}"), &mut out).ok()?;
+    Some(out)
+}
+
+async fn find_in_trace(State(store): State<Store>, Path(id): Path<String>, RawQuery(q): RawQuery) -> ApiResult {
+    let tid = trace_id_param(&id)?;
+    let p = Params::parse(q.as_deref());
+    let text = p.get("q").ok_or_else(|| ApiError::bad("q", "required, the text to find".into()))?;
+    if text.chars().count() > MAX_FIND_CHARS {
+        return Err(ApiError::bad("q", format!("at most {MAX_FIND_CHARS} characters")));
+    }
+    let ids = store.find_in_trace(tid, text).await?.ok_or_else(|| trace_not_found(&id))?;
+    Ok(Json(json!({ "spanIds": ids.iter().map(hex::encode).collect::<Vec<_>>() })))
+}
+
+fn resource_json(id: i64, r: &ResourceRecord) -> Value {
+    json!({
+        "id": id,
+        "serviceName": &*r.service,
+        "attributes": attributes_json(&r.attributes),
+        "droppedAttributesCount": r.dropped_attributes_count,
+        "schemaUrl": r.schema_url,
+    })
+}
+
+fn scope_json(id: i64, s: &ScopeRecord) -> Value {
+    json!({
+        "id": id, "name": s.name, "version": s.version,
+        "attributes": attributes_json(&s.attributes),
+        "droppedAttributesCount": s.dropped_attributes_count, "schemaUrl": s.schema_url,
+    })
+}
+
 pub fn trace_json(t: &TraceData) -> Value {
-    let resources: Vec<Value> = t
-        .resources
-        .iter()
-        .map(|(id, r)| {
-            json!({
-                "id": id,
-                "serviceName": &*r.service,
-                "attributes": attributes_json(&r.attributes),
-                "droppedAttributesCount": r.dropped_attributes_count,
-                "schemaUrl": r.schema_url,
-            })
-        })
-        .collect();
-    let scopes: Vec<Value> = t
-        .scopes
-        .iter()
-        .map(|(id, s)| {
-            json!({
-                "id": id, "name": s.name, "version": s.version,
-                "attributes": attributes_json(&s.attributes),
-                "droppedAttributesCount": s.dropped_attributes_count, "schemaUrl": s.schema_url,
-            })
-        })
-        .collect();
+    let resources: Vec<Value> = t.resources.iter().map(|(id, r)| resource_json(*id, r)).collect();
+    let scopes: Vec<Value> = t.scopes.iter().map(|(id, s)| scope_json(*id, s)).collect();
     let spans: Vec<Value> = t.spans.iter().map(span_json).collect();
     let start = t.spans.iter().map(|s| s.start_ns).min().unwrap_or(0);
     let end = t.spans.iter().map(|s| s.end_ns.max(s.start_ns)).max().unwrap_or(start);

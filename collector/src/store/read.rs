@@ -74,6 +74,41 @@ pub struct TraceData {
     pub scopes: BTreeMap<i64, ScopeRecord>,
 }
 
+/// What the waterfall of a trace needs, in columns: one entry per span in every `Vec`, spans
+/// ordered by start time (as in [`TraceData`]). Read without decoding attributes.
+#[derive(Debug, Clone, Default)]
+pub struct TraceOutline {
+    pub trace_id: [u8; 16],
+    /// The earliest span start.
+    pub start_ns: u64,
+    /// From the earliest start to the latest end.
+    pub duration_ns: u64,
+    /// Service names, sorted, each once; `service` indexes into it.
+    pub services: Vec<String>,
+    /// Span names, sorted, each once; `name` indexes into it.
+    pub names: Vec<String>,
+    pub span_ids: Vec<[u8; 8]>,
+    /// Index of the parent span, -1 when the parent is not in the trace (a root or an orphan).
+    pub parents: Vec<i64>,
+    pub service: Vec<u32>,
+    pub name: Vec<u32>,
+    pub kind: Vec<i32>,
+    /// Nanoseconds from `start_ns`.
+    pub start: Vec<u64>,
+    pub duration: Vec<u64>,
+    pub status: Vec<i32>,
+    /// Event times in nanoseconds from `start_ns` (an event may precede it).
+    pub event_times: Vec<Vec<i64>>,
+}
+
+/// One span with its resource and scope.
+#[derive(Debug, Clone)]
+pub struct SpanDetail {
+    pub span: SpanRecord,
+    pub resource: Option<ResourceRecord>,
+    pub scope: Option<ScopeRecord>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StatusFilter {
     Unset = 0,
@@ -547,6 +582,131 @@ impl Store {
         Ok(())
     }
 
+    /// The outline of a trace: its spans' ids, parents, services, names, kinds, times, statuses
+    /// and event times, without attributes. `None` when the trace has no spans.
+    pub async fn trace_outline(&self, trace_id: [u8; 16]) -> Result<Option<TraceOutline>, StoreError> {
+        let mut tx = self.read.begin().await?;
+        // The first read fixes the snapshot; the dictionary's, taken after, knows every event name.
+        sqlx::query("SELECT 1 FROM traces LIMIT 1").fetch_optional(&mut *tx).await?;
+        let dict = self.dicts.strings.snapshot();
+        let mut rows = sqlx::query(
+            "SELECT s.span_id, s.parent_span_id, s.service, s.name, s.kind, s.start_ns, s.duration_ns, s.status_code, \
+             s.events FROM traces t JOIN spans s ON s.trace = t.id WHERE t.trace_id = ? ORDER BY s.start_ns, s.rowid",
+        )
+        .bind(trace_id.to_vec())
+        .fetch(&mut *tx);
+        let mut o = TraceOutline { trace_id, ..Default::default() };
+        let (mut ids, mut parent_ids, mut service_ids, mut name_ids) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut starts: Vec<u64> = Vec::new();
+        let mut event_times: Vec<Vec<u64>> = Vec::new();
+        while let Some(r) = rows.try_next().await? {
+            let start = r.try_get::<i64, _>(5)? as u64;
+            ids.push(r.try_get::<i64, _>(0)?);
+            parent_ids.push(r.try_get::<Option<i64>, _>(1)?);
+            service_ids.push(r.try_get::<i64, _>(2)?);
+            name_ids.push(r.try_get::<i64, _>(3)?);
+            o.kind.push(r.try_get(4)?);
+            starts.push(start);
+            o.duration.push(r.try_get::<i64, _>(6)?.max(0) as u64);
+            o.status.push(r.try_get(7)?);
+            let events = match r.try_get::<Option<Vec<u8>>, _>(8)? {
+                Some(b) => Reader::new(&b, &dict).events(start)?.iter().map(|e| e.time_unix_nano).collect(),
+                None => Vec::new(),
+            };
+            event_times.push(events);
+        }
+        drop(rows);
+        if ids.is_empty() {
+            return Ok(None);
+        }
+        o.start_ns = starts.iter().copied().min().unwrap_or(0);
+        let end = starts.iter().zip(&o.duration).map(|(s, d)| s.saturating_add(*d)).max().unwrap_or(o.start_ns);
+        o.duration_ns = end - o.start_ns;
+        o.start = starts.iter().map(|s| s - o.start_ns).collect();
+        o.event_times = event_times
+            .into_iter()
+            .map(|times| times.into_iter().map(|t| t.wrapping_sub(o.start_ns) as i64).collect())
+            .collect();
+        (o.services, o.service) = dictionary(&service_ids, &dict);
+        (o.names, o.name) = dictionary(&name_ids, &dict);
+        // The first span with an id is the one its children point to.
+        let mut index: HashMap<i64, usize> = HashMap::with_capacity(ids.len());
+        for (i, id) in ids.iter().enumerate() {
+            index.entry(*id).or_insert(i);
+        }
+        o.parents = parent_ids
+            .iter()
+            .enumerate()
+            .map(|(i, p)| match p.and_then(|p| index.get(&p)) {
+                Some(&j) if j != i => j as i64,
+                _ => -1,
+            })
+            .collect();
+        o.span_ids = ids.into_iter().map(i64::to_be_bytes).collect();
+        Ok(Some(o))
+    }
+
+    /// One span of a trace with its resource and scope; the earliest one if the sender repeated
+    /// its id. `None` when the trace has no such span.
+    pub async fn span(&self, trace_id: [u8; 16], span_id: [u8; 8]) -> Result<Option<SpanDetail>, StoreError> {
+        let mut conn = self.read.acquire().await?;
+        let mut qb: QueryBuilder<Sqlite> =
+            QueryBuilder::new(format!("SELECT {SPAN_COLUMNS} FROM traces t JOIN spans s ON s.trace = t.id WHERE t.trace_id = "));
+        qb.push_bind(trace_id.to_vec()).push(" AND s.span_id = ").push_bind(i64::from_be_bytes(span_id));
+        qb.push(" ORDER BY s.start_ns, s.rowid LIMIT 1");
+        let row = qb.build().fetch_optional(&mut *conn).await?;
+        let Some(row) = row else { return Ok(None) };
+        let dict = self.dicts.strings.snapshot();
+        let span = span_from_row(&row, &dict)?;
+        let (mut resources, mut scopes) = (BTreeMap::new(), BTreeMap::new());
+        Self::load_resources(&mut conn, HashSet::from([span.resource]), &dict, &mut resources).await?;
+        Self::load_scopes(&mut conn, HashSet::from([span.scope]), &dict, &mut scopes).await?;
+        Ok(Some(SpanDetail { resource: resources.remove(&span.resource), scope: scopes.remove(&span.scope), span }))
+    }
+
+    /// Ids of the spans of a trace, in start order, whose name, service, span id (hex), attribute
+    /// keys or values (as [`value_text`]) or event names contain `needle`, ignoring case.
+    /// `None` when the trace has no spans.
+    pub async fn find_in_trace(&self, trace_id: [u8; 16], needle: &str) -> Result<Option<Vec<[u8; 8]>>, StoreError> {
+        let needle = needle.to_lowercase();
+        let has = |s: &str| s.to_lowercase().contains(&needle);
+        let mut tx = self.read.begin().await?;
+        sqlx::query("SELECT 1 FROM traces LIMIT 1").fetch_optional(&mut *tx).await?;
+        let dict = self.dicts.strings.snapshot();
+        let mut rows = sqlx::query(
+            "SELECT s.span_id, s.service, s.name, s.attributes, s.events FROM traces t JOIN spans s ON s.trace = t.id \
+             WHERE t.trace_id = ? ORDER BY s.start_ns, s.rowid",
+        )
+        .bind(trace_id.to_vec())
+        .fetch(&mut *tx);
+        // Services and names repeat: each dictionary string is compared once.
+        let mut string_matches: HashMap<i64, bool> = HashMap::new();
+        let mut found = Vec::new();
+        let mut any = false;
+        while let Some(r) = rows.try_next().await? {
+            any = true;
+            let span_id = r.try_get::<i64, _>(0)?.to_be_bytes();
+            let attributes: Option<Vec<u8>> = r.try_get(3)?;
+            let events: Option<Vec<u8>> = r.try_get(4)?;
+            let hit = [r.try_get::<i64, _>(1)?, r.try_get(2)?]
+                .into_iter()
+                .any(|id| *string_matches.entry(id).or_insert_with(|| has(dict.get(id))))
+                || hex::encode(span_id).contains(&needle)
+                || match &attributes {
+                    Some(b) => decode_attributes(b, &dict)?.iter().any(|kv| has(&kv.key) || has(&value_text(kv.value.as_ref()))),
+                    None => false,
+                }
+                || match &events {
+                    Some(b) => Reader::new(b, &dict).events(0)?.iter().any(|e| has(&e.name)),
+                    None => false,
+                };
+            if hit {
+                found.push(span_id);
+            }
+        }
+        Ok(any.then_some(found))
+    }
+
     /// Trace ids of the traces that match, most recent match first.
     ///
     /// Runs on one connection in one read transaction: the resources that attribute filters
@@ -1014,6 +1174,18 @@ fn metric_def(r: &sqlx::sqlite::SqliteRow) -> Result<MetricDef, StoreError> {
         monotonic: r.try_get(6)?,
         series_count: r.try_get(7)?,
     })
+}
+
+/// The distinct strings of these dictionary ids, sorted, and for each id the index of its string.
+fn dictionary(ids: &[i64], dict: &StringsSnapshot) -> (Vec<String>, Vec<u32>) {
+    let distinct: HashSet<i64> = ids.iter().copied().collect();
+    let mut strings: Vec<&str> = distinct.iter().map(|&id| dict.get(id)).collect();
+    strings.sort_unstable();
+    strings.dedup();
+    let index: HashMap<i64, u32> =
+        distinct.iter().map(|&id| (id, strings.binary_search(&dict.get(id)).unwrap_or(0) as u32)).collect();
+    let column = ids.iter().map(|id| index.get(id).copied().unwrap_or(0)).collect();
+    (strings.into_iter().map(str::to_owned).collect(), column)
 }
 
 /// Nearest-rank percentile of sorted values.
