@@ -116,7 +116,7 @@ def test_trace_view_collapse_span_panel_xss_and_links(dashboard, page):
     # Clicking a span shows its attributes; the selection is in the URL.
     charge = dashboard.spans["charge"]
     page.locator(f".row[data-span-id='{span_id(charge)}'] a.span-link").click()
-    page.wait_for_selector("[data-testid=span-panel]")
+    page.wait_for_function("(p => p !== null && p.innerText.includes('payment.method'))(document.querySelector('[data-testid=span-panel]'))")
     panel = page.locator("[data-testid=span-panel]")
     assert "payment.method" in panel.inner_text() and "card" in panel.inner_text()
     assert "card declined" in panel.inner_text() and "CardDeclined" in panel.inner_text()
@@ -124,7 +124,7 @@ def test_trace_view_collapse_span_panel_xss_and_links(dashboard, page):
 
     # The XSS value is shown as text, and no element or script came from it.
     page.locator(f".row[data-span-id='{span_id(root)}'] a.span-link").click()
-    page.wait_for_function(f"document.querySelector('[data-testid=span-panel]').innerText.includes({XSS!r})")
+    page.wait_for_function(f"(p => p !== null && p.innerText.includes({XSS!r}))(document.querySelector('[data-testid=span-panel]'))")
     assert page.locator("[data-testid=span-panel] img").count() == 0
     shot(page, "trace")
 
@@ -150,7 +150,7 @@ def test_trace_view_collapse_span_panel_xss_and_links(dashboard, page):
     page.locator("[data-testid=span-link]").click()
     page.wait_for_url(f"**/traces/{trace_id(warm)}?span={span_id(warm)}")
     page.wait_for_selector(f".row.selected[data-span-id='{span_id(warm)}']")
-    assert "warm cache" in page.locator("[data-testid=span-panel]").inner_text()
+    page.wait_for_function("(p => p !== null && p.innerText.includes('warm cache'))(document.querySelector('[data-testid=span-panel]'))")
     assert page.errors == []
 
 

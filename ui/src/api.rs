@@ -428,3 +428,74 @@ mod tests {
         assert_eq!(super::rfc3339_ms("yesterday"), None);
     }
 }
+
+/// A trace as the waterfall needs it (`/api/v1/traces/{id}/outline`): columns, one entry per span,
+/// times in nanoseconds from the trace's start, strings in dictionaries.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Outline {
+    pub trace_id: String,
+    pub start_time_unix_nano: String,
+    pub duration_nanos: i64,
+    pub span_count: u64,
+    pub services: Vec<String>,
+    pub names: Vec<String>,
+    pub span_ids: Vec<String>,
+    pub parents: Vec<i64>,
+    pub service: Vec<u32>,
+    pub name: Vec<u32>,
+    pub kind: Vec<u8>,
+    pub start: Vec<i64>,
+    pub duration: Vec<i64>,
+    pub status: Vec<u8>,
+    pub event_times: Vec<Vec<i64>>,
+}
+
+impl Outline {
+    pub fn start_ns(&self) -> i64 {
+        self.start_time_unix_nano.parse().unwrap_or(0)
+    }
+    pub fn len(&self) -> usize {
+        self.span_ids.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.span_ids.is_empty()
+    }
+    pub fn service_of(&self, i: usize) -> &str {
+        self.services.get(self.service[i] as usize).map_or("", String::as_str)
+    }
+    pub fn name_of(&self, i: usize) -> &str {
+        self.names.get(self.name[i] as usize).map_or("", String::as_str)
+    }
+    pub fn is_error(&self, i: usize) -> bool {
+        self.status[i] == 2
+    }
+}
+
+/// One span with its resource and scope in full (`/api/v1/traces/{id}/spans/{spanId}`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SpanDetail {
+    pub span_id: String,
+    #[serde(default)]
+    pub parent_span_id: String,
+    pub name: String,
+    pub kind: String,
+    pub service: String,
+    pub start_time_unix_nano: String,
+    pub duration_nanos: i64,
+    pub status: SpanStatus,
+    #[serde(default)]
+    pub attributes: Vec<KeyValue>,
+    #[serde(default)]
+    pub events: Vec<Event>,
+    #[serde(default)]
+    pub links: Vec<Link>,
+    pub resource: Resource,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SpanMatches {
+    pub span_ids: Vec<String>,
+}

@@ -1,9 +1,10 @@
-//! The trace's layout, computed once per trace (not per frame): tree order (children by start
-//! time), depth, the critical path, and which rows are visible given the collapsed spans.
+//! The trace's layout, computed once per trace (not per frame) from its outline: tree order
+//! (children by start time), depth, descendant counts, the critical path, and which rows are
+//! visible given the collapsed spans.
 
 use std::collections::{HashMap, HashSet};
 
-use crate::api::Trace;
+use crate::api::Outline;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Layout {
@@ -17,24 +18,24 @@ pub struct Layout {
     pub critical: Vec<bool>,
     /// Span id → index.
     pub by_id: HashMap<String, usize>,
-    pub start_ns: i64,
-    pub end_ns: i64,
+    /// Trace length in nanoseconds (at least 1).
+    pub total_ns: i64,
 }
 
 impl Layout {
-    pub fn new(t: &Trace) -> Self {
-        let n = t.spans.len();
-        let by_id: HashMap<String, usize> = t.spans.iter().enumerate().map(|(i, s)| (s.span_id.clone(), i)).collect();
+    pub fn new(t: &Outline) -> Self {
+        let n = t.len();
+        let by_id: HashMap<String, usize> = t.span_ids.iter().enumerate().map(|(i, s)| (s.clone(), i)).collect();
         let mut children: Vec<Vec<usize>> = vec![Vec::new(); n];
         let mut roots = Vec::new();
-        for (i, s) in t.spans.iter().enumerate() {
-            match by_id.get(&s.parent_span_id) {
-                Some(&p) if p != i => children[p].push(i),
+        for i in 0..n {
+            match usize::try_from(t.parents[i]) {
+                Ok(p) if p < n && p != i => children[p].push(i),
                 _ => roots.push(i),
             }
         }
-        let starts: Vec<i64> = t.spans.iter().map(|s| s.start_ns()).collect();
-        let ends: Vec<i64> = t.spans.iter().map(|s| s.end_ns()).collect();
+        let starts = &t.start;
+        let ends: Vec<i64> = (0..n).map(|i| t.start[i] + t.duration[i]).collect();
         for c in &mut children {
             c.sort_by_key(|&i| (starts[i], i));
         }
@@ -44,7 +45,7 @@ impl Layout {
         let mut depth = vec![0u16; n];
         let mut descendants = vec![0u32; n];
         let mut seen = vec![false; n];
-        // Iterative pre-order (a 100,000-span chain must not overflow the stack).
+        // Iterative pre-order: a 100,000-span chain must not overflow the stack.
         let mut stack: Vec<(usize, u16)> = roots.iter().rev().map(|&r| (r, 0)).collect();
         while let Some((i, d)) = stack.pop() {
             if std::mem::replace(&mut seen[i], true) {
@@ -57,12 +58,11 @@ impl Layout {
             }
         }
         // Spans in a parent cycle were never reached: show them as roots.
-        for i in 0..n {
-            if !seen[i] {
+        for (i, s) in seen.iter().enumerate() {
+            if !s {
                 order.push(i);
             }
         }
-        // Descendant counts, from the end of the pre-order back.
         let mut pos = vec![0usize; n];
         for (p, &i) in order.iter().enumerate() {
             pos[i] = p;
@@ -74,14 +74,12 @@ impl Layout {
                 }
             }
         }
-
         let mut critical = vec![false; n];
         for &r in &roots {
-            mark_critical(r, ends[r], &children, &starts, &ends, &mut critical);
+            mark_critical(r, ends[r], &children, starts, &ends, &mut critical);
         }
-        let start_ns = starts.iter().copied().min().unwrap_or(0);
-        let end_ns = ends.iter().copied().max().unwrap_or(start_ns).max(start_ns);
-        Self { order, depth, descendants, critical, by_id, start_ns, end_ns }
+        let total_ns = ends.iter().copied().max().unwrap_or(0).max(t.duration_nanos).max(1);
+        Self { order, depth, descendants, critical, by_id, total_ns }
     }
 
     /// Rows to show: the tree order without the spans under a collapsed one.
@@ -105,7 +103,9 @@ impl Layout {
 fn mark_critical(span: usize, end: i64, children: &[Vec<usize>], starts: &[i64], ends: &[i64], critical: &mut [bool]) {
     let mut stack = vec![(span, end)];
     while let Some((s, end)) = stack.pop() {
-        critical[s] = true;
+        if std::mem::replace(&mut critical[s], true) {
+            continue;
+        }
         let mut kids: Vec<usize> = children[s].clone();
         kids.sort_by_key(|&c| std::cmp::Reverse(ends[c]));
         let mut cursor = end;
@@ -118,86 +118,57 @@ fn mark_critical(span: usize, end: i64, children: &[Vec<usize>], starts: &[i64],
     }
 }
 
-/// Span indexes whose service, name, id, attribute keys or values, or event names contain `q`
-/// (case-insensitive).
-pub fn search(t: &Trace, q: &str) -> HashSet<usize> {
-    let q = q.trim().to_lowercase();
-    if q.is_empty() {
-        return HashSet::new();
-    }
-    let has = |s: &str| s.to_lowercase().contains(&q);
-    t.spans
-        .iter()
-        .enumerate()
-        .filter(|(_, s)| {
-            has(&s.name)
-                || has(&s.service)
-                || s.span_id == q
-                || s.attributes.iter().any(|a| has(&a.key) || has(&crate::api::any_value_text(&a.value)))
-                || s.events.iter().any(|e| has(&e.name))
-        })
-        .map(|(i, _)| i)
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{Span, SpanStatus};
 
-    fn span(id: &str, parent: &str, start: i64, end: i64) -> Span {
-        Span {
-            span_id: id.into(),
-            parent_span_id: parent.into(),
-            trace_state: String::new(),
-            name: format!("op {id}"),
-            kind: "internal".into(),
-            service: "svc".into(),
-            resource: 1,
-            scope: 1,
-            start_time_unix_nano: start.to_string(),
-            end_time_unix_nano: end.to_string(),
-            duration_nanos: end - start,
-            status: SpanStatus { code: "UNSET".into(), message: String::new() },
-            attributes: vec![],
-            events: vec![],
-            links: vec![],
-            dropped_attributes_count: 0,
-            dropped_events_count: 0,
-            dropped_links_count: 0,
-            flags: 0,
+    /// (id, parent index, start, end)
+    fn outline(spans: &[(&str, i64, i64, i64)]) -> Outline {
+        let n = spans.len();
+        Outline {
+            trace_id: "t".into(),
+            start_time_unix_nano: "0".into(),
+            duration_nanos: spans.iter().map(|s| s.3).max().unwrap_or(0),
+            span_count: n as u64,
+            services: vec!["svc".into()],
+            names: vec!["op".into()],
+            span_ids: spans.iter().map(|s| s.0.to_owned()).collect(),
+            parents: spans.iter().map(|s| s.1).collect(),
+            service: vec![0; n],
+            name: vec![0; n],
+            kind: vec![1; n],
+            start: spans.iter().map(|s| s.2).collect(),
+            duration: spans.iter().map(|s| s.3 - s.2).collect(),
+            status: vec![0; n],
+            event_times: vec![vec![]; n],
         }
-    }
-
-    fn trace(spans: Vec<Span>) -> Trace {
-        Trace { trace_id: "t".into(), start_time_unix_nano: "0".into(), duration_nanos: 0, span_count: spans.len() as u64, resources: vec![], scopes: vec![], spans }
     }
 
     #[test]
     fn tree_order_depth_collapse_and_critical_path() {
-        // root(0-100) ─ a(10-40) ─ a1(15-20)
-        //             └ b(30-90)
-        let t = trace(vec![span("b", "r", 30, 90), span("a1", "a", 15, 20), span("r", "", 0, 100), span("a", "r", 10, 40)]);
+        // r(0-100) ─ a(10-40) ─ a1(15-20)
+        //          └ b(30-90)
+        let t = outline(&[("b", 2, 30, 90), ("a1", 3, 15, 20), ("r", -1, 0, 100), ("a", 2, 10, 40)]);
         let l = Layout::new(&t);
-        let names: Vec<&str> = l.order.iter().map(|&i| t.spans[i].span_id.as_str()).collect();
+        let names: Vec<&str> = l.order.iter().map(|&i| t.span_ids[i].as_str()).collect();
         assert_eq!(names, ["r", "a", "a1", "b"]);
         assert_eq!(l.depth[l.by_id["a1"]], 2);
         assert_eq!(l.descendants[l.by_id["r"]], 3);
         let collapsed: HashSet<usize> = [l.by_id["a"]].into();
-        let visible: Vec<&str> = l.visible(&collapsed).iter().map(|&i| t.spans[i].span_id.as_str()).collect();
+        let visible: Vec<&str> = l.visible(&collapsed).iter().map(|&i| t.span_ids[i].as_str()).collect();
         assert_eq!(visible, ["r", "a", "b"]);
         assert!(l.critical[l.by_id["r"]] && l.critical[l.by_id["b"]]);
         assert!(!l.critical[l.by_id["a"]] && !l.critical[l.by_id["a1"]], "a still runs when b starts: the root's own work is critical before b");
-        assert_eq!((l.start_ns, l.end_ns), (0, 100));
+        assert_eq!(l.total_ns, 100);
     }
 
     #[test]
     fn a_deep_chain_and_a_cycle_do_not_break_layout() {
-        let mut spans: Vec<Span> = (0..100_000).map(|i| span(&format!("s{i}"), &format!("s{}", i.max(1) - 1), i, 200_000 - i)).collect();
-        spans[0].parent_span_id = String::new();
-        spans.push(span("x", "y", 0, 1));
-        spans.push(span("y", "x", 0, 1));
-        let l = Layout::new(&trace(spans));
+        let ids: Vec<String> = (0..100_000).map(|i| format!("s{i}")).collect();
+        let mut spans: Vec<(&str, i64, i64, i64)> = ids.iter().enumerate().map(|(i, id)| (id.as_str(), i as i64 - 1, i as i64, 200_000 - i as i64)).collect();
+        spans.push(("x", 100_001, 0, 1));
+        spans.push(("y", 100_000, 0, 1));
+        let l = Layout::new(&outline(&spans));
         assert_eq!(l.order.len(), 100_002);
         assert_eq!(l.depth[l.by_id["s99999"]], u16::MAX);
     }

@@ -1,7 +1,9 @@
 //! One trace: a header, a search inside the trace, the waterfall (span tree with collapse and
 //! expand, per-service colours, error markers, event marks, the critical path, a time axis) and the
-//! panel of the selected span. Only the rows in view are in the DOM, so a trace of 100,000 spans
-//! scrolls like a small one. The selected span, the search and the time zone are in the URL.
+//! panel of the selected span. The page loads the trace's outline (columns, no attributes) and
+//! asks for one span's details when it is selected, so a trace of 100,000 spans opens quickly; only
+//! the rows in view are in the DOM, so it scrolls like a small one. The selected span, the search
+//! and the time zone are in the URL.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -11,9 +13,9 @@ use leptos_router::NavigateOptions;
 use leptos_router::components::A;
 use leptos_router::hooks::{use_navigate, use_params_map, use_query_map};
 
-use crate::api::{self, KeyValue, Trace, any_value_text, enc};
+use crate::api::{self, KeyValue, Outline, SpanDetail, SpanMatches, Trace, any_value_text, enc};
 use crate::format;
-use crate::waterfall::{Layout, search};
+use crate::waterfall::Layout;
 
 const ROW_H: f64 = 24.0;
 const VIEW_H: f64 = 640.0;
@@ -24,16 +26,16 @@ pub fn TracePage() -> impl IntoView {
     let params = use_params_map();
     let id = Memo::new(move |_| params.read().get("id").unwrap_or_default());
     // Fetched by the browser, not embedded in the page: a big trace would double the HTML.
-    let trace = LocalResource::new(move || {
+    let outline = LocalResource::new(move || {
         let id = id.get();
         async move {
             let base = api::base();
-            api::get::<Trace>(&base, &format!("/api/v1/traces/{}", enc(&id))).await.map(Arc::new)
+            api::get::<Outline>(&base, &format!("/api/v1/traces/{}/outline", enc(&id))).await.map(Arc::new)
         }
     });
     view! {
         <Suspense fallback=|| view! { <p class="notice">"Loading the trace…"</p> }>
-            {move || trace.get().map(|r| match r {
+            {move || outline.get().map(|r| match r {
                 Ok(t) => view! { <TraceView trace=t/> }.into_any(),
                 Err(e) => view! { <p class="notice error" data-testid="trace-error">"This trace could not be shown: " {e}</p> }.into_any(),
             })}
@@ -53,7 +55,7 @@ fn attrs_table(attrs: &[KeyValue]) -> impl IntoView + use<> {
 }
 
 #[component]
-fn TraceView(trace: Arc<Trace>) -> impl IntoView {
+fn TraceView(trace: Arc<Outline>) -> impl IntoView {
     let layout = Arc::new(Layout::new(&trace));
     let query = use_query_map();
     let navigate = use_navigate();
@@ -62,10 +64,28 @@ fn TraceView(trace: Arc<Trace>) -> impl IntoView {
     let selected_id = Memo::new(move |_| query.read().get("span").unwrap_or_default());
     let collapsed = RwSignal::new(HashSet::<usize>::new());
     let scroll_top = RwSignal::new(0.0_f64);
+    let trace_id = trace.trace_id.clone();
 
+    // The search runs in the collector, which has the attributes.
+    let found = {
+        let trace_id = trace_id.clone();
+        LocalResource::new(move || {
+            let (q, trace_id) = (q.get(), trace_id.clone());
+            async move {
+                if q.trim().is_empty() {
+                    return Ok(SpanMatches { span_ids: vec![] });
+                }
+                let base = api::base();
+                api::get::<SpanMatches>(&base, &format!("/api/v1/traces/{}/search?q={}", enc(&trace_id), enc(&q))).await
+            }
+        })
+    };
     let matches = {
-        let trace = trace.clone();
-        Memo::new(move |_| Arc::new(search(&trace, &q.get())))
+        let layout = layout.clone();
+        Memo::new(move |_| {
+            let ids = found.get().and_then(|r| r.ok()).map(|m| m.span_ids).unwrap_or_default();
+            Arc::new(ids.iter().filter_map(|id| layout.by_id.get(id).copied()).collect::<HashSet<usize>>())
+        })
     };
     let visible = {
         let layout = layout.clone();
@@ -86,12 +106,12 @@ fn TraceView(trace: Arc<Trace>) -> impl IntoView {
         parts.join("&")
     };
 
-    let root = layout.order.first().map(|&i| trace.spans[i].clone());
-    let services: HashSet<&str> = trace.spans.iter().map(|s| s.service.as_str()).collect();
-    let errors = trace.spans.iter().filter(|s| s.is_error()).count();
-    let total = (layout.end_ns - layout.start_ns).max(1);
-    let (start_ns, trace_id) = (layout.start_ns, trace.trace_id.clone());
-    let title = root.as_ref().map_or_else(|| "(no root span)".to_owned(), |r| format!("{}: {}", r.service, r.name));
+    let root = layout.order.first().copied();
+    let services = trace.services.len();
+    let errors = trace.status.iter().filter(|s| **s == 2).count();
+    let total = layout.total_ns;
+    let start_ns = trace.start_ns();
+    let title = root.map_or_else(|| "(no spans)".to_owned(), |r| format!("{}: {}", trace.service_of(r), trace.name_of(r)));
 
     let tz_href = {
         let href_with = href_with.clone();
@@ -106,8 +126,8 @@ fn TraceView(trace: Arc<Trace>) -> impl IntoView {
         }
     };
     let download = {
-        let trace = trace.clone();
-        move |_| download_otlp(&trace)
+        let trace_id = trace_id.clone();
+        move |_| download_otlp(trace_id.clone())
     };
 
     // Rows in view.
@@ -125,21 +145,19 @@ fn TraceView(trace: Arc<Trace>) -> impl IntoView {
             (first..last)
                 .map(|pos| {
                     let i = vis[pos];
-                    let s = &trace.spans[i];
-                    let left = (s.start_ns() - start_ns) as f64 / total as f64 * 100.0;
-                    let width = (s.duration_nanos as f64 / total as f64 * 100.0).max(0.15);
+                    let left = trace.start[i] as f64 / total as f64 * 100.0;
+                    let width = (trace.duration[i] as f64 / total as f64 * 100.0).max(0.15);
                     let indent = format!("padding-left:{}px", 6 + 14 * usize::from(layout.depth[i]).min(40));
-                    let colour = format::service_colour(&s.service);
+                    let service = trace.service_of(i).to_owned();
+                    let colour = format::service_colour(&service);
                     let bar_style = format!("left:{left:.4}%;width:{width:.4}%;background:{colour}");
                     let has_kids = layout.descendants[i] > 0;
                     let is_collapsed = coll.contains(&i);
-                    let marks = s
-                        .events
+                    let marks = trace.event_times[i]
                         .iter()
-                        .map(|e| {
-                            let t = e.time_unix_nano.parse::<i64>().unwrap_or(0);
-                            let at = (t - start_ns) as f64 / total as f64 * 100.0;
-                            view! { <span class="event-mark" style=format!("left:{at:.4}%")><title>{e.name.clone()}</title></span> }
+                        .map(|t| {
+                            let at = (t - trace.start[i]) as f64 / trace.duration[i].max(1) as f64 * 100.0;
+                            view! { <span class="event-mark" style=format!("left:{:.4}%", at.clamp(0.0, 100.0))></span> }
                         })
                         .collect_view();
                     let toggle = move |_| {
@@ -149,9 +167,10 @@ fn TraceView(trace: Arc<Trace>) -> impl IntoView {
                             }
                         })
                     };
-                    let select_href = format!("?{}", href_with("span", s.span_id.clone()));
-                    let (is_selected, is_match, is_error, is_critical) = (s.span_id == selected, matches.contains(&i), s.is_error(), layout.critical[i]);
-                    let (span_id, service, name, dur) = (s.span_id.clone(), s.service.clone(), s.name.clone(), format::duration(s.duration_nanos));
+                    let span_id = trace.span_ids[i].clone();
+                    let select_href = format!("?{}", href_with("span", span_id.clone()));
+                    let (is_selected, is_match, is_error, is_critical) = (span_id == selected, matches.contains(&i), trace.is_error(i), layout.critical[i]);
+                    let (name, dur) = (trace.name_of(i).to_owned(), format::duration(trace.duration[i]));
                     let dur_style = format!("left:{:.4}%", (left + width).min(92.0));
                     let top = format!("top:{}px", pos as f64 * ROW_H);
                     view! {
@@ -185,49 +204,63 @@ fn TraceView(trace: Arc<Trace>) -> impl IntoView {
         }
     };
 
-    let panel = {
-        let trace = trace.clone();
-        let layout = layout.clone();
-        move || {
-            let id = selected_id.get();
-            let i = *layout.by_id.get(&id)?;
-            let s = trace.spans[i].clone();
-            let resource = trace.resources.iter().find(|r| r.id == s.resource).map(|r| r.attributes.clone()).unwrap_or_default();
-            let local = local.get();
-            let events = s
-                .events
-                .iter()
-                .map(|e| {
-                    let at = e.time_unix_nano.parse::<i64>().unwrap_or(0) - start_ns;
-                    view! { <li><b>{e.name.clone()}</b>" at +"{format::duration(at)}{attrs_table(&e.attributes)}</li> }
-                })
-                .collect_view();
-            let links = s
-                .links
-                .iter()
-                .map(|l| {
-                    let href = format!("/traces/{}?span={}", l.trace_id, l.span_id);
-                    view! { <li><A href=href attr:class="link" attr:data-testid="span-link">{format!("trace {} span {}", l.trace_id, l.span_id)}</A>{attrs_table(&l.attributes)}</li> }
-                })
-                .collect_view();
-            Some(view! {
-                <aside class="panel" data-testid="span-panel">
-                    <h2>{format!("{}: {}", s.service, s.name)}</h2>
-                    <dl>
-                        <dt>"Span"</dt><dd>{s.span_id.clone()}</dd>
-                        <dt>"Parent"</dt><dd>{if s.parent_span_id.is_empty() { "(root)".to_owned() } else { s.parent_span_id.clone() }}</dd>
-                        <dt>"Kind"</dt><dd>{s.kind.clone()}</dd>
-                        <dt>"Start"</dt><dd>{format::time(s.start_ns(), local)}" (+"{format::duration(s.start_ns() - start_ns)}")"</dd>
-                        <dt>"Duration"</dt><dd>{format::duration(s.duration_nanos)}</dd>
-                        <dt>"Status"</dt><dd class:error=s.is_error()>{format!("{} {}", s.status.code, s.status.message)}</dd>
-                    </dl>
-                    <h3>"Attributes"</h3>{attrs_table(&s.attributes)}
-                    <h3>"Resource"</h3>{attrs_table(&resource)}
-                    {(!s.events.is_empty()).then(|| view! { <h3>"Events"</h3><ul>{events}</ul> })}
-                    {(!s.links.is_empty()).then(|| view! { <h3>"Links"</h3><ul>{links}</ul> })}
-                </aside>
-            })
-        }
+    // The selected span's details, asked for when it is selected.
+    let detail = {
+        let trace_id = trace_id.clone();
+        LocalResource::new(move || {
+            let (id, trace_id) = (selected_id.get(), trace_id.clone());
+            async move {
+                if id.is_empty() {
+                    return None;
+                }
+                let base = api::base();
+                Some(api::get::<SpanDetail>(&base, &format!("/api/v1/traces/{}/spans/{}", enc(&trace_id), enc(&id))).await)
+            }
+        })
+    };
+    let panel = move || {
+        let local = local.get();
+        detail.get().flatten().map(|r| match r {
+            Err(e) => view! { <aside class="panel" data-testid="span-panel"><p class="error">{e}</p></aside> }.into_any(),
+            Ok(s) => {
+                let span_start = s.start_time_unix_nano.parse::<i64>().unwrap_or(0);
+                let events = s
+                    .events
+                    .iter()
+                    .map(|e| {
+                        let at = e.time_unix_nano.parse::<i64>().unwrap_or(0) - start_ns;
+                        view! { <li><b>{e.name.clone()}</b>" at +"{format::duration(at)}{attrs_table(&e.attributes)}</li> }
+                    })
+                    .collect_view();
+                let links = s
+                    .links
+                    .iter()
+                    .map(|l| {
+                        let href = format!("/traces/{}?span={}", l.trace_id, l.span_id);
+                        view! { <li><A href=href attr:class="link" attr:data-testid="span-link">{format!("trace {} span {}", l.trace_id, l.span_id)}</A>{attrs_table(&l.attributes)}</li> }
+                    })
+                    .collect_view();
+                let is_error = s.status.code == "ERROR";
+                view! {
+                    <aside class="panel" data-testid="span-panel">
+                        <h2>{format!("{}: {}", s.service, s.name)}</h2>
+                        <dl>
+                            <dt>"Span"</dt><dd>{s.span_id.clone()}</dd>
+                            <dt>"Parent"</dt><dd>{if s.parent_span_id.is_empty() { "(root)".to_owned() } else { s.parent_span_id.clone() }}</dd>
+                            <dt>"Kind"</dt><dd>{s.kind.clone()}</dd>
+                            <dt>"Start"</dt><dd>{format::time(span_start, local)}" (+"{format::duration(span_start - start_ns)}")"</dd>
+                            <dt>"Duration"</dt><dd>{format::duration(s.duration_nanos)}</dd>
+                            <dt>"Status"</dt><dd class:error=is_error>{format!("{} {}", s.status.code, s.status.message)}</dd>
+                        </dl>
+                        <h3>"Attributes"</h3>{attrs_table(&s.attributes)}
+                        <h3>"Resource"</h3>{attrs_table(&s.resource.attributes)}
+                        {(!s.events.is_empty()).then(|| view! { <h3>"Events"</h3><ul>{events}</ul> })}
+                        {(!s.links.is_empty()).then(|| view! { <h3>"Links"</h3><ul>{links}</ul> })}
+                    </aside>
+                }
+                .into_any()
+            }
+        })
     };
 
     let axis = (0..=4)
@@ -250,15 +283,15 @@ fn TraceView(trace: Arc<Trace>) -> impl IntoView {
                 <p class="facts">
                     <span>{start_text}</span>
                     <span>{format::duration(total)}</span>
-                    <span data-testid="span-count">{format!("{} spans", trace.spans.len())}</span>
-                    <span>{format!("{} services", services.len())}</span>
+                    <span data-testid="span-count">{format!("{} spans", trace.len())}</span>
+                    <span>{format!("{services} services")}</span>
                     <span class:error={errors > 0}>{format!("{errors} errors")}</span>
                     <A href=tz_href>{move || if local.get() { "show UTC" } else { "show local time" }}</A>
                     <button on:click=download data-testid="download">"Download OTLP JSON"</button>
                 </p>
                 <p class="find">
                     <input type="search" placeholder="Find in trace: name, service, attribute…" prop:value=move || q.get() on:change=on_search data-testid="find"/>
-                    <span>{match_count}</span>
+                    <span data-testid="match-count">{match_count}</span>
                     <span class="legend"><span class="critical-key"></span>" critical path"</span>
                 </p>
             </header>
@@ -280,12 +313,25 @@ fn TraceView(trace: Arc<Trace>) -> impl IntoView {
 }
 
 /// Saves the trace as OTLP/JSON (an `ExportTraceServiceRequest`), grouped by resource and scope.
-fn download_otlp(trace: &Trace) {
-    let json = otlp_json(trace);
+/// The whole trace is fetched only now: the page itself never needs all attributes.
+fn download_otlp(trace_id: String) {
     #[cfg(feature = "hydrate")]
+    leptos::task::spawn_local(async move {
+        let base = api::base();
+        match api::get::<Trace>(&base, &format!("/api/v1/traces/{}", enc(&trace_id))).await {
+            Ok(t) => save(&t.trace_id, &otlp_json(&t)),
+            Err(e) => leptos::logging::error!("download failed: {e}"),
+        }
+    });
+    #[cfg(not(feature = "hydrate"))]
+    let _ = trace_id;
+}
+
+#[cfg(feature = "hydrate")]
+fn save(trace_id: &str, json: &str) {
     {
         use wasm_bindgen::JsCast;
-        let parts = js_sys::Array::of1(&wasm_bindgen::JsValue::from_str(&json));
+        let parts = js_sys::Array::of1(&wasm_bindgen::JsValue::from_str(json));
         let opts = web_sys::BlobPropertyBag::new();
         opts.set_type("application/json");
         let Ok(blob) = web_sys::Blob::new_with_str_sequence_and_options(&parts, &opts) else { return };
@@ -296,13 +342,11 @@ fn download_otlp(trace: &Trace) {
             .and_then(|e| e.dyn_into::<web_sys::HtmlAnchorElement>().ok())
         {
             a.set_href(&url);
-            a.set_download(&format!("trace-{}.json", trace.trace_id));
+            a.set_download(&format!("trace-{trace_id}.json"));
             a.click();
         }
         let _ = web_sys::Url::revoke_object_url(&url);
     }
-    #[cfg(not(feature = "hydrate"))]
-    let _ = json;
 }
 
 pub fn otlp_json(t: &Trace) -> String {

@@ -46,32 +46,45 @@ impl Query {
         }
     }
 
-    /// The collector API path for this search.
-    fn api_path(&self) -> String {
-        let mut p = vec![];
-        let mut add = |k: &str, v: &str| {
-            if !v.is_empty() {
-                p.push(format!("{k}={}", enc(v)));
-            }
-        };
-        add("service", &self.service);
-        add("operation", &self.operation);
-        for a in &self.attrs {
-            add("attr", a);
-        }
+    /// The filters as query pairs, named as the page's URL names them.
+    fn pairs(&self) -> Vec<(&'static str, String)> {
+        let mut p: Vec<(&'static str, String)> = vec![("service", self.service.clone()), ("operation", self.operation.clone())];
+        p.extend(self.attrs.iter().map(|a| ("attr", a.clone())));
         if self.errors {
-            add("error", "true");
+            p.push(("errors", "true".into()));
         }
-        add("minDuration", &self.min);
-        add("maxDuration", &self.max);
-        add("start", &self.start);
-        add("end", &self.end);
-        if self.start.is_empty() {
-            add("lookback", if self.lookback.is_empty() { "1h" } else { &self.lookback });
-        }
-        add("limit", if self.limit.is_empty() { "50" } else { &self.limit });
-        format!("/api/v1/traces?{}", p.join("&"))
+        p.extend([
+            ("minDuration", self.min.clone()),
+            ("maxDuration", self.max.clone()),
+            ("lookback", self.lookback.clone()),
+            ("start", self.start.clone()),
+            ("end", self.end.clone()),
+            ("limit", self.limit.clone()),
+        ]);
+        p.retain(|(_, v)| !v.is_empty());
+        p
     }
+
+    /// The collector API path for this search (its `error=true` is the page's `errors=true`).
+    fn api_path(&self) -> String {
+        let mut p = self.pairs();
+        for (k, _) in &mut p {
+            if *k == "errors" {
+                *k = "error";
+            }
+        }
+        if self.start.is_empty() && self.lookback.is_empty() {
+            p.push(("lookback", "1h".into()));
+        }
+        if self.limit.is_empty() {
+            p.push(("limit", "50".into()));
+        }
+        format!("/api/v1/traces?{}", join(&p))
+    }
+}
+
+fn join(pairs: &[(&str, String)]) -> String {
+    pairs.iter().map(|(k, v)| format!("{k}={}", enc(v))).collect::<Vec<_>>().join("&")
 }
 
 #[component]
@@ -143,28 +156,9 @@ pub fn TracesPage() -> impl IntoView {
 
 /// A link to the same search with another sort order.
 fn sort_href(q: &Query, sort: &str) -> String {
-    let mut p = vec![];
-    let mut add = |k: &str, v: &str| {
-        if !v.is_empty() {
-            p.push(format!("{k}={}", enc(v)));
-        }
-    };
-    add("service", &q.service);
-    add("operation", &q.operation);
-    for a in &q.attrs {
-        add("attr", a);
-    }
-    if q.errors {
-        add("errors", "true");
-    }
-    add("minDuration", &q.min);
-    add("maxDuration", &q.max);
-    add("lookback", &q.lookback);
-    add("start", &q.start);
-    add("end", &q.end);
-    add("limit", &q.limit);
-    add("sort", sort);
-    format!("/traces?{}", p.join("&"))
+    let mut p = q.pairs();
+    p.push(("sort", sort.to_owned()));
+    format!("/traces?{}", join(&p))
 }
 
 #[component]
