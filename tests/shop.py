@@ -101,7 +101,15 @@ class Shop:
         self.catalogs = [self.service(f"catalog-{i}") for i in range(self.catalogs_n)]
         self.gateway = self.start_gateway(*self.gateway_args)
         self.wait_up(users=1, catalog=self.catalogs_n, gateway=1)
+        self.wait_routable(self.gateway, users=1, catalog=self.catalogs_n)
         return self
+
+    def wait_routable(self, gateway, **counts):
+        """Until the gateway's own view (from its registry watch) has these instances UP."""
+        def ready():
+            view = requests.get(f"{gateway.url}/admin/upstreams", timeout=10).json()["services"]
+            return all(sum(1 for i in view.get(s, {}).get("instances", []) if i["status"] == "UP") >= n for s, n in counts.items())
+        wait_until(ready, timeout=30, what=f"the gateway routing to {counts}")
 
     def start_gateway(self, *args):
         defaults = {"--addr": "127.0.0.1:0", "--rate-limit": "1000", "--rate-burst": "1000"}

@@ -179,6 +179,7 @@ def live_shop(tmp_path_factory):
     shop.catalogs = [shop.service(f"catalog-{i}") for i in range(3)]
     shop.gateway = shop.start_gateway()
     shop.wait_up(users=1, catalog=3, gateway=1)
+    shop.wait_routable(shop.gateway, users=1, catalog=3)
     email = "map@example.com"
     shop.api("POST", "/api/users/register", json={"email": email, "password": "correct horse", "name": "Map"})
     token = shop.api("POST", "/api/users/login", json={"email": email, "password": "correct horse"}).json()["accessToken"]
