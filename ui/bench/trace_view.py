@@ -92,8 +92,12 @@ def main():
             r = requests.post(f"{otlp}/v1/traces", data=body, headers={"Content-Type": "application/x-protobuf"}, timeout=120)
             assert r.status_code == 200, r.text
         tid = trace_id.hex()
-        api = requests.get(f"{http}/api/v1/traces/{tid}", timeout=120)
-        print(f"trace: {a.spans} spans, API answer {len(api.content) / 1e6:.1f} MB JSON")
+        t = time.monotonic()
+        outline = requests.get(f"{http}/api/v1/traces/{tid}/outline", timeout=120)
+        took = time.monotonic() - t
+        full = requests.get(f"{http}/api/v1/traces/{tid}", timeout=120)
+        print(f"trace: {a.spans} spans; the page loads its outline: {len(outline.content) / 1e6:.1f} MB JSON in {took * 1000:.0f} ms "
+              f"(the full trace would be {len(full.content) / 1e6:.1f} MB)")
 
         from playwright.sync_api import sync_playwright
         with sync_playwright() as p:
