@@ -93,6 +93,19 @@ def test_search_by_service_and_by_error_finds_the_right_traces(dashboard, page):
     page.go_back()
     page.wait_for_function("document.querySelectorAll('table.results tbody tr').length === 2")
 
+    # Sorting follows the URL at once, without a reload, and Back restores it.
+    found = dashboard.api("/api/v1/traces", service="frontend")["traces"]
+    longest = max(found, key=lambda t: t["durationNanos"])["traceId"]
+    newest = max(found, key=lambda t: int(t["startTimeUnixNano"]))["traceId"]
+    first_row = "document.querySelector('table.results tbody tr').dataset.traceId"
+    page.click("a[data-sort=duration]")
+    page.wait_for_url("**sort=duration**")
+    page.wait_for_function(f"{first_row} === '{longest}'")
+    page.click("a[data-sort=start]")
+    page.wait_for_function(f"{first_row} === '{newest}'")
+    page.go_back()
+    page.wait_for_function(f"{first_row} === '{longest}'")
+
     # A service that has no traces says so instead of showing nothing.
     open_page(page, f"{dashboard.http}/traces?service=nobody")
     assert "No traces match" in page.locator("p.notice").inner_text()
@@ -254,3 +267,26 @@ def test_registry_page_says_when_the_registry_is_unreachable(dashboard, page):
     open_page(page, f"{dashboard.http}/")
     page.wait_for_selector("svg.map [data-node='frontend']")
     assert page.locator("[data-testid=registry-unreachable]").count() == 1
+
+
+def test_a_selected_span_deep_in_a_big_trace_is_brought_into_view(dashboard, page):
+    tid = "5" * 32
+    ids = [f"{i + 1:016x}" for i in range(400)]
+    now = 1_700_000_000_000_000_000
+    spans = [{"traceId": tid, "spanId": ids[i], "parentSpanId": ids[i - 1] if i else "", "name": f"step {i}", "kind": 1,
+              "startTimeUnixNano": str(now + i * 1000), "endTimeUnixNano": str(now + 1_000_000 - i * 1000),
+              "attributes": [{"key": "step.parity", "value": {"stringValue": "odd" if i % 2 else "even"}}]} for i in range(400)]
+    body = {"resourceSpans": [{"resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "deep"}}]},
+                               "scopeSpans": [{"scope": {"name": "t"}, "spans": spans}]}]}
+    assert requests.post(f"{dashboard.otlp_http}/v1/traces", json=body, timeout=10).status_code == 200
+    open_page(page, f"{dashboard.http}/traces/{tid}?span={ids[350]}")
+    page.wait_for_selector(f".row.selected[data-span-id='{ids[350]}']")
+    page.wait_for_function("(v => v !== null && v.scrollTop > 7000)(document.querySelector('[data-testid=waterfall]'))")
+    assert page.locator(".row").count() < 150, "only the rows in view are drawn"
+    # Collapse an ancestor, then follow "next match": the match's ancestors open again.
+    page.fill("[data-testid=find]", "step 399")
+    page.press("[data-testid=find]", "Enter")
+    page.wait_for_function("(b => b !== null && !b.disabled)(document.querySelector('[data-testid=next-match]'))")
+    page.click("[data-testid=next-match]")
+    page.wait_for_url(f"**span={ids[399]}**")
+    page.wait_for_selector(f".row.selected.match[data-span-id='{ids[399]}']")

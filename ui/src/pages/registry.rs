@@ -86,7 +86,7 @@ pub fn RegistryPage() -> impl IntoView {
             </Transition>
             <Transition fallback=|| ()>
                 {move || instances.get().map(|r| match r {
-                    Err(_) => ().into_any(),
+                    Err(e) => view! { <p class="notice error">"The instances could not be listed: " {e}</p> }.into_any(),
                     Ok(i) if i.instances.is_empty() => view! { <p class="notice">"No instance is registered."</p> }.into_any(),
                     Ok(i) => {
                         let mut by_service: BTreeMap<String, Vec<Instance>> = BTreeMap::new();
@@ -107,7 +107,7 @@ pub fn RegistryPage() -> impl IntoView {
             <h2>"Recent events"</h2>
             <Transition fallback=|| ()>
                 {move || events.get().map(|r| match r {
-                    Err(_) => ().into_any(),
+                    Err(e) => view! { <p class="notice error">"The events could not be read: " {e}</p> }.into_any(),
                     Ok(e) => view! {
                         <table class="results events" data-testid="events">
                             <tbody>{e.events.into_iter().map(|e| { let class = format!("event {}", e.kind.to_lowercase()); view! {

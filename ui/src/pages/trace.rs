@@ -125,9 +125,57 @@ fn TraceView(trace: Arc<Outline>) -> impl IntoView {
             navigate(&format!("?{}", href_with("q", v)), NavigateOptions { replace: true, ..Default::default() });
         }
     };
+    let download_error = RwSignal::new(None::<String>);
     let download = {
         let trace_id = trace_id.clone();
-        move |_| download_otlp(trace_id.clone())
+        move |_| download_otlp(trace_id.clone(), download_error)
+    };
+
+    // The selected span (from a link, the URL or "next match") is brought into view: its collapsed
+    // ancestors open and the waterfall scrolls to it.
+    let viewport = NodeRef::<leptos::html::Div>::new();
+    {
+        let (layout, trace) = (layout.clone(), trace.clone());
+        Effect::new(move |_| {
+            let selected = selected_id.get();
+            // Also runs again once the waterfall is in the page.
+            let Some(el) = viewport.get() else { return };
+            let Some(&i) = layout.by_id.get(&selected) else { return };
+            let mut up = usize::try_from(trace.parents[i]).ok();
+            let mut reopened = false;
+            let mut coll = collapsed.get_untracked();
+            while let Some(p) = up.filter(|p| *p < trace.len()) {
+                reopened |= coll.remove(&p);
+                up = usize::try_from(trace.parents[p]).ok().filter(|q| *q != p);
+            }
+            if reopened {
+                collapsed.set(coll.clone());
+            }
+            let Some(pos) = layout.visible(&coll).iter().position(|&v| v == i) else { return };
+            let y = pos as f64 * ROW_H;
+            let top = f64::from(el.scroll_top());
+            if y < top || y > top + VIEW_H - 2.0 * ROW_H {
+                let target = (y - VIEW_H / 3.0).max(0.0);
+                scroll_top.set(target);
+                scroll_when_ready(el, target as i32, 60);
+            }
+        });
+    }
+    // "Next match": the first matching span after the selected one in tree order.
+    let next_match = {
+        let (layout, trace, navigate, href_with) = (layout.clone(), trace.clone(), navigate.clone(), href_with.clone());
+        move |_| {
+            let m = matches.get_untracked();
+            if m.is_empty() {
+                return;
+            }
+            let current = layout.by_id.get(&selected_id.get_untracked()).and_then(|i| layout.order.iter().position(|o| o == i));
+            let from = current.map_or(0, |p| p + 1);
+            let n = layout.order.len();
+            if let Some(&i) = (0..n).map(|k| &layout.order[(from + k) % n]).find(|i| m.contains(i)) {
+                navigate(&format!("?{}", href_with("span", trace.span_ids[i].clone())), NavigateOptions { replace: true, ..Default::default() });
+            }
+        }
     };
 
     // Rows in view.
@@ -288,17 +336,19 @@ fn TraceView(trace: Arc<Outline>) -> impl IntoView {
                     <span class:error={errors > 0}>{format!("{errors} errors")}</span>
                     <A href=tz_href>{move || if local.get() { "show UTC" } else { "show local time" }}</A>
                     <button on:click=download data-testid="download">"Download OTLP JSON"</button>
+                    {move || download_error.get().map(|e| view! { <span class="error">{e}</span> })}
                 </p>
                 <p class="find">
                     <input type="search" placeholder="Find in trace: name, service, attribute…" prop:value=move || q.get() on:change=on_search data-testid="find"/>
                     <span data-testid="match-count">{match_count}</span>
+                    <button on:click=next_match data-testid="next-match" disabled=move || matches.get().is_empty()>"Next match"</button>
                     <span class="legend"><span class="critical-key"></span>" critical path"</span>
                 </p>
             </header>
             <div class="split">
                 <div class="waterfall">
                     <div class="axis">{axis}</div>
-                    <div class="viewport" style=format!("height:{VIEW_H}px") data-testid="waterfall"
+                    <div class="viewport" style=format!("height:{VIEW_H}px") data-testid="waterfall" node_ref=viewport
                         on:scroll=move |ev| {
                             let top = event_target::<leptos::web_sys::Element>(&ev).scroll_top();
                             scroll_top.set(f64::from(top));
@@ -312,15 +362,28 @@ fn TraceView(trace: Arc<Outline>) -> impl IntoView {
     }
 }
 
+/// Scrolls the waterfall once it is in the document with its full height (before that the
+/// browser would clamp the scroll to 0), trying for up to `frames` animation frames.
+fn scroll_when_ready(el: leptos::web_sys::HtmlDivElement, target: i32, frames: u32) {
+    request_animation_frame(move || {
+        if el.is_connected() && el.scroll_height() >= target {
+            el.set_scroll_top(target);
+        } else if frames > 0 {
+            scroll_when_ready(el, target, frames - 1);
+        }
+    });
+}
+
 /// Saves the trace as OTLP/JSON (an `ExportTraceServiceRequest`), grouped by resource and scope.
 /// The whole trace is fetched only now: the page itself never needs all attributes.
-fn download_otlp(trace_id: String) {
+fn download_otlp(trace_id: String, error: RwSignal<Option<String>>) {
+    error.set(None);
     #[cfg(feature = "hydrate")]
     leptos::task::spawn_local(async move {
         let base = api::base();
         match api::get::<Trace>(&base, &format!("/api/v1/traces/{}", enc(&trace_id))).await {
             Ok(t) => save(&t.trace_id, &otlp_json(&t)),
-            Err(e) => leptos::logging::error!("download failed: {e}"),
+            Err(e) => error.set(Some(format!("The download failed: {e}"))),
         }
     });
     #[cfg(not(feature = "hydrate"))]

@@ -29,7 +29,7 @@ impl Query {
     fn from_map(q: &leptos_router::params::ParamsMap) -> Self {
         let get = |k: &str| q.get(k).unwrap_or_default().trim().to_owned();
         let attrs = q.get_all("attr").unwrap_or_default().into_iter().flat_map(|a| {
-            a.split(['\n', ';']).map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect::<Vec<_>>()
+            a.split(['\n']).flat_map(|l| l.split("; ")).map(|s| s.trim().trim_end_matches(';').to_owned()).filter(|s| !s.is_empty()).collect::<Vec<_>>()
         });
         Self {
             service: get("service"),
@@ -134,7 +134,7 @@ pub fn TracesPage() -> impl IntoView {
                     <label>"Max duration" <input name="maxDuration" prop:value=move || query.get().max placeholder="2s"/></label>
                     <label>"Lookback" <input name="lookback" prop:value=move || query.get().lookback placeholder="1h"/></label>
                     <label>"From" <input name="start" prop:value=move || query.get().start placeholder="2026-11-22T10:00:00Z"/></label>
-                    <label>"To" <input name="end" prop:value=move || query.get().end placeholder="now"/></label>
+                    <label>"To" <input name="end" prop:value=move || query.get().end placeholder="empty: now"/></label>
                     <label>"Limit" <input name="limit" prop:value=move || query.get().limit placeholder="50" size="5"/></label>
                     <label class="check"><input type="checkbox" name="errors" value="true" prop:checked=move || query.get().errors/>" errors only"</label>
                     <input type="hidden" name="sort" prop:value=move || query.get().sort/>
@@ -163,45 +163,63 @@ fn sort_href(q: &Query, sort: &str) -> String {
 
 #[component]
 fn Results(traces: Vec<TraceSummary>, query: Memo<Query>) -> impl IntoView {
-    let q = query.get_untracked();
-    let mut sorted = traces.clone();
-    match q.sort.as_str() {
-        "duration" => sorted.sort_by_key(|t| std::cmp::Reverse(t.duration_nanos)),
-        "spans" => sorted.sort_by_key(|t| std::cmp::Reverse(t.span_count)),
-        _ => sorted.sort_by_key(|t| std::cmp::Reverse(t.start_ns())),
-    }
-    let n = sorted.len();
-    view! {
-        <Scatter traces=traces/>
-        <p class="count">{format!("{n} traces")}</p>
-        <table class="results" data-testid="results">
-            <thead><tr>
-                <th><A href=sort_href(&q, "start")>"Start"</A></th>
-                <th>"Root"</th>
-                <th><A href=sort_href(&q, "duration")>"Duration"</A></th>
-                <th><A href=sort_href(&q, "spans")>"Spans"</A></th>
-                <th>"Errors"</th>
-                <th>"Services"</th>
-            </tr></thead>
-            <tbody>
-                {sorted.into_iter().map(|t| {
-                    let href = format!("/traces/{}", t.trace_id);
-                    let services = t.services.iter().map(|s| {
+    let n = traces.len();
+    let scatter = traces.clone();
+    // Sorting is client-side and follows the URL, so a sort link (or Back) reorders at once.
+    let rows = move || {
+        let q = query.get();
+        let mut sorted = traces.clone();
+        match q.sort.as_str() {
+            "duration" => sorted.sort_by_key(|t| std::cmp::Reverse(t.duration_nanos)),
+            "spans" => sorted.sort_by_key(|t| std::cmp::Reverse(t.span_count)),
+            _ => sorted.sort_by_key(|t| std::cmp::Reverse(t.start_ns())),
+        }
+        sorted
+            .into_iter()
+            .map(|t| {
+                let href = format!("/traces/{}", t.trace_id);
+                let services = t
+                    .services
+                    .iter()
+                    .map(|s| {
                         let colour = format!("background:{}", format::service_colour(&s.name));
                         view! { <span class="chip" style=colour>{format!("{} ({})", s.name, s.span_count)}</span> }
-                    }).collect_view();
-                    view! {
-                        <tr class:has-error={t.error_count > 0} data-trace-id=t.trace_id.clone()>
-                            <td>{format::time(t.start_ns(), false)}</td>
-                            <td><A href=href>{format!("{}: {}", t.root_service, t.root_operation)}</A></td>
-                            <td>{format::duration(t.duration_nanos)}</td>
-                            <td>{t.span_count}</td>
-                            <td>{t.error_count}</td>
-                            <td>{services}</td>
-                        </tr>
-                    }
-                }).collect_view()}
-            </tbody>
+                    })
+                    .collect_view();
+                view! {
+                    <tr class:has-error={t.error_count > 0} data-trace-id=t.trace_id.clone()>
+                        <td>{format::time(t.start_ns(), false)}</td>
+                        <td><A href=href>{format!("{}: {}", t.root_service, t.root_operation)}</A></td>
+                        <td>{format::duration(t.duration_nanos)}</td>
+                        <td>{t.span_count}</td>
+                        <td>{t.error_count}</td>
+                        <td>{services}</td>
+                    </tr>
+                }
+            })
+            .collect_view()
+    };
+    let head = move || {
+        let q = query.get();
+        let sorted_by = |k: &str| -> &'static str { if q.sort == k || (k == "start" && q.sort.is_empty()) { " ▾" } else { "" } };
+        let (mark_start, mark_duration, mark_spans) = (sorted_by("start"), sorted_by("duration"), sorted_by("spans"));
+        view! {
+            <tr>
+                <th><A href=sort_href(&q, "start") attr:data-sort="start">"Start"{mark_start}</A></th>
+                <th>"Root"</th>
+                <th><A href=sort_href(&q, "duration") attr:data-sort="duration">"Duration"{mark_duration}</A></th>
+                <th><A href=sort_href(&q, "spans") attr:data-sort="spans">"Spans"{mark_spans}</A></th>
+                <th>"Errors"</th>
+                <th>"Services"</th>
+            </tr>
+        }
+    };
+    view! {
+        <Scatter traces=scatter/>
+        <p class="count">{format!("{n} traces")}</p>
+        <table class="results" data-testid="results">
+            <thead>{head}</thead>
+            <tbody>{rows}</tbody>
         </table>
     }
 }
