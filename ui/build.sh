@@ -24,7 +24,9 @@ site=target/site
 mkdir -p "$site/pkg"
 wasm-bindgen --target web --no-typescript --out-dir "$site/pkg" --out-name ui "target/wasm32-unknown-unknown/$dir/ui.wasm"
 
-if [ "$profile" = wasm-release ]; then
+if [ "$profile" = wasm-release ] && ! command -v npm >/dev/null; then
+  echo "npm not found: the wasm is not run through wasm-opt (larger, but it works)" >&2
+elif [ "$profile" = wasm-release ]; then
   tools=target/tools
   [ -x "$tools/node_modules/.bin/wasm-opt" ] || npm install -s --no-audit --no-fund --prefix "$tools" binaryen@132.0.0 >/dev/null
   "$tools/node_modules/.bin/wasm-opt" -Oz --enable-bulk-memory --enable-nontrapping-float-to-int \
