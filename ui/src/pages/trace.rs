@@ -114,12 +114,10 @@ fn TraceView(trace: Arc<Outline>) -> impl IntoView {
     let title = root.map_or_else(|| "(no spans)".to_owned(), |r| format!("{}: {}", trace.service_of(r), trace.name_of(r)));
 
     let tz_href = {
-        let href_with = href_with.clone();
         move || format!("?{}", href_with("tz", if local.get() { String::new() } else { "local".into() }))
     };
     let on_search = {
         let navigate = navigate.clone();
-        let href_with = href_with.clone();
         move |ev: leptos::ev::Event| {
             let v = event_target_value(&ev);
             navigate(&format!("?{}", href_with("q", v)), NavigateOptions { replace: true, ..Default::default() });
@@ -163,7 +161,7 @@ fn TraceView(trace: Arc<Outline>) -> impl IntoView {
     }
     // "Next match": the first matching span after the selected one in tree order.
     let next_match = {
-        let (layout, trace, navigate, href_with) = (layout.clone(), trace.clone(), navigate.clone(), href_with.clone());
+        let (layout, trace, navigate, href_with) = (layout.clone(), trace.clone(), navigate.clone(), href_with);
         move |_| {
             let m = matches.get_untracked();
             if m.is_empty() {
@@ -182,7 +180,6 @@ fn TraceView(trace: Arc<Outline>) -> impl IntoView {
     let rows = {
         let layout = layout.clone();
         let trace = trace.clone();
-        let href_with = href_with.clone();
         move || {
             let vis = visible.get();
             let first = ((scroll_top.get() / ROW_H) as usize).saturating_sub(OVERSCAN);
