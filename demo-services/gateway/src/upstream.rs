@@ -198,14 +198,14 @@ impl Upstreams {
         let timeout = self.timeout(service);
         self.budget.deposit();
         let mut tried = HashSet::new();
-        let mut last: Option<(Failure, String, Option<T>)> = None;
+        let mut last: Option<(Failure, String, Option<T>, Instance)> = None;
         let mut n = 0u32;
         loop {
             let Some(instance) = self.pick(service, &tried) else {
                 // Every instance was tried: answer with the last failure, as it happened.
-                if let Some((kind, detail, answer)) = last {
+                if let Some((kind, detail, answer, instance)) = last {
                     return match answer {
-                        Some(a) => Ok((a, self.last_instance(service, &tried))),
+                        Some(a) => Ok((a, instance)),
                         None => Err(self.failure_error(service, kind, &detail, timeout)),
                     };
                 }
@@ -264,7 +264,7 @@ impl Upstreams {
             if repeatable && n < self.retries && self.budget.try_withdraw() {
                 n += 1;
                 self.metrics.retries.with_label_values(&[service]).inc();
-                last = Some((kind, detail, answer));
+                last = Some((kind, detail, answer, instance));
                 tokio::time::sleep(full_jitter(self.retry_base, self.retry_cap, n - 1)).await;
                 continue;
             }
@@ -280,24 +280,5 @@ impl Upstreams {
             Failure::Timeout => ApiError::GatewayTimeout(format!("{service} did not answer within {} ms", timeout.as_millis())),
             Failure::Connect | Failure::Status => ApiError::BadGateway(format!("{service} failed: {detail}")),
         }
-    }
-
-    /// The last instance tried (for the access log when answering with an earlier failure).
-    fn last_instance(&self, service: &str, tried: &HashSet<String>) -> Instance {
-        let all = self.discovery.instances(service);
-        all.iter().find(|i| tried.contains(&i.instance_id)).cloned().unwrap_or_else(|| Instance {
-            service: service.to_owned(),
-            instance_id: "-".into(),
-            address: String::new(),
-            metadata: Default::default(),
-            health_check_url: None,
-            status: common::registry::InstanceStatus::Down,
-            lease: common::registry::Lease { renewal_interval_secs: 0.0, duration_secs: 0.0 },
-            registered_at: String::new(),
-            last_heartbeat: String::new(),
-            lease_expires_at: String::new(),
-            status_changed_at: String::new(),
-            lease_expired: false,
-        })
     }
 }
