@@ -35,6 +35,12 @@ pub enum ApiError {
     BadGateway(String),
     #[error("{0}")]
     GatewayTimeout(String),
+    /// A card charge was declined.
+    #[error("{0}")]
+    PaymentRequired(String),
+    /// A failure injected by a fault (see `faults`): its message names the fault.
+    #[error("{0}")]
+    Injected(String),
     /// Logged, never shown to the client.
     #[error("internal error")]
     Internal(String),
@@ -61,7 +67,8 @@ impl ApiError {
             Self::Unavailable(_) | Self::CircuitOpen { .. } => (StatusCode::SERVICE_UNAVAILABLE, tonic::Code::Unavailable),
             Self::BadGateway(_) => (StatusCode::BAD_GATEWAY, tonic::Code::Unavailable),
             Self::GatewayTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, tonic::Code::DeadlineExceeded),
-            Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, tonic::Code::Internal),
+            Self::PaymentRequired(_) => (StatusCode::PAYMENT_REQUIRED, tonic::Code::FailedPrecondition),
+            Self::Injected(_) | Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, tonic::Code::Internal),
         }
     }
 
@@ -77,6 +84,8 @@ impl ApiError {
             Self::CircuitOpen { .. } => "circuit_open",
             Self::BadGateway(_) => "bad_gateway",
             Self::GatewayTimeout(_) => "timeout",
+            Self::PaymentRequired(_) => "payment_declined",
+            Self::Injected(_) => "injected_fault",
             Self::Internal(_) => "internal",
         }
     }

@@ -150,7 +150,15 @@ async fn observe(State((metrics, traced)): State<(Arc<HttpMetrics>, bool)>, req:
     let span = tracer.span_builder(name).with_kind(SpanKind::Server).with_attributes(attrs).start_with_context(&tracer, &parent);
     let cx = parent.with_span(span);
 
-    let mut resp = next.run(req).with_context(cx.clone()).await;
+    let mut resp = async {
+        match crate::faults::on_request().await {
+            Ok(()) => next.run(req).await,
+            Err(message) if grpc => grpc_error(tonic::Code::Internal, &message),
+            Err(message) => crate::ApiError::Injected(message).into_response(),
+        }
+    }
+    .with_context(cx.clone())
+    .await;
 
     let status = resp.status();
     let span = cx.span();
@@ -172,6 +180,13 @@ async fn observe(State((metrics, traced)): State<(Arc<HttpMetrics>, bool)>, req:
     span.end();
     metrics.record(&method, &route, status, started.elapsed());
     resp
+}
+
+/// A trailers-only gRPC answer carrying `code` and `message`.
+fn grpc_error(code: tonic::Code, message: &str) -> Response {
+    let mut resp = tonic::Status::new(code, message).into_http::<axum::body::Body>();
+    *resp.status_mut() = StatusCode::OK;
+    resp.into_response()
 }
 
 fn add_host_attrs(headers: &HeaderMap, attrs: &mut Vec<KeyValue>) {
@@ -238,12 +253,16 @@ impl Client {
         let cx = cx.with_span(span);
         inject(&cx, req.headers_mut());
         let call = self.inner.execute(req).with_context(cx.clone());
-        let result = match timeout {
+        let result = if crate::faults::unreachable(peer, &cx) {
+            Err(SendError::Unreachable(peer.to_owned()))
+        } else {
+            match timeout {
             Some(t) => match tokio::time::timeout(t, call).await {
                 Ok(r) => r.map_err(SendError::from),
                 Err(_) => Err(SendError::Timeout(t)),
             },
             None => call.await.map_err(SendError::from),
+            }
         };
         let span = cx.span();
         match &result {
@@ -273,6 +292,9 @@ pub enum SendError {
     Timeout(Duration),
     #[error("connection failed")]
     Connect(#[source] reqwest::Error),
+    /// The unreachable fault of the callee is on: no connection is made.
+    #[error("connection refused: {0} is unreachable (fault)")]
+    Unreachable(String),
     #[error("request failed: {0}")]
     Other(reqwest::Error),
 }
@@ -282,7 +304,7 @@ impl SendError {
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Timeout(_) => "timeout",
-            Self::Connect(_) => "connect",
+            Self::Connect(_) | Self::Unreachable(_) => "connect",
             Self::Other(_) => "request",
         }
     }
@@ -376,13 +398,17 @@ pub fn db_context(operation: &str, table: &str, namespace: &str) -> Context {
 }
 
 /// Runs a database future inside a db CLIENT span (see [`db_context`]).
-pub async fn db_call<T, E: std::fmt::Display>(
+pub async fn db_call<T, E: std::fmt::Display + From<DbFault>>(
     operation: &str,
     table: &str,
     namespace: &str,
     fut: impl Future<Output = Result<T, E>>,
 ) -> Result<T, E> {
     let cx = db_context(operation, table, namespace);
+    if let Err(message) = crate::faults::on_db_call(&cx).await {
+        cx.span().end();
+        return Err(E::from(DbFault(message)));
+    }
     let result = fut.with_context(cx.clone()).await;
     if let Err(e) = &result {
         cx.span().set_attribute(KeyValue::new("error.type", "db_error"));
@@ -390,6 +416,17 @@ pub async fn db_call<T, E: std::fmt::Display>(
     }
     cx.span().end();
     result
+}
+
+/// A database call failed by the db_error fault.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct DbFault(pub String);
+
+impl From<DbFault> for sqlx::Error {
+    fn from(f: DbFault) -> Self {
+        sqlx::Error::Protocol(f.0)
+    }
 }
 
 /// `x-request-id` from the request, if any.

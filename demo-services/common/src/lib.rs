@@ -7,11 +7,18 @@
 pub mod args;
 pub mod db;
 pub mod error;
+pub mod faults;
 pub mod http;
 pub mod registry;
 pub mod resilience;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;
+pub mod upstream;
 
 pub use error::ApiError;
+
+// Services give memory back to the system (argon2's 19 MiB per hash, the memory_growth fault);
+// glibc's malloc keeps it per thread arena instead.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -93,6 +93,9 @@ pub struct Instance {
 pub struct InstancesResponse {
     pub index: u64,
     pub instances: Vec<Instance>,
+    /// The faults in force (they bump the index too, so watchers learn of them at once).
+    #[serde(default)]
+    pub faults: Vec<crate::faults::Fault>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -187,6 +190,10 @@ pub async fn keep_registered(client: RegistryClient, req: RegisterRequest, mut s
             _ = tick.tick() => {}
             _ = stop.wait_for(|s| *s) => break,
         }
+        if crate::faults::active(crate::faults::FaultKind::LostHeartbeats).is_some() {
+            tracing::warn!("lost_heartbeats fault: not renewing the lease");
+            continue;
+        }
         match client.heartbeat(&req.instance_id).await {
             Ok(()) => {}
             Err(RegistryError::Unknown) => {
@@ -231,6 +238,7 @@ impl Discovery {
                     self.reachable.store(true, std::sync::atomic::Ordering::Relaxed);
                     // An index that went backwards means the registry was reset: start over.
                     index = resp.index;
+                    crate::faults::update(&resp.faults);
                     let mut by_service: HashMap<String, Vec<Instance>> = HashMap::new();
                     for i in resp.instances {
                         by_service.entry(i.service.clone()).or_default().push(i);

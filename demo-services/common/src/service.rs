@@ -12,7 +12,7 @@ use tokio::sync::watch;
 
 use crate::args::ServiceArgs;
 use crate::http::HttpMetrics;
-use crate::registry::{Lease, RegisterRequest, RegistryClient, keep_registered};
+use crate::registry::{Discovery, Lease, RegisterRequest, RegistryClient, keep_registered};
 use crate::telemetry::{self, Telemetry};
 
 pub struct Service {
@@ -22,17 +22,23 @@ pub struct Service {
     pub telemetry: Telemetry,
     pub http_metrics: Arc<HttpMetrics>,
     pub listener: TcpListener,
+    /// Every service's instances and the faults in force, kept current by a long poll.
+    pub discovery: Discovery,
 }
 
 impl Service {
-    /// Starts logging and telemetry and binds the listener.
+    /// Starts logging and telemetry, binds the listener, and starts watching the registry (for
+    /// the instances of other services and the faults in force).
     pub async fn start(name: &'static str, args: ServiceArgs) -> anyhow::Result<Self> {
         telemetry::init_logging();
+        crate::faults::init(name);
         let instance_id = telemetry::instance_id(name, args.instance_id.as_deref());
         let telemetry = telemetry::init(name, &instance_id)?;
         let http_metrics = HttpMetrics::new(&telemetry.prometheus)?;
         let listener = TcpListener::bind(args.addr).await.map_err(|e| anyhow::anyhow!("binding --addr {}: {e}", args.addr))?;
-        Ok(Self { name, args, instance_id, telemetry, http_metrics, listener })
+        let discovery = Discovery::spawn(RegistryClient::new(&args.registry_url), std::time::Duration::from_secs(30));
+        tokio::spawn(crate::faults::memory_growth_loop());
+        Ok(Self { name, args, instance_id, telemetry, http_metrics, listener, discovery })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {

@@ -5,14 +5,7 @@ use std::time::Duration;
 
 use common::args::ServiceArgs;
 use common::resilience::BreakerConfig;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Balancer {
-    /// Each instance in turn.
-    RoundRobin,
-    /// The instance with the fewest requests in flight (ties in turn).
-    LeastOutstanding,
-}
+use common::upstream::{Balancer, UpstreamConfig};
 
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
@@ -86,6 +79,20 @@ fn parse_override(s: &str) -> Result<(String, Duration), String> {
 }
 
 impl Config {
+    pub fn upstreams(&self) -> UpstreamConfig {
+        UpstreamConfig {
+            balancer: self.balancer,
+            default_timeout: self.upstream_timeout,
+            timeouts: self.timeouts(),
+            retries: self.retries,
+            retry_budget: self.retry_budget,
+            retry_min_per_sec: self.retry_min_per_sec,
+            retry_base: self.retry_base,
+            retry_cap: self.retry_cap,
+            breaker: self.breaker(),
+        }
+    }
+
     pub fn breaker(&self) -> BreakerConfig {
         BreakerConfig {
             failure_ratio: self.breaker_failure_ratio,

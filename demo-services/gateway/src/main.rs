@@ -8,7 +8,6 @@ mod auth;
 mod config;
 mod limit;
 mod routes;
-mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,15 +21,14 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use clap::Parser;
 use common::ApiError;
-use common::registry::{Discovery, RegistryClient};
 use common::service::Service;
+use common::upstream::Upstreams;
 use opentelemetry::KeyValue;
 use opentelemetry::trace::TraceContextExt;
 
 use crate::auth::{Claims, Verifier};
 use crate::config::Config;
 use crate::limit::Limiter;
-use crate::upstream::Upstreams;
 
 pub struct Gateway {
     pub upstreams: Upstreams,
@@ -52,10 +50,10 @@ pub struct Served {
 async fn main() -> anyhow::Result<()> {
     let cfg = Config::parse();
     let svc = Service::start("gateway", cfg.service.clone()).await?;
-    let discovery = Discovery::spawn(RegistryClient::new(&cfg.service.registry_url), Duration::from_secs(30));
+    let discovery = svc.discovery.clone();
     let prom = &svc.telemetry.prometheus;
     let gateway = Arc::new(Gateway {
-        upstreams: Upstreams::new(&cfg, discovery.clone(), prom)?,
+        upstreams: Upstreams::new(&cfg.upstreams(), discovery.clone(), prom, "gateway")?,
         verifier: Verifier::new(discovery, cfg.jwt_leeway, common::http::Client::new(Some(Duration::from_secs(3)))?),
         limiter: Limiter::new(cfg.rate_limit, cfg.rate_burst, prom)?,
         client: common::http::Client::new(None)?,

@@ -18,7 +18,7 @@ use opentelemetry::context::FutureExt;
 use serde_json::{Value, json};
 use tonic::transport::Channel;
 
-use crate::upstream::{Attempt, Failure};
+use common::upstream::{Attempt, Failure};
 use crate::{Gateway, Served};
 
 /// Headers that belong to one hop and are never passed on (RFC 9110 §7.6.1), plus `host`.
@@ -122,7 +122,7 @@ fn attempt_outcome(r: Result<reqwest::Response, common::http::SendError>, pass_o
         }
         Ok(r) => Attempt::Done(r),
         Err(e @ SendError::Timeout(_)) => Attempt::Failed { kind: Failure::Timeout, detail: e.to_string(), answer: None },
-        Err(e @ SendError::Connect(_)) => Attempt::Failed { kind: Failure::Connect, detail: e.to_string(), answer: None },
+        Err(e @ (SendError::Connect(_) | SendError::Unreachable(_))) => Attempt::Failed { kind: Failure::Connect, detail: e.to_string(), answer: None },
         Err(e) => Attempt::Failed { kind: Failure::Status, detail: e.to_string(), answer: None },
     }
 }

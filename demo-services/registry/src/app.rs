@@ -24,8 +24,9 @@ use tokio::net::TcpListener;
 use tokio::sync::{Mutex, watch};
 
 use crate::config::Config;
-use crate::state::{Change, Preservation, RenewalStats, State, now_ms};
-use crate::store::Store;
+use crate::state::{Change, FaultEntry, Preservation, RenewalStats, State, now_ms};
+use crate::store::{Chaos, Store};
+use common::faults::{Fault, FaultKind, FaultSpec};
 
 pub struct App {
     listener: TcpListener,
@@ -48,19 +49,23 @@ pub struct Registry {
     cfg: Config,
     checker: reqwest::Client,
     metrics: Metrics,
+    chaos: Mutex<Chaos>,
 }
 
 impl App {
     pub async fn build(cfg: Config, prom: &prometheus::Registry) -> anyhow::Result<Self> {
         let store = Store::open(&cfg.db).await?;
         let (entries, index) = store.load().await?;
-        tracing::info!(instances = entries.len(), index, db = %cfg.db.display(), "state loaded");
+        let faults = store.load_faults().await?;
+        let chaos = store.load_chaos().await?;
+        tracing::info!(instances = entries.len(), faults = faults.len(), chaos = chaos.enabled, index, db = %cfg.db.display(), "state loaded");
         let preservation = Preservation {
             enabled: !cfg.no_self_preservation,
             threshold: cfg.self_preservation_threshold,
             window: cfg.renewal_window,
         };
-        let state = State::new(entries, index, preservation, now_ms());
+        let state = State::new(entries, faults, index, preservation, now_ms());
+        common::faults::update(&state.fault_list());
         let metrics = Metrics {
             instances: IntGaugeVec::new(Opts::new("registry_instances", "Registered instances by service and status"), &["service", "status"])?,
             self_preservation: IntGauge::new("registry_self_preservation", "1 while self-preservation stops evictions")?,
@@ -75,7 +80,15 @@ impl App {
         prom.register(Box::new(metrics.events.clone()))?;
         let checker = reqwest::Client::builder().timeout(cfg.health_check_timeout).build()?;
         let listener = TcpListener::bind(cfg.addr).await.map_err(|e| anyhow::anyhow!("binding --addr {}: {e}", cfg.addr))?;
-        let registry = Arc::new(Registry { state: Mutex::new(state), store, index: watch::channel(index).0, cfg, checker, metrics });
+        let registry = Arc::new(Registry {
+            state: Mutex::new(state),
+            store,
+            index: watch::channel(index).0,
+            cfg,
+            checker,
+            metrics,
+            chaos: Mutex::new(chaos),
+        });
         let http_metrics = HttpMetrics::new(prom)?;
         Ok(Self { listener, registry, http_metrics })
     }
@@ -94,18 +107,26 @@ impl App {
             .route("/v1/services/{name}", get(get_service))
             .route("/v1/events", get(events))
             .route("/v1/status", get(status))
+            .layer(axum::middleware::from_fn_with_state(r.clone(), outage))
             .with_state(r.clone());
         // Heartbeats and the watchers' long polls are machine chatter: counted, not traced.
         let quiet = Router::new()
             .route("/v1/instances", get(list_instances))
             .route("/v1/instances/{id}/heartbeat", put(heartbeat))
+            .layer(axum::middleware::from_fn_with_state(r.clone(), outage))
             .with_state(r.clone());
-        let app = common::http::instrument(api, self.http_metrics.clone())
+        // The fault API answers during an outage, so it can be ended early.
+        let faults = Router::new()
+            .route("/v1/faults", get(list_faults).delete(clear_all_faults))
+            .route("/v1/faults/{service}/{kind}", put(set_fault).delete(clear_fault))
+            .route("/v1/chaos", get(get_chaos).put(set_chaos))
+            .with_state(r.clone());
+        let app = common::http::instrument(api.merge(faults), self.http_metrics.clone())
             .merge(common::http::count_only(quiet, self.http_metrics.clone()))
             .merge(common::http::ops_routes(self.http_metrics))
             .fallback(|| async { ApiError::NotFound("no such route; the API is under /v1".into()) });
 
-        let jobs = [tokio::spawn(health_loop(r.clone())), tokio::spawn(sweep_loop(r.clone()))];
+        let jobs = [tokio::spawn(health_loop(r.clone())), tokio::spawn(sweep_loop(r.clone())), tokio::spawn(chaos_loop(r.clone()))];
         axum::serve(self.listener, app.into_make_service_with_connect_info::<SocketAddr>())
             .with_graceful_shutdown(shutdown)
             .await?;
@@ -125,6 +146,9 @@ impl Registry {
         let (result, changes) = f(&mut next, now_ms());
         self.store.apply(&changes).await.map_err(ApiError::internal)?;
         *state = next;
+        if changes.iter().any(|c| matches!(c, Change::FaultUpsert(_) | Change::FaultDelete { .. })) {
+            common::faults::update(&state.fault_list());
+        }
         for c in &changes {
             if let Change::Event(e) = c {
                 self.metrics.events.with_label_values(&[e.kind]).inc();
@@ -166,6 +190,9 @@ async fn health_loop(r: Arc<Registry>) {
         tick.tick().await;
         let targets: Vec<(String, String)> = {
             let s = r.state.lock().await;
+            if s.outage_until(now_ms()).is_some() {
+                continue;
+            }
             s.instances
                 .values()
                 .filter(|e| e.status != InstanceStatus::OutOfService)
@@ -343,7 +370,7 @@ async fn list_instances(AxumState(r): AxumState<Arc<Registry>>, Query(q): Query<
         .filter(|e| status.is_none_or(|st| e.status == st))
         .map(|e| e.view())
         .collect();
-    Ok(with_index(index, InstancesResponse { index, instances }))
+    Ok(with_index(index, InstancesResponse { index, instances, faults: s.fault_list() }))
 }
 
 #[derive(Serialize, Default)]
@@ -470,5 +497,213 @@ mod tests {
             let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
         }
         Ok(())
+    }
+}
+
+// ---- faults ----
+
+/// Answers 503 to every request while the registry_outage fault is on.
+async fn outage(AxumState(r): AxumState<Arc<Registry>>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let now = now_ms();
+    let until = r.state.lock().await.outage_until(now);
+    match until {
+        Some(t) => {
+            let secs = ((t - now) as f64 / 1000.0).ceil().max(1.0) as u64;
+            let cx = opentelemetry::Context::current();
+            let message = format!("registry outage (fault) for another {secs}s");
+            common::faults::fail_span(&cx, FaultKind::RegistryOutage, 1.0, &message);
+            ApiError::CircuitOpen { message, retry_after_secs: secs }.into_response()
+        }
+        None => next.run(req).await,
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct FaultsResponse {
+    index: u64,
+    faults: Vec<Fault>,
+    chaos: Chaos,
+    kinds: Vec<FaultSpec>,
+}
+
+async fn list_faults(AxumState(r): AxumState<Arc<Registry>>) -> Response {
+    let chaos = *r.chaos.lock().await;
+    let s = r.state.lock().await;
+    let kinds = FaultKind::ALL.iter().map(|k| k.spec()).collect();
+    with_index(s.index, FaultsResponse { index: s.index, faults: s.fault_list(), chaos, kinds })
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct SetFault {
+    /// Default: the kind's default value.
+    value: Option<f64>,
+    /// Default: until turned off (required for registry_outage).
+    duration_secs: Option<f64>,
+}
+
+fn fault_kind(kind: &str) -> Result<FaultKind, ApiError> {
+    FaultKind::parse(kind).ok_or_else(|| {
+        let names: Vec<&str> = FaultKind::ALL.iter().map(|k| k.name()).collect();
+        ApiError::bad_field("kind", format!("unknown fault kind {kind:?}; one of {}", names.join(", ")))
+    })
+}
+
+fn fault_service(service: &str) -> Result<(), ApiError> {
+    let ok = !service.is_empty() && service.len() <= 63 && service.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if ok { Ok(()) } else { Err(ApiError::bad_field("service", "service must be 1-63 characters of letters, digits, '-', '_' or '.'")) }
+}
+
+/// Checks a fault request and makes the entry to store.
+fn fault_entry(service: &str, kind: FaultKind, req: &SetFault, source: &str, now: i64) -> Result<FaultEntry, ApiError> {
+    fault_service(service)?;
+    let spec = kind.spec();
+    if let Some(only) = spec.only_for
+        && only != service
+    {
+        return Err(ApiError::bad_field("service", format!("{kind} applies to {only} only, not {service}")));
+    }
+    let value = req.value.unwrap_or(spec.default_value);
+    if !(value >= spec.min && value <= spec.max) {
+        return Err(ApiError::bad_field("value", format!("value of {kind} must be from {} to {} {}, got {value}", spec.min, spec.max, spec.unit)));
+    }
+    let expires_at_ms = match req.duration_secs {
+        Some(d) if d > 0.0 && d <= 86_400.0 => Some(now + (d * 1000.0) as i64),
+        Some(d) => return Err(ApiError::bad_field("durationSecs", format!("durationSecs must be more than 0 and at most 86400, got {d}"))),
+        None if kind == FaultKind::RegistryOutage => {
+            return Err(ApiError::bad_field("durationSecs", "registry_outage needs durationSecs (the registry cannot be asked to end it otherwise)"));
+        }
+        None => None,
+    };
+    if kind == FaultKind::RegistryOutage && expires_at_ms.is_some_and(|t| t - now > 600_000) {
+        return Err(ApiError::bad_field("durationSecs", "a registry_outage lasts at most 600 seconds"));
+    }
+    Ok(FaultEntry { service: service.to_owned(), kind, value, source: source.to_owned(), set_at_ms: now, expires_at_ms })
+}
+
+async fn set_fault(
+    AxumState(r): AxumState<Arc<Registry>>,
+    Path((service, kind)): Path<(String, String)>,
+    JsonBody(req): JsonBody<SetFault>,
+) -> Result<axum::Json<Fault>, ApiError> {
+    let kind = fault_kind(&kind)?;
+    let entry = fault_entry(&service, kind, &req, "api", now_ms())?;
+    let view = entry.view();
+    r.mutate(|s, now| ((), s.set_fault(entry, now))).await?;
+    Ok(axum::Json(view))
+}
+
+async fn clear_fault(AxumState(r): AxumState<Arc<Registry>>, Path((service, kind)): Path<(String, String)>) -> Result<StatusCode, ApiError> {
+    let kind = fault_kind(&kind)?;
+    let found = r
+        .mutate(|s, now| match s.clear_fault(&service, kind, "turned off through the API", now) {
+            Some(c) => (true, c),
+            None => (false, Vec::new()),
+        })
+        .await?;
+    if found { Ok(StatusCode::NO_CONTENT) } else { Err(ApiError::NotFound(format!("no {kind} fault is on for {service}"))) }
+}
+
+async fn clear_all_faults(AxumState(r): AxumState<Arc<Registry>>) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let cleared = r
+        .mutate(|s, now| {
+            let keys: Vec<(String, FaultKind)> = s.faults.keys().cloned().collect();
+            let mut changes = Vec::new();
+            for (service, kind) in &keys {
+                changes.extend(s.clear_fault(service, *kind, "turned off through the API", now).unwrap_or_default());
+            }
+            (keys.len(), changes)
+        })
+        .await?;
+    Ok(axum::Json(serde_json::json!({ "cleared": cleared })))
+}
+
+async fn get_chaos(AxumState(r): AxumState<Arc<Registry>>) -> axum::Json<Chaos> {
+    axum::Json(*r.chaos.lock().await)
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct SetChaos {
+    enabled: bool,
+    interval_secs: Option<f64>,
+    max_active: Option<i64>,
+}
+
+async fn set_chaos(AxumState(r): AxumState<Arc<Registry>>, JsonBody(req): JsonBody<SetChaos>) -> Result<axum::Json<Chaos>, ApiError> {
+    let mut chaos = r.chaos.lock().await;
+    let mut next = Chaos { enabled: req.enabled, ..*chaos };
+    if let Some(i) = req.interval_secs {
+        if !(1.0..=3600.0).contains(&i) {
+            return Err(ApiError::bad_field("intervalSecs", format!("intervalSecs must be from 1 to 3600, got {i}")));
+        }
+        next.interval_ms = (i * 1000.0) as i64;
+    }
+    if let Some(m) = req.max_active {
+        if !(1..=10).contains(&m) {
+            return Err(ApiError::bad_field("maxActive", format!("maxActive must be from 1 to 10, got {m}")));
+        }
+        next.max_active = m;
+    }
+    r.store.save_chaos(next).await.map_err(ApiError::internal)?;
+    *chaos = next;
+    tracing::info!(enabled = next.enabled, interval_ms = next.interval_ms, max_active = next.max_active, "chaos mode set");
+    Ok(axum::Json(next))
+}
+
+/// The kinds chaos picks from: each visible in traces within seconds and harmless to the data.
+const CHAOS_KINDS: &[FaultKind] = &[
+    FaultKind::Latency,
+    FaultKind::ErrorRate,
+    FaultKind::Unreachable,
+    FaultKind::DbSlow,
+    FaultKind::DbError,
+    FaultKind::CpuBurn,
+    FaultKind::PublishFailure,
+    FaultKind::ConsumerLag,
+    FaultKind::PaymentDecline,
+    FaultKind::RateLimitStorm,
+];
+
+/// While chaos is on: every interval, turns on a random fault of a random registered service
+/// for two intervals, keeping at most `max_active` chaos faults at once.
+async fn chaos_loop(r: Arc<Registry>) {
+    let mut last = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let chaos = *r.chaos.lock().await;
+        if !chaos.enabled || last.elapsed() < Duration::from_millis(chaos.interval_ms as u64) {
+            continue;
+        }
+        last = tokio::time::Instant::now();
+        let now = now_ms();
+        let pick = {
+            let s = r.state.lock().await;
+            let active = s.faults.values().filter(|f| f.source == "chaos").count() as i64;
+            let services: Vec<String> =
+                s.instances.values().map(|e| e.req.service.clone()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+            let candidates: Vec<(String, FaultKind)> = services
+                .iter()
+                .flat_map(|svc| CHAOS_KINDS.iter().map(move |k| (svc.clone(), *k)))
+                .filter(|(svc, k)| k.spec().only_for.is_none_or(|o| o == svc) && !s.faults.contains_key(&(svc.clone(), *k)))
+                .collect();
+            if active >= chaos.max_active || candidates.is_empty() {
+                None
+            } else {
+                let i = rand::random::<u64>() as usize % candidates.len();
+                Some(candidates[i].clone())
+            }
+        };
+        let Some((service, kind)) = pick else { continue };
+        let req = SetFault { value: None, duration_secs: Some(chaos.interval_ms as f64 * 2.0 / 1000.0) };
+        match fault_entry(&service, kind, &req, "chaos", now) {
+            Ok(entry) => {
+                if let Err(e) = r.mutate(|s, now| ((), s.set_fault(entry, now))).await {
+                    tracing::warn!(error = %e, "chaos could not set a fault");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "chaos picked a fault it cannot set"),
+        }
     }
 }

@@ -11,6 +11,7 @@ use clap::Parser;
 async fn main() -> anyhow::Result<()> {
     let cfg = config::Config::parse();
     common::telemetry::init_logging();
+    common::faults::init("registry");
     anyhow::ensure!(
         cfg.self_preservation_threshold > 0.0 && cfg.self_preservation_threshold <= 1.0,
         "--self-preservation-threshold must be in (0, 1], got {}",

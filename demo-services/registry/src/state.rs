@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use common::faults::{Fault, FaultKind};
 use common::registry::{Instance, InstanceStatus, Lease, RegisterRequest};
 use serde::Serialize;
 
@@ -69,9 +70,37 @@ pub struct Event {
     pub detail: String,
 }
 
+/// A fault in force for a service.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FaultEntry {
+    pub service: String,
+    pub kind: FaultKind,
+    pub value: f64,
+    /// `api` or `chaos`.
+    pub source: String,
+    pub set_at_ms: i64,
+    pub expires_at_ms: Option<i64>,
+}
+
+impl FaultEntry {
+    pub fn view(&self) -> Fault {
+        Fault {
+            service: self.service.clone(),
+            kind: self.kind,
+            value: self.value,
+            unit: self.kind.spec().unit.to_owned(),
+            source: self.source.clone(),
+            set_at: rfc3339(self.set_at_ms),
+            expires_at: self.expires_at_ms.map(rfc3339),
+        }
+    }
+}
+
 /// What a mutation asks the store to write.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
+    FaultUpsert(FaultEntry),
+    FaultDelete { service: String, kind: FaultKind },
     Upsert(Box<Entry>),
     Heartbeat { instance_id: String, at_ms: i64 },
     Delete(String),
@@ -108,6 +137,7 @@ pub struct RenewalStats {
 #[derive(Clone)]
 pub struct State {
     pub instances: BTreeMap<String, Entry>,
+    pub faults: BTreeMap<(String, FaultKind), FaultEntry>,
     pub index: u64,
     renewals: VecDeque<i64>,
     pub self_preservation: bool,
@@ -118,9 +148,61 @@ pub struct State {
 impl State {
     /// The state loaded at (re)start: `instances` keep their status and registration time, and their
     /// leases count from `now` at the earliest (see [`Entry::lease_expires_ms`]).
-    pub fn new(instances: Vec<Entry>, index: u64, preservation: Preservation, now: i64) -> Self {
+    pub fn new(instances: Vec<Entry>, faults: Vec<FaultEntry>, index: u64, preservation: Preservation, now: i64) -> Self {
         let instances = instances.into_iter().map(|e| (e.req.instance_id.clone(), Entry { loaded_at_ms: now, ..e })).collect();
-        Self { instances, index, renewals: VecDeque::new(), self_preservation: false, started_ms: now, preservation }
+        let faults = faults.into_iter().map(|f| ((f.service.clone(), f.kind), f)).collect();
+        Self { instances, faults, index, renewals: VecDeque::new(), self_preservation: false, started_ms: now, preservation }
+    }
+
+    /// Every fault in force, by service and kind.
+    pub fn fault_list(&self) -> Vec<Fault> {
+        self.faults.values().map(FaultEntry::view).collect()
+    }
+
+    /// When the registry_outage fault ends, while it is on.
+    pub fn outage_until(&self, now: i64) -> Option<i64> {
+        let f = self.faults.get(&("registry".to_owned(), FaultKind::RegistryOutage))?;
+        let until = f.expires_at_ms?;
+        (until > now).then_some(until)
+    }
+
+    fn fault_event(kind: &'static str, service: &str, detail: String, at_ms: i64) -> Change {
+        Change::Event(Event { at_ms, kind, service: service.to_owned(), instance_id: String::new(), detail })
+    }
+
+    /// Turns a fault on (or changes its value or end).
+    pub fn set_fault(&mut self, f: FaultEntry, now: i64) -> Vec<Change> {
+        let spec = f.kind.spec();
+        let until = f.expires_at_ms.map(|t| format!(" until {}", rfc3339(t))).unwrap_or_default();
+        let detail = format!("{} {}{} ({}){until}", f.kind, f.value, spec.unit, f.source);
+        let mut changes = vec![Self::fault_event("FAULT_ON", &f.service, detail, now), Change::FaultUpsert(f.clone())];
+        self.faults.insert((f.service.clone(), f.kind), f);
+        self.bump(&mut changes);
+        changes
+    }
+
+    /// Turns a fault off; `None` if it was not on.
+    pub fn clear_fault(&mut self, service: &str, kind: FaultKind, why: &str, now: i64) -> Option<Vec<Change>> {
+        self.faults.remove(&(service.to_owned(), kind))?;
+        let mut changes = vec![
+            Self::fault_event("FAULT_OFF", service, format!("{kind} {why}"), now),
+            Change::FaultDelete { service: service.to_owned(), kind },
+        ];
+        if kind == FaultKind::RegistryOutage {
+            self.outage_over(now);
+        }
+        self.bump(&mut changes);
+        Some(changes)
+    }
+
+    /// After an outage the registry counts leases and renewals as after a restart: nobody could
+    /// renew while it refused every request.
+    fn outage_over(&mut self, now: i64) {
+        for e in self.instances.values_mut() {
+            e.loaded_at_ms = now;
+        }
+        self.renewals.clear();
+        self.started_ms = now;
     }
 
     fn bump(&mut self, changes: &mut Vec<Change>) {
@@ -258,6 +340,15 @@ impl State {
     /// (or, under self-preservation, only marks them).
     pub fn sweep(&mut self, now: i64) -> Vec<Change> {
         let mut changes = Vec::new();
+        let ended: Vec<(String, FaultKind)> =
+            self.faults.values().filter(|f| f.expires_at_ms.is_some_and(|t| t <= now)).map(|f| (f.service.clone(), f.kind)).collect();
+        for (service, kind) in ended {
+            changes.extend(self.clear_fault(&service, kind, "expired", now).unwrap_or_default());
+        }
+        if self.outage_until(now).is_some() {
+            // Nobody can renew during an outage: nothing expires either.
+            return changes;
+        }
         let stats = self.renewal_stats(now);
         let preserve = self.preservation.enabled
             && stats.expected_renewals_in_window >= 1.0
@@ -311,7 +402,7 @@ mod tests {
     }
 
     fn state(enabled: bool) -> State {
-        State::new(Vec::new(), 0, Preservation { enabled, threshold: 0.85, window: Duration::from_secs(10) }, 0)
+        State::new(Vec::new(), Vec::new(), 0, Preservation { enabled, threshold: 0.85, window: Duration::from_secs(10) }, 0)
     }
 
     #[test]
@@ -410,7 +501,7 @@ mod tests {
         let (a, _) = before.register(req("a", true), 0);
         let (b, _) = before.register(req("b", false), 0);
         let a = Entry { status: InstanceStatus::Up, ..a };
-        let mut s = State::new(vec![a, b], before.index, before.preservation, 60_000);
+        let mut s = State::new(vec![a, b], Vec::new(), before.index, before.preservation, 60_000);
         assert!(s.sweep(60_000).is_empty(), "nothing is evicted on the first sweep");
         assert_eq!(s.instances["a"].lease_expires_ms(), 63_000, "the lease counts from the restart");
         s.heartbeat("a", 62_000);

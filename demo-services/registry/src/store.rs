@@ -3,10 +3,28 @@
 
 use std::path::Path;
 
+use common::faults::FaultKind;
 use common::registry::{InstanceStatus, Lease, RegisterRequest};
 use sqlx::{Row, SqlitePool};
 
-use crate::state::{Change, Entry};
+use crate::state::{Change, Entry, FaultEntry};
+
+/// The chaos mode's settings.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Chaos {
+    pub enabled: bool,
+    /// How often a fault is turned on (each lasts two intervals).
+    pub interval_ms: i64,
+    /// At most this many chaos faults at once.
+    pub max_active: i64,
+}
+
+impl Default for Chaos {
+    fn default() -> Self {
+        Self { enabled: false, interval_ms: 20_000, max_active: 2 }
+    }
+}
 
 #[derive(Clone)]
 pub struct Store {
@@ -18,6 +36,46 @@ impl Store {
         let pool = common::db::open(path, 1).await?;
         sqlx::migrate!().run(&pool).await?;
         Ok(Self { pool })
+    }
+
+    /// The faults in force as last written.
+    pub async fn load_faults(&self) -> anyhow::Result<Vec<FaultEntry>> {
+        let rows = sqlx::query("SELECT service, kind, value, source, set_at_ms, expires_at_ms FROM faults").fetch_all(&self.pool).await?;
+        let mut faults = Vec::with_capacity(rows.len());
+        for r in rows {
+            let kind: String = r.try_get("kind")?;
+            let Some(kind) = FaultKind::parse(&kind) else {
+                tracing::warn!(kind, "unknown fault kind in the database: ignored");
+                continue;
+            };
+            faults.push(FaultEntry {
+                service: r.try_get("service")?,
+                kind,
+                value: r.try_get("value")?,
+                source: r.try_get("source")?,
+                set_at_ms: r.try_get("set_at_ms")?,
+                expires_at_ms: r.try_get("expires_at_ms")?,
+            });
+        }
+        Ok(faults)
+    }
+
+    pub async fn load_chaos(&self) -> anyhow::Result<Chaos> {
+        let row = sqlx::query("SELECT enabled, interval_ms, max_active FROM chaos WHERE id = 1").fetch_optional(&self.pool).await?;
+        Ok(match row {
+            Some(r) => Chaos { enabled: r.try_get("enabled")?, interval_ms: r.try_get("interval_ms")?, max_active: r.try_get("max_active")? },
+            None => Chaos::default(),
+        })
+    }
+
+    pub async fn save_chaos(&self, c: Chaos) -> Result<(), sqlx::Error> {
+        sqlx::query("INSERT OR REPLACE INTO chaos (id, enabled, interval_ms, max_active) VALUES (1, ?, ?, ?)")
+            .bind(c.enabled)
+            .bind(c.interval_ms)
+            .bind(c.max_active)
+            .execute(&self.pool)
+            .await
+            .map(drop)
     }
 
     /// The instances and the change index as last written.
@@ -62,6 +120,22 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         for c in changes {
             match c {
+                Change::FaultUpsert(f) => {
+                    sqlx::query(
+                        "INSERT OR REPLACE INTO faults (service, kind, value, source, set_at_ms, expires_at_ms) VALUES (?, ?, ?, ?, ?, ?)",
+                    )
+                    .bind(&f.service)
+                    .bind(f.kind.name())
+                    .bind(f.value)
+                    .bind(&f.source)
+                    .bind(f.set_at_ms)
+                    .bind(f.expires_at_ms)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                Change::FaultDelete { service, kind } => {
+                    sqlx::query("DELETE FROM faults WHERE service = ? AND kind = ?").bind(service).bind(kind.name()).execute(&mut *tx).await?;
+                }
                 Change::Upsert(e) => {
                     sqlx::query(
                         "INSERT OR REPLACE INTO instances (instance_id, service, address, metadata, health_check_url, status, \

@@ -8,12 +8,49 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::ApiError;
-use common::registry::{Discovery, Instance};
-use common::resilience::{BreakerConfig, CircuitBreaker, RetryBudget, full_jitter};
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts};
 
-use crate::config::{Balancer, Config};
+use crate::ApiError;
+use crate::registry::{Discovery, Instance};
+use crate::resilience::{BreakerConfig, CircuitBreaker, RetryBudget, full_jitter};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Balancer {
+    /// Each instance in turn.
+    RoundRobin,
+    /// The instance with the fewest requests in flight (ties in turn).
+    LeastOutstanding,
+}
+
+/// How a caller treats its upstreams (the gateway's flags, or a service's fixed choice).
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub balancer: Balancer,
+    pub default_timeout: Duration,
+    pub timeouts: HashMap<String, Duration>,
+    pub retries: u32,
+    pub retry_budget: f64,
+    pub retry_min_per_sec: f64,
+    pub retry_base: Duration,
+    pub retry_cap: Duration,
+    pub breaker: BreakerConfig,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            balancer: Balancer::LeastOutstanding,
+            default_timeout: Duration::from_secs(5),
+            timeouts: HashMap::new(),
+            retries: 2,
+            retry_budget: 0.2,
+            retry_min_per_sec: 10.0,
+            retry_base: Duration::from_millis(25),
+            retry_cap: Duration::from_secs(1),
+            breaker: BreakerConfig::default(),
+        }
+    }
+}
 
 /// How long an instance that refused a connection is skipped, before the registry notices.
 const EJECT_FOR: Duration = Duration::from_secs(5);
@@ -78,19 +115,20 @@ impl Drop for InFlight {
 }
 
 impl Upstreams {
-    pub fn new(cfg: &Config, discovery: Discovery, prom: &prometheus::Registry) -> anyhow::Result<Self> {
+    /// Calls through the registry's view in `discovery`; the metrics are named `<prefix>_upstream_…`.
+    pub fn new(cfg: &UpstreamConfig, discovery: Discovery, prom: &prometheus::Registry, prefix: &str) -> anyhow::Result<Self> {
         let metrics = Metrics {
             calls: IntCounterVec::new(
-                Opts::new("gateway_upstream_attempts_total", "Attempts to call an upstream, by service and outcome"),
+                Opts::new(format!("{prefix}_upstream_attempts_total"), "Attempts to call an upstream, by service and outcome"),
                 &["service", "outcome"],
             )?,
-            retries: IntCounterVec::new(Opts::new("gateway_retries_total", "Retries made, by service"), &["service"])?,
+            retries: IntCounterVec::new(Opts::new(format!("{prefix}_retries_total"), "Retries made, by service"), &["service"])?,
             circuit: IntGaugeVec::new(
-                Opts::new("gateway_circuit_state", "Circuit breaker state per upstream: 0 closed, 1 open, 2 half-open"),
+                Opts::new(format!("{prefix}_circuit_state"), "Circuit breaker state per upstream: 0 closed, 1 open, 2 half-open"),
                 &["service"],
             )?,
             duration: HistogramVec::new(
-                HistogramOpts::new("gateway_upstream_duration_seconds", "Time an upstream took to answer an attempt (headers)")
+                HistogramOpts::new(format!("{prefix}_upstream_duration_seconds"), "Time an upstream took to answer an attempt (headers)")
                     .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
                 &["service"],
             )?,
@@ -102,12 +140,12 @@ impl Upstreams {
         Ok(Self {
             discovery,
             balancer: cfg.balancer,
-            default_timeout: cfg.upstream_timeout,
-            timeouts: cfg.timeouts(),
+            default_timeout: cfg.default_timeout,
+            timeouts: cfg.timeouts.clone(),
             retries: cfg.retries,
             retry_base: cfg.retry_base,
             retry_cap: cfg.retry_cap,
-            breaker_cfg: cfg.breaker(),
+            breaker_cfg: cfg.breaker,
             budget: RetryBudget::new(cfg.retry_budget, cfg.retry_min_per_sec),
             breakers: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashMap::new()),
