@@ -9,6 +9,7 @@ pub mod db;
 pub mod error;
 pub mod faults;
 pub mod http;
+pub mod messaging;
 pub mod registry;
 pub mod resilience;
 pub mod service;
