@@ -37,3 +37,9 @@ pub async fn migrate(pool: &SqlitePool, migrator: &sqlx::migrate::Migrator) -> a
         }
     }
 }
+
+/// Begins a write transaction that takes the write lock at once (`BEGIN IMMEDIATE`), so a
+/// read-then-write transaction never fails halfway because another instance wrote in between.
+pub async fn write_tx(pool: &SqlitePool) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
+    pool.begin_with("BEGIN IMMEDIATE").await
+}

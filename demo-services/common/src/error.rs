@@ -35,6 +35,9 @@ pub enum ApiError {
     BadGateway(String),
     #[error("{0}")]
     GatewayTimeout(String),
+    /// Not enough stock for what was asked.
+    #[error("{0}")]
+    OutOfStock(String),
     /// A card charge was declined.
     #[error("{0}")]
     PaymentRequired(String),
@@ -67,6 +70,7 @@ impl ApiError {
             Self::Unavailable(_) | Self::CircuitOpen { .. } => (StatusCode::SERVICE_UNAVAILABLE, tonic::Code::Unavailable),
             Self::BadGateway(_) => (StatusCode::BAD_GATEWAY, tonic::Code::Unavailable),
             Self::GatewayTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, tonic::Code::DeadlineExceeded),
+            Self::OutOfStock(_) => (StatusCode::CONFLICT, tonic::Code::FailedPrecondition),
             Self::PaymentRequired(_) => (StatusCode::PAYMENT_REQUIRED, tonic::Code::FailedPrecondition),
             Self::Injected(_) | Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, tonic::Code::Internal),
         }
@@ -84,6 +88,7 @@ impl ApiError {
             Self::CircuitOpen { .. } => "circuit_open",
             Self::BadGateway(_) => "bad_gateway",
             Self::GatewayTimeout(_) => "timeout",
+            Self::OutOfStock(_) => "out_of_stock",
             Self::PaymentRequired(_) => "payment_declined",
             Self::Injected(_) => "injected_fault",
             Self::Internal(_) => "internal",
@@ -105,6 +110,7 @@ impl ApiError {
             tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => Self::Unauthorized(m),
             tonic::Code::NotFound => Self::NotFound(m),
             tonic::Code::AlreadyExists => Self::Conflict { field: None, message: m },
+            tonic::Code::FailedPrecondition => Self::OutOfStock(m),
             tonic::Code::ResourceExhausted => Self::TooManyRequests { retry_after_secs: 1 },
             tonic::Code::Unavailable => Self::Unavailable(m),
             tonic::Code::DeadlineExceeded => Self::GatewayTimeout(m),

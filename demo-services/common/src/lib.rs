@@ -5,6 +5,7 @@
 //! takes (`args`).
 
 pub mod args;
+pub mod clock;
 pub mod db;
 pub mod error;
 pub mod faults;

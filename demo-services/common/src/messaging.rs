@@ -325,3 +325,11 @@ impl Extractor for NatsReadHeaders<'_> {
         self.0.iter().map(|(k, _)| k.as_ref()).collect()
     }
 }
+
+/// The flag of every service that talks to the broker.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BrokerArgs {
+    /// The NATS server (with JetStream) the order events go through.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+}
