@@ -320,3 +320,81 @@ impl Upstreams {
         }
     }
 }
+
+/// gRPC channels to upstream instances, one per address, connected lazily.
+#[derive(Default)]
+pub struct GrpcChannels(Mutex<HashMap<String, tonic::transport::Channel>>);
+
+impl GrpcChannels {
+    pub fn get(&self, address: &str) -> Result<tonic::transport::Channel, String> {
+        let mut m = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(c) = m.get(address) {
+            return Ok(c.clone());
+        }
+        let channel = tonic::transport::Channel::from_shared(format!("http://{address}"))
+            .map_err(|e| format!("bad upstream address {address}: {e}"))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        m.insert(address.to_owned(), channel.clone());
+        Ok(channel)
+    }
+}
+
+/// One gRPC attempt at `instance` of `peer`, as [`Upstreams::call`] wants it: a CLIENT span
+/// named `rpc` (service, method) carrying the trace context in the metadata, bounded by
+/// `timeout`. UNAVAILABLE counts as a connection failure and DEADLINE_EXCEEDED as a timeout;
+/// every other answer (an error status included) is the callee's to give.
+pub async fn grpc_call<Req, T, F, Fut>(
+    channels: &GrpcChannels,
+    instance: Instance,
+    timeout: Duration,
+    peer: &str,
+    rpc: (&str, &str),
+    req: Req,
+    call: F,
+) -> Attempt<Result<T, tonic::Status>>
+where
+    F: FnOnce(tonic::transport::Channel, tonic::Request<Req>) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    use opentelemetry::context::FutureExt;
+    let channel = match channels.get(&instance.address) {
+        Ok(c) => c,
+        Err(detail) => return Attempt::Failed { kind: Failure::Connect, detail, answer: None },
+    };
+    let cx = crate::http::grpc_client_context(rpc.0, rpc.1, &instance.address, peer);
+    if crate::faults::unreachable(peer, &cx) {
+        opentelemetry::trace::TraceContextExt::span(&cx).end();
+        return Attempt::Failed { kind: Failure::Connect, detail: format!("connection refused: {peer} is unreachable (fault)"), answer: None };
+    }
+    let mut req = tonic::Request::new(req);
+    req.set_timeout(timeout);
+    crate::http::inject_grpc(&cx, &mut req);
+    let result = match tokio::time::timeout(timeout, call(channel, req)).with_context(cx.clone()).await {
+        Ok(r) => r.map(tonic::Response::into_inner),
+        Err(_) => Err(tonic::Status::deadline_exceeded(format!("no answer within {} ms", timeout.as_millis()))),
+    };
+    crate::http::end_grpc(&cx, &result);
+    match result {
+        Err(s) if s.code() == tonic::Code::Unavailable => Attempt::Failed { kind: Failure::Connect, detail: s.message().to_owned(), answer: None },
+        Err(s) if s.code() == tonic::Code::DeadlineExceeded => Attempt::Failed { kind: Failure::Timeout, detail: s.message().to_owned(), answer: None },
+        other => Attempt::Done(other),
+    }
+}
+
+/// What one HTTP attempt's result means for retries and the breaker. A 502/503/504 from the
+/// upstream is a failure; with `pass_on`, that answer is what the caller gets if no retry follows.
+pub fn http_attempt(r: Result<reqwest::Response, crate::http::SendError>, pass_on: bool) -> Attempt<reqwest::Response> {
+    use crate::http::SendError;
+    match r {
+        Ok(r) if matches!(r.status().as_u16(), 502..=504) => {
+            let detail = format!("answered {}", r.status());
+            Attempt::Failed { kind: Failure::Status, detail, answer: pass_on.then_some(r) }
+        }
+        Ok(r) => Attempt::Done(r),
+        Err(e @ SendError::Timeout(_)) => Attempt::Failed { kind: Failure::Timeout, detail: e.to_string(), answer: None },
+        Err(e @ (SendError::Connect(_) | SendError::Unreachable(_))) => Attempt::Failed { kind: Failure::Connect, detail: e.to_string(), answer: None },
+        Err(e) => Attempt::Failed { kind: Failure::Status, detail: e.to_string(), answer: None },
+    }
+}

@@ -35,7 +35,7 @@ pub struct Gateway {
     pub verifier: Verifier,
     pub limiter: Limiter,
     pub client: common::http::Client,
-    pub grpc: routes::Channels,
+    pub grpc: common::upstream::GrpcChannels,
     pub max_body: usize,
 }
 
@@ -57,7 +57,7 @@ async fn main() -> anyhow::Result<()> {
         verifier: Verifier::new(discovery, cfg.jwt_leeway, common::http::Client::new(Some(Duration::from_secs(3)))?),
         limiter: Limiter::new(cfg.rate_limit, cfg.rate_burst, prom)?,
         client: common::http::Client::new(None)?,
-        grpc: routes::Channels::default(),
+        grpc: common::upstream::GrpcChannels::default(),
         max_body: cfg.max_body,
     });
 

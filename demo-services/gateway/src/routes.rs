@@ -1,9 +1,7 @@
 //! The gateway's handlers: the generic proxy, the REST route answered over gRPC, the storefront
 //! aggregation, and the admin views of circuits and upstreams.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Body;
@@ -14,11 +12,8 @@ use catalog::ProductJson;
 use catalog::proto::GetProductRequest;
 use catalog::proto::catalog_client::CatalogClient;
 use common::ApiError;
-use opentelemetry::context::FutureExt;
 use serde_json::{Value, json};
-use tonic::transport::Channel;
 
-use common::upstream::{Attempt, Failure};
 use crate::{Gateway, Served};
 
 /// Headers that belong to one hop and are never passed on (RFC 9110 §7.6.1), plus `host`.
@@ -93,7 +88,7 @@ async fn forward(g: Arc<Gateway>, service: String, req: Request) -> Result<Respo
             let url = format!("http://{}{path_and_query}", instance.address);
             let builder = g.client.raw().request(method.clone(), url).headers(headers.clone()).body(body.clone());
             let (client, service) = (g.client.clone(), service.clone());
-            async move { attempt_outcome(client.send(builder, &service, Some(timeout)).await, true) }
+            async move { common::upstream::http_attempt(client.send(builder, &service, Some(timeout)).await, true) }
         })
         .await?;
 
@@ -111,71 +106,16 @@ async fn forward(g: Arc<Gateway>, service: String, req: Request) -> Result<Respo
     Ok(response)
 }
 
-/// What one HTTP attempt's result means for retries and the breaker. A 502/503/504 from the
-/// upstream is a failure; with `pass_on`, that answer is what the client gets if no retry follows.
-fn attempt_outcome(r: Result<reqwest::Response, common::http::SendError>, pass_on: bool) -> Attempt<reqwest::Response> {
-    use common::http::SendError;
-    match r {
-        Ok(r) if matches!(r.status().as_u16(), 502..=504) => {
-            let detail = format!("answered {}", r.status());
-            Attempt::Failed { kind: Failure::Status, detail, answer: pass_on.then_some(r) }
-        }
-        Ok(r) => Attempt::Done(r),
-        Err(e @ SendError::Timeout(_)) => Attempt::Failed { kind: Failure::Timeout, detail: e.to_string(), answer: None },
-        Err(e @ (SendError::Connect(_) | SendError::Unreachable(_))) => Attempt::Failed { kind: Failure::Connect, detail: e.to_string(), answer: None },
-        Err(e) => Attempt::Failed { kind: Failure::Status, detail: e.to_string(), answer: None },
-    }
-}
-
-/// gRPC channels to upstream instances, one per address, connected lazily.
-#[derive(Default)]
-pub struct Channels(Mutex<HashMap<String, Channel>>);
-
-impl Channels {
-    fn get(&self, address: &str) -> Result<Channel, ApiError> {
-        let mut m = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(c) = m.get(address) {
-            return Ok(c.clone());
-        }
-        let channel = Channel::from_shared(format!("http://{address}"))
-            .map_err(|e| ApiError::BadGateway(format!("bad upstream address {address}: {e}")))?
-            .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true)
-            .connect_lazy();
-        m.insert(address.to_owned(), channel.clone());
-        Ok(channel)
-    }
-}
-
 /// `GET /api/catalog/products/{id}`: a REST route the gateway answers by calling catalog's gRPC
 /// API (`switchyard.catalog.v1.Catalog/GetProduct`), with the same JSON the REST API gives.
 pub async fn product_over_grpc(State(g): State<Arc<Gateway>>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let (result, instance) = g
         .upstreams
         .call("catalog", true, |instance, timeout| {
-            let channel = g.grpc.get(&instance.address);
-            let id = id.clone();
-            async move {
-                let channel = match channel {
-                    Ok(c) => c,
-                    Err(e) => return Attempt::Failed { kind: Failure::Connect, detail: e.to_string(), answer: None },
-                };
-                let cx = common::http::grpc_client_context("switchyard.catalog.v1.Catalog", "GetProduct", &instance.address, "catalog");
-                let mut req = tonic::Request::new(GetProductRequest { id });
-                req.set_timeout(timeout);
-                common::http::inject_grpc(&cx, &mut req);
-                let call = tokio::time::timeout(timeout, CatalogClient::new(channel).get_product(req)).with_context(cx.clone()).await;
-                let result = match call {
-                    Ok(r) => r.map(tonic::Response::into_inner),
-                    Err(_) => Err(tonic::Status::deadline_exceeded(format!("no answer within {} ms", timeout.as_millis()))),
-                };
-                common::http::end_grpc(&cx, &result);
-                match result {
-                    Err(s) if s.code() == tonic::Code::Unavailable => Attempt::Failed { kind: Failure::Connect, detail: s.message().to_owned(), answer: None },
-                    Err(s) if s.code() == tonic::Code::DeadlineExceeded => Attempt::Failed { kind: Failure::Timeout, detail: s.message().to_owned(), answer: None },
-                    other => Attempt::Done(other),
-                }
-            }
+            let req = GetProductRequest { id: id.clone() };
+            common::upstream::grpc_call(&g.grpc, instance, timeout, "catalog", ("switchyard.catalog.v1.Catalog", "GetProduct"), req, |ch, req| async move {
+                CatalogClient::new(ch).get_product(req).await
+            })
         })
         .await?;
     let product = result.map_err(|s| ApiError::from_grpc(&s))?;
@@ -192,7 +132,7 @@ async fn fetch_json(g: &Gateway, service: &str, path: &str, headers: &HeaderMap)
         .call(service, true, |instance, timeout| {
             let builder = g.client.raw().get(format!("http://{}{path}", instance.address)).headers(headers.clone());
             let client = g.client.clone();
-            async move { attempt_outcome(client.send(builder, service, Some(timeout)).await, false) }
+            async move { common::upstream::http_attempt(client.send(builder, service, Some(timeout)).await, false) }
         })
         .await?;
     let status = resp.status();
