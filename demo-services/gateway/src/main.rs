@@ -76,6 +76,8 @@ async fn main() -> anyhow::Result<()> {
     let api = Router::new()
         .route("/api/storefront", get(routes::storefront))
         .route("/api/catalog/products/{id}", get(routes::product_over_grpc))
+        .route("/api/orders", get(routes::orders).post(routes::orders))
+        .route("/api/orders/{id}", get(routes::order_view))
         .route("/api/{service}", any(routes::proxy_root))
         .route("/api/{service}/{*rest}", any(routes::proxy))
         .layer(axum::middleware::from_fn_with_state(gateway.clone(), front_door));
@@ -125,6 +127,12 @@ async fn front_door(State(g): State<Arc<Gateway>>, mut req: Request, next: Next)
             (None, true) => None,
             (auth, _) => Some(g.verifier.verify(auth.as_deref()).await?),
         };
+        if let Some(p) = common::faults::active(common::faults::FaultKind::RateLimitStorm)
+            && common::faults::roll(p)
+        {
+            cx.span().set_attributes(common::faults::attributes(common::faults::FaultKind::RateLimitStorm, p));
+            return Err(ApiError::TooManyRequests { retry_after_secs: 1 });
+        }
         let key = claims.as_ref().map_or_else(|| format!("ip:{client}"), |c| format!("user:{}", c.sub));
         match g.limiter.check(&key) {
             Ok(h) => rate_headers = Some(h),

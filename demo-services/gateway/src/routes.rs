@@ -11,6 +11,8 @@ use axum::response::{IntoResponse, Response};
 use catalog::ProductJson;
 use catalog::proto::GetProductRequest;
 use catalog::proto::catalog_client::CatalogClient;
+use inventory::proto::ReservationRef;
+use inventory::proto::inventory_client::InventoryClient;
 use common::ApiError;
 use serde_json::{Value, json};
 
@@ -58,7 +60,24 @@ async fn forward(g: Arc<Gateway>, service: String, req: Request) -> Result<Respo
     if service == "gateway" {
         return Err(ApiError::NotFound("the gateway is not an upstream".into()));
     }
+    if INTERNAL.contains(&service.as_str()) {
+        return Err(ApiError::NotFound(format!("{service} is internal: only other services call it")));
+    }
     let rest = upstream_path(req.uri().path(), &service)?;
+    forward_to(g, service, rest, req).await
+}
+
+/// Services no client reaches through the gateway: they move stock and money only as steps of
+/// an order's saga.
+const INTERNAL: &[&str] = &["inventory", "payments"];
+
+/// `POST /api/orders` and `GET /api/orders`: to orders' `/orders`.
+pub async fn orders(State(g): State<Arc<Gateway>>, req: Request) -> Result<Response, ApiError> {
+    forward_to(g, "orders".into(), "/orders".into(), req).await
+}
+
+/// Passes a request on to `rest` (a path) of an instance of `service`, with the request's query.
+async fn forward_to(g: Arc<Gateway>, service: String, rest: String, req: Request) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
     let body = axum::body::to_bytes(body, g.max_body)
         .await
@@ -187,6 +206,67 @@ pub async fn storefront(State(g): State<Arc<Gateway>>, req: Request) -> Result<R
         "user": user,
         "categories": categories,
         "featured": featured,
+        "partial": !errors.is_empty(),
+        "errors": errors,
+    }))
+    .into_response())
+}
+
+/// `GET /api/orders/{id}`: one of the caller's orders with its payment (from payments, REST) and
+/// its reservation (from inventory, gRPC), fetched at the same time once the order is known. A
+/// part that fails is reported in `errors` while the others are still served.
+pub async fn order_view(State(g): State<Arc<Gateway>>, Path(id): Path<String>, req: Request) -> Result<Response, ApiError> {
+    if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        return Err(ApiError::bad_field("id", format!("an order id is 1-64 letters, digits, '-' or '_', got {id:?}")));
+    }
+    let mut headers = HeaderMap::new();
+    for name in ["x-request-id", "x-user-id"] {
+        if let Some(v) = req.headers().get(name) {
+            headers.insert(name, v.clone());
+        }
+    }
+    let order = fetch_json(&g, "orders", &format!("/orders/{id}"), &headers).await?;
+    let charges_path = format!("/charges?orderId={id}");
+    let payment = fetch_json(&g, "payments", &charges_path, &headers);
+    let reservation = async {
+        let (result, _) = g
+            .upstreams
+            .call("inventory", true, |instance, timeout| {
+                let req = ReservationRef { order_id: id.clone() };
+                common::upstream::grpc_call(&g.grpc, instance, timeout, "inventory", (inventory::SERVICE, "GetReservation"), req, |ch, req| async move {
+                    InventoryClient::new(ch).get_reservation(req).await
+                })
+            })
+            .await?;
+        match result {
+            Ok(r) => Ok(json!({
+                "state": r.state,
+                "items": r.items.iter().map(|i| json!({ "productId": i.product_id, "quantity": i.quantity })).collect::<Vec<_>>(),
+                "updatedAt": r.updated_at,
+            })),
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(Value::Null),
+            Err(s) => Err(ApiError::from_grpc(&s)),
+        }
+    };
+    let (payment, reservation) = tokio::join!(payment, reservation);
+    let mut errors = Vec::new();
+    let mut part = |name: &str, r: Result<Value, ApiError>| match r {
+        Ok(v) => v,
+        Err(e) => {
+            errors.push(json!({ "part": name, "status": e.codes().0.as_u16(), "message": e.to_string() }));
+            Value::Null
+        }
+    };
+    let payment = part("payment", payment.map(|p| {
+        let charges = p["charges"].as_array().cloned().unwrap_or_default();
+        let last = charges.last().cloned().unwrap_or(Value::Null);
+        json!({ "status": last.get("status").cloned().unwrap_or(Value::Null), "charges": charges })
+    }));
+    let reservation = part("reservation", reservation);
+    Ok(Json(json!({
+        "order": order,
+        "payment": payment,
+        "reservation": reservation,
         "partial": !errors.is_empty(),
         "errors": errors,
     }))
