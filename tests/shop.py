@@ -1,5 +1,6 @@
 """Starts the demo platform for tests: a collector, the registry, users, catalog instances and the
-gateway, each a real process on 127.0.0.1 with an ephemeral port and its own temp database."""
+gateway — with `orders=True` also NATS (JetStream), inventory, payments, orders and notifications —
+each a real process on 127.0.0.1 with an ephemeral port and its own temp database."""
 
 import os
 import re
@@ -61,12 +62,57 @@ class Proc:
         return self.proc.returncode if self.proc else None
 
 
+NATS_LISTENING = re.compile(r"Listening for client connections on ([0-9.]+:[0-9]+)")
+
+
+class Nats:
+    """A real nats-server with JetStream, its store in a temp folder; restartable on its port."""
+
+    def __init__(self, store: Path):
+        self.store, self.port, self.proc, self.log = store, None, None, []
+
+    def start(self, timeout=30):
+        self.log = []
+        port = str(self.port) if self.port else "-1"
+        self.proc = subprocess.Popen(["nats-server", "-a", "127.0.0.1", "-p", port, "-js", "-sd", str(self.store)],
+                                     stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        found = threading.Event()
+
+        def reader():
+            for line in self.proc.stderr:
+                self.log.append(line)
+                if os.environ.get("TEST_LOG"):
+                    print(f"[nats] {line}", end="")
+                m = NATS_LISTENING.search(line)
+                if m and not found.is_set():
+                    self.port = int(m.group(1).rsplit(":", 1)[1])
+                    found.set()
+
+        threading.Thread(target=reader, daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while not found.wait(0.05):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError("nats-server did not start:\n" + "".join(self.log))
+        return self
+
+    @property
+    def url(self):
+        return f"nats://127.0.0.1:{self.port}"
+
+    def stop(self, sig=signal.SIGTERM, timeout=30):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=timeout)
+
+
 class Shop:
     """The platform. Fast health checks and heartbeats so failures are noticed within a second."""
 
-    def __init__(self, tmp: Path, collector: Collector, catalogs=3, users_args=(), gateway_args=()):
+    def __init__(self, tmp: Path, collector: Collector, catalogs=3, users_args=(), gateway_args=(), orders=False):
         self.tmp, self.collector = tmp, collector
         self.catalogs_n, self.users_args, self.gateway_args = catalogs, list(users_args), list(gateway_args)
+        self.with_orders = orders
+        self.nats = None
         self.procs = []
         self.env = {
             **os.environ,
@@ -96,13 +142,27 @@ class Shop:
         return self.spawn(name, "--db", str(self.tmp / f"{name.split('-')[0]}.db"), *extra)
 
     def start(self):
+        if self.with_orders:
+            self.nats = Nats(self.tmp / "nats").start()
+            self.env["NATS_URL"] = self.nats.url
         self.start_registry()
         self.users = self.service("users", *self.users_args)
         self.catalogs = [self.service(f"catalog-{i}") for i in range(self.catalogs_n)]
+        counts = dict(users=1, catalog=self.catalogs_n)
+        if self.with_orders:
+            self.inventory = self.service("inventory", "--restock-interval", "0s")
+            self.payments = self.service("payments")
+            self.orders = self.start_orders()
+            self.notifications = self.service("notifications")
+            counts.update(inventory=1, payments=1, orders=1, notifications=1)
         self.gateway = self.start_gateway(*self.gateway_args)
-        self.wait_up(users=1, catalog=self.catalogs_n, gateway=1)
-        self.wait_routable(self.gateway, users=1, catalog=self.catalogs_n)
+        self.wait_up(gateway=1, **counts)
+        self.wait_routable(self.gateway, **counts)
         return self
+
+    def start_orders(self, name="orders", *extra):
+        """An orders instance that gives up a dead instance's sagas after 2 s."""
+        return self.service(name, "--saga-lease", "2s", "--recovery-interval", "200ms", "--call-timeout", "2s", *extra)
 
     def wait_routable(self, gateway, **counts):
         """Until the gateway's own view (from its registry watch) has these instances UP."""
@@ -134,3 +194,5 @@ class Shop:
     def stop(self):
         for p in reversed(self.procs):
             p.stop(signal.SIGKILL)
+        if self.nats:
+            self.nats.stop(signal.SIGKILL)

@@ -284,10 +284,10 @@ def test_paths_outside_the_route_table_are_refused(shop):
 
 
 def test_no_instance_is_503_with_a_reason_and_admin_shows_circuits(shop):
-    assert shop.api("GET", "/api/inventory/stock/1").status_code == 401, "not a public route"
+    assert shop.api("GET", "/api/reviews/1").status_code == 401, "not a public route"
     _, token = register_and_login(shop)
-    r = shop.api("GET", "/api/inventory/stock/1", headers={"Authorization": f"Bearer {token}"})
-    assert r.status_code == 503 and "no instance of inventory is registered" in r.json()["error"]["message"]
+    r = shop.api("GET", "/api/reviews/1", headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 503 and "no instance of reviews is registered" in r.json()["error"]["message"]
     assert r.headers["x-request-id"]
     circuits = shop.api("GET", "/admin/circuits").json()["circuits"]
     assert circuits["catalog"]["state"] == "closed"

@@ -264,6 +264,8 @@ struct Child {
     service: i64,
     duration: u64,
     error: bool,
+    /// A CONSUMER span naming a broker: the call went through the broker (only known with detail).
+    via_broker: bool,
 }
 
 #[derive(Default)]
@@ -286,13 +288,17 @@ struct WindowScan {
     remotes: Vec<(NodeKind, String)>,
     /// (calling service, index in `remotes`) → the CLIENT and PRODUCER spans of those calls.
     remote_calls: HashMap<(i64, usize), Calls>,
+    /// (consuming service, index in `remotes`) → the CONSUMER spans of messages from that broker.
+    consumer_calls: HashMap<(i64, usize), Calls>,
 }
 
 impl WindowScan {
-    /// (parent service, child service) → the child spans called from another service.
-    fn service_edges(&self) -> BTreeMap<(i64, i64), Calls> {
+    /// (parent service, child service) → the child spans called from another service; without
+    /// `through_brokers`, messages consumed through a broker are left out (the map draws them as
+    /// producer → broker → consumer).
+    fn service_edges(&self, through_brokers: bool) -> BTreeMap<(i64, i64), Calls> {
         let mut edges: BTreeMap<(i64, i64), Calls> = BTreeMap::new();
-        for c in &self.children {
+        for c in self.children.iter().filter(|c| through_brokers || !c.via_broker) {
             let Some(&parent_service) = self.owner.get(&(c.trace, c.parent)) else { continue };
             if parent_service != c.service {
                 edges.entry((parent_service, c.service)).or_default().add(c.duration, c.error);
@@ -310,7 +316,8 @@ fn remote_node(attrs: &[KeyValue]) -> Option<(NodeKind, String)> {
     let (kind, system, detail) = if let Some(db) = get("db.system.name").or_else(|| get("db.system")) {
         (NodeKind::Database, db, get("db.namespace"))
     } else {
-        (NodeKind::Broker, get("messaging.system")?, get("messaging.destination.name"))
+        // A templated destination (`orders.{event}`) is one node for all the names it stands for.
+        (NodeKind::Broker, get("messaging.system")?, get("messaging.destination.template").or_else(|| get("messaging.destination.name")))
     };
     let id = match detail {
         Some(d) => format!("{system} {d}"),
@@ -889,7 +896,7 @@ impl Store {
         let scan = self.scan_window(start_ns, end_ns, false).await?;
         let dict = self.dicts.strings.snapshot();
         let mut out: Vec<Dependency> = scan
-            .service_edges()
+            .service_edges(true)
             .into_iter()
             .map(|((p, c), calls)| {
                 let s = calls.stats();
@@ -917,7 +924,7 @@ impl Store {
         let scan = self.scan_window(start_ns, end_ns, true).await?;
         let dict = self.dicts.strings.snapshot();
         let mut edges: Vec<MapEdge> = scan
-            .service_edges()
+            .service_edges(false)
             .into_iter()
             .map(|((p, c), calls)| MapEdge {
                 source: dict.get(p).to_owned(),
@@ -930,6 +937,11 @@ impl Store {
         for ((service, node), calls) in scan.remote_calls {
             remote_nodes.entry(node).or_default().extend(&calls);
             edges.push(MapEdge { source: dict.get(service).to_owned(), target: scan.remotes[node].1.clone(), stats: calls.stats() });
+        }
+        // A broker's outgoing edges: the messages each consumer processed.
+        for ((service, node), calls) in scan.consumer_calls {
+            remote_nodes.entry(node).or_default();
+            edges.push(MapEdge { source: scan.remotes[node].1.clone(), target: dict.get(service).to_owned(), stats: calls.stats() });
         }
         let mut nodes: Vec<MapNode> = scan
             .services
@@ -960,7 +972,7 @@ impl Store {
         let dict = self.dicts.strings.snapshot();
         let mut rows = sqlx::query(
             "SELECT trace, span_id, parent_span_id, service, kind, duration_ns, status_code, \
-             CASE WHEN ? AND kind IN (3, 4) THEN attributes END FROM spans \
+             CASE WHEN ? AND kind IN (3, 4, 5) THEN attributes END FROM spans \
              WHERE service IN (SELECT DISTINCT service FROM operations) AND start_ns >= ? AND start_ns <= ?",
         )
         .bind(detail)
@@ -982,23 +994,30 @@ impl Store {
             let duration = r.try_get::<i64, _>(5)?.max(0) as u64;
             let error = r.try_get::<i32, _>(6)? == 2;
             scan.owner.insert((trace, r.try_get(1)?), service);
+            let kind = r.try_get::<i32, _>(4)?;
+            // Only CLIENT, PRODUCER and CONSUMER spans name a database or a broker.
+            let remote = match r.try_get::<Option<Vec<u8>>, _>(7)? {
+                Some(attrs) => remote_node(&decode_attributes(&attrs, &dict)?).filter(|(k, _)| kind != CONSUMER || *k == NodeKind::Broker),
+                None => None,
+            };
+            let via_broker = kind == CONSUMER && remote.is_some();
             if let Some(parent) = parent {
-                scan.children.push(Child { trace, parent, service, duration, error });
+                scan.children.push(Child { trace, parent, service, duration, error, via_broker });
             }
             if !detail {
                 continue;
             }
             let calls = scan.services.entry(service).or_default();
-            match r.try_get::<i32, _>(4)? {
+            match kind {
                 SERVER | CONSUMER => calls.served.add(duration, error),
                 _ if parent.is_none() => calls.roots.add(duration, error),
                 _ => {}
             }
-            let Some(attrs) = r.try_get::<Option<Vec<u8>>, _>(7)? else { continue };
-            let Some(remote) = remote_node(&decode_attributes(&attrs, &dict)?) else { continue };
+            let Some(remote) = remote else { continue };
             let next = remote_ids.len();
             let node = *remote_ids.entry(remote).or_insert(next);
-            scan.remote_calls.entry((service, node)).or_default().add(duration, error);
+            let target = if via_broker { &mut scan.consumer_calls } else { &mut scan.remote_calls };
+            target.entry((service, node)).or_default().add(duration, error);
         }
         drop(rows);
         let mut remotes: Vec<_> = remote_ids.into_iter().collect();

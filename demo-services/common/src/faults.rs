@@ -166,8 +166,9 @@ pub fn update(faults: &[Fault]) {
         && **w != map
     {
         if !map.is_empty() || !w.is_empty() {
-            let mine: Vec<String> = map.keys().filter(|(s, _)| *s == v.service).map(|(_, k)| k.name().to_owned()).collect();
-            tracing::info!(active = ?mine, "faults of this service changed");
+            let mut all: Vec<String> = map.keys().map(|(s, k)| format!("{s}:{k}")).collect();
+            all.sort();
+            tracing::info!(faults = ?all, "faults in force changed");
         }
         *w = Arc::new(map);
     }
@@ -309,7 +310,9 @@ pub async fn on_db_call(cx: &Context) -> Result<(), String> {
 /// Grows the process by the memory_growth fault's rate while it is on (up to
 /// [`MEMORY_GROWTH_CAP_MIB`]) and frees it all when it goes off. Runs until the process ends.
 pub async fn memory_growth_loop() {
-    let mut held: Vec<Vec<u8>> = Vec::new();
+    // Anonymous mappings, not the allocator's heap: unmapped on drop, so the memory really goes
+    // back to the system when the fault is switched off.
+    let mut held: Vec<memmap2::MmapMut> = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -320,8 +323,10 @@ pub async fn memory_growth_loop() {
                     if held.len() >= MEMORY_GROWTH_CAP_MIB {
                         break;
                     }
+                    let Ok(mut chunk) = memmap2::MmapMut::map_anon(1 << 20) else { break };
                     // Written, so the pages are really resident.
-                    held.push(vec![0xA5; 1 << 20]);
+                    chunk.fill(0xA5);
+                    held.push(chunk);
                 }
             }
             None if !held.is_empty() => {
