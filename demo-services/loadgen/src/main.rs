@@ -1,7 +1,9 @@
 //! `loadgen`: simulated shoppers for the demo. Each request is a CLIENT span of the `loadgen`
 //! service, so traces start here, as in the OpenTelemetry demo's load generator. Shoppers sign up
 //! and log in, browse and search the catalog, open products (the gateway's gRPC route), look at the
-//! storefront and their profile, and now and then mistype a password or ask for a missing product.
+//! storefront and their profile, place orders and look at them, and now and then mistype a
+//! password, ask for a missing product, order something sold out or pay with a card that is
+//! declined — so failed sagas and their compensation show up too.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -35,7 +37,13 @@ const CATEGORIES: &[&str] = &["Kitchen", "Outdoors", "Office", "Audio", "Home", 
 struct Shopper {
     email: String,
     token: Option<String>,
+    last_order: Option<String>,
 }
+
+const OK_CARD: &str = "4242424242424242";
+const DECLINED_CARD: &str = "4000000000000002";
+/// Sold out for good in the inventory's seed.
+const SOLD_OUT: &str = "p-1016";
 
 struct Load {
     gateway: String,
@@ -72,9 +80,59 @@ impl Load {
                 self.with_token(self.http.raw().get(format!("{g}/api/users/me")), shopper)
             }
             "login" => return self.login(shopper, "correct horse battery").await,
+            "place order" | "order sold out" | "order with declined card" => {
+                let mut items: Vec<serde_json::Value> = (0..rng.gen_range(1..=3))
+                    .map(|_| serde_json::json!({ "productId": format!("p-{}", rng.gen_range(1001..=1040)), "quantity": rng.gen_range(1..=2) }))
+                    .filter(|i| i["productId"] != SOLD_OUT)
+                    .collect();
+                if action == "order sold out" {
+                    items.push(serde_json::json!({ "productId": SOLD_OUT, "quantity": 1 }));
+                }
+                if items.is_empty() {
+                    items.push(serde_json::json!({ "productId": "p-1001", "quantity": 1 }));
+                }
+                let card = if action == "order with declined card" { DECLINED_CARD } else { OK_CARD };
+                let body = serde_json::json!({ "items": items, "card": { "number": card } });
+                return self.place(shopper, body).await;
+            }
+            "my orders" => {
+                self.ensure_login(shopper).await;
+                self.with_token(self.http.raw().get(format!("{g}/api/orders?limit=5")), shopper)
+            }
+            "view order" => {
+                self.ensure_login(shopper).await;
+                let Some(id) = shopper.last_order.clone() else { return self.place(shopper, serde_json::json!({ "items": [{ "productId": "p-1017", "quantity": 1 }], "card": { "number": OK_CARD } })).await };
+                self.with_token(self.http.raw().get(format!("{g}/api/orders/{id}")), shopper)
+            }
             _ => return self.login(shopper, "wrong password").await,
         };
         self.send(req).await
+    }
+
+    async fn ensure_login(&self, s: &mut Shopper) {
+        if s.token.is_none() {
+            self.login(s, "correct horse battery").await;
+        }
+    }
+
+    /// Places an order (logging in first if needed) and remembers its id.
+    async fn place(&self, s: &mut Shopper, body: serde_json::Value) -> u16 {
+        self.ensure_login(s).await;
+        let req = self.with_token(self.http.raw().post(format!("{}/api/orders", self.gateway)).json(&body), s);
+        match self.http.send(req, "gateway", None).await {
+            Ok(r) => {
+                let status = r.status().as_u16();
+                if status == 401 {
+                    s.token = None;
+                }
+                let v: serde_json::Value = r.json().await.unwrap_or_default();
+                if let Some(id) = v["id"].as_str() {
+                    s.last_order = Some(id.to_owned());
+                }
+                status
+            }
+            Err(_) => 0,
+        }
     }
 
     fn with_token(&self, req: reqwest::RequestBuilder, s: &Shopper) -> reqwest::RequestBuilder {
@@ -122,7 +180,7 @@ async fn main() -> anyhow::Result<()> {
     let mut load = Load { gateway: cfg.gateway.trim_end_matches('/').to_owned(), http: common::http::Client::new(Some(Duration::from_secs(10)))?, counts: BTreeMap::new() };
 
     let run = std::process::id();
-    let mut shoppers: Vec<Shopper> = (0..cfg.shoppers.max(1)).map(|i| Shopper { email: format!("shopper{i}-{run}@example.com"), token: None }).collect();
+    let mut shoppers: Vec<Shopper> = (0..cfg.shoppers.max(1)).map(|i| Shopper { email: format!("shopper{i}-{run}@example.com"), token: None, last_order: None }).collect();
     for s in &mut shoppers {
         let body = serde_json::json!({ "email": s.email, "password": "correct horse battery", "name": format!("Shopper {}", s.email.split('@').next().unwrap_or("")) });
         let tracer = global::tracer("loadgen");
@@ -143,6 +201,11 @@ async fn main() -> anyhow::Result<()> {
         ("profile", 6),
         ("login", 3),
         ("bad login", 2),
+        ("place order", 8),
+        ("order sold out", 1),
+        ("order with declined card", 1),
+        ("my orders", 3),
+        ("view order", 3),
     ];
     let total: u32 = actions.iter().map(|a| a.1).sum();
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / cfg.rate));
