@@ -3,20 +3,13 @@
 //! and bumps the change index when what watchers see (membership or status) changed.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use common::faults::{Fault, FaultKind};
 use common::registry::{Instance, InstanceStatus, Lease, RegisterRequest};
 use serde::Serialize;
 
-pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
-
-pub fn rfc3339(ms: i64) -> String {
-    let t = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_millis(t).to_string()
-}
+pub use common::clock::{now_ms, rfc3339};
 
 /// One registered instance.
 #[derive(Debug, Clone, PartialEq)]

@@ -1,10 +1,11 @@
 //! `users`: accounts (argon2id password hashes), login returning an Ed25519-signed JWT, the
 //! caller's profile, and the public key as JWKS at `/.well-known/jwks.json` for the gateway.
 
+mod hashing;
 mod keys;
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
@@ -16,6 +17,7 @@ use axum::{Json, Router};
 use clap::Parser;
 use common::ApiError;
 use common::args::ServiceArgs;
+use common::clock::{now_ms, rfc3339};
 use common::error::JsonBody;
 use common::http::db_call;
 use common::service::Service;
@@ -32,12 +34,16 @@ struct Config {
     /// How long an access token is valid.
     #[arg(long, env = "TOKEN_TTL", default_value = "1h", value_parser = humantime::parse_duration)]
     token_ttl: Duration,
+    /// Password hashes computed at once (each takes 19 MiB while it runs).
+    #[arg(long, env = "HASH_THREADS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    hash_threads: u16,
 }
 
 struct AppState {
     db: SqlitePool,
     keys: Keys,
     token_ttl: Duration,
+    hashers: hashing::Hashers,
 }
 
 const DB: &str = "users";
@@ -49,7 +55,8 @@ async fn main() -> anyhow::Result<()> {
     let db = common::db::open(&cfg.service.db_path("users"), 4).await?;
     common::db::migrate(&db, &sqlx::migrate!()).await?;
     let keys = Keys::load_or_create(&db).await?;
-    let state = Arc::new(AppState { db, keys, token_ttl: cfg.token_ttl });
+    let hashers = hashing::Hashers::new(usize::from(cfg.hash_threads))?;
+    let state = Arc::new(AppState { db, keys, token_ttl: cfg.token_ttl, hashers });
     let api = Router::new()
         .route("/register", post(register))
         .route("/login", post(login))
@@ -76,13 +83,6 @@ struct User {
     created_at: String,
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
-
-fn rfc3339(ms: i64) -> String {
-    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)).to_string()
-}
 
 fn validate(req: &RegisterRequest) -> Result<(), ApiError> {
     let email = req.email.trim();
@@ -108,14 +108,16 @@ fn validate(req: &RegisterRequest) -> Result<(), ApiError> {
 async fn register(State(s): State<Arc<AppState>>, JsonBody(req): JsonBody<RegisterRequest>) -> Result<(StatusCode, Json<User>), ApiError> {
     validate(&req)?;
     let password = req.password.clone();
-    // Hashing is deliberately CPU-heavy: keep it off the async workers.
-    let hash = tokio::task::spawn_blocking(move || {
-        let salt = SaltString::generate(&mut OsRng);
-        Argon2::default().hash_password(password.as_bytes(), &salt).map(|h| h.to_string())
-    })
-    .await
-    .map_err(ApiError::internal)?
-    .map_err(ApiError::internal)?;
+    // Hashing is deliberately CPU- and memory-heavy: keep it off the async workers, on the few
+    // hashing threads.
+    let hash = s
+        .hashers
+        .run(move || {
+            let salt = SaltString::generate(&mut OsRng);
+            Argon2::default().hash_password(password.as_bytes(), &salt).map(|h| h.to_string())
+        })
+        .await?
+        .map_err(ApiError::internal)?;
     let (email, name, created) = (req.email.trim().to_owned(), req.name.trim().to_owned(), now_ms());
     let insert = sqlx::query("INSERT INTO users (email, name, password_hash, created_at_ms) VALUES (?, ?, ?, ?) RETURNING id")
         .bind(&email)
@@ -155,11 +157,10 @@ async fn login(State(s): State<Arc<AppState>>, JsonBody(req): JsonBody<LoginRequ
     let Some(row) = row else { return Err(wrong()) };
     let hash: String = row.try_get("password_hash").map_err(ApiError::internal)?;
     let password = req.password;
-    let ok = tokio::task::spawn_blocking(move || {
-        PasswordHash::new(&hash).is_ok_and(|parsed| Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
-    })
-    .await
-    .map_err(ApiError::internal)?;
+    let ok = s
+        .hashers
+        .run(move || PasswordHash::new(&hash).is_ok_and(|parsed| Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok()))
+        .await?;
     if !ok {
         return Err(wrong());
     }
