@@ -1,5 +1,6 @@
 # syntax=docker/dockerfile:1
-# One image with every Switchyard binary (collector, registry, users, catalog, gateway, loadgen);
+# One image with every Switchyard binary (collector, registry, users, catalog, inventory, payments,
+# orders, notifications, gateway, loadgen);
 # docker-compose.yml runs one of them per service through `command`.
 
 FROM rust:1-bookworm AS builder
@@ -13,7 +14,8 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     cargo build --release --locked --bins \
  && mkdir -p /out \
  && cp target/release/collector target/release/registry target/release/users \
-       target/release/catalog target/release/gateway target/release/loadgen /out/
+       target/release/catalog target/release/inventory target/release/payments target/release/orders \
+       target/release/notifications target/release/gateway target/release/loadgen /out/
 
 FROM debian:bookworm-slim
 # ca-certificates for HTTPS exporters, curl for the healthchecks.

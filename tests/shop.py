@@ -141,11 +141,11 @@ class Shop:
     def service(self, name, *extra):
         return self.spawn(name, "--db", str(self.tmp / f"{name.split('-')[0]}.db"), *extra)
 
-    def start(self):
+    def start(self, registry_addr="127.0.0.1:0"):
         if self.with_orders:
             self.nats = Nats(self.tmp / "nats").start()
             self.env["NATS_URL"] = self.nats.url
-        self.start_registry()
+        self.start_registry(registry_addr)
         self.users = self.service("users", *self.users_args)
         self.catalogs = [self.service(f"catalog-{i}") for i in range(self.catalogs_n)]
         counts = dict(users=1, catalog=self.catalogs_n)

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import signal
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,9 @@ from shop import Shop
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SITE = Path(os.environ.get("SWITCHYARD_SITE", ROOT / "target" / "site"))
-SHOTS = ROOT / "docs" / "screenshots"
+# Screenshots go to a temp folder; `SWITCHYARD_SCREENSHOTS=docs/screenshots` refreshes the README's.
+SHOTS = Path(os.environ.get("SWITCHYARD_SCREENSHOTS") or tempfile.mkdtemp(prefix="switchyard-shots-"))
+BROKER = "nats orders.{event}"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -182,29 +185,28 @@ def free_port():
 
 @pytest.fixture(scope="module")
 def live_shop(tmp_path_factory):
-    """The whole shop with traffic, and a collector whose dashboard knows its registry."""
+    """The whole shop with traffic, orders included, and a collector whose dashboard knows its registry."""
     tmp = tmp_path_factory.mktemp("live")
     registry_addr = f"127.0.0.1:{free_port()}"
     c = Collector(tmp / "collector.db", ["--ui-dir", str(SITE), "--registry-url", f"http://{registry_addr}"]).start()
-    shop = Shop(tmp, c)
-    shop.start_registry(registry_addr)
-    shop.users = shop.service("users")
-    shop.catalogs = [shop.service(f"catalog-{i}") for i in range(3)]
-    shop.gateway = shop.start_gateway()
-    shop.wait_up(users=1, catalog=3, gateway=1)
-    shop.wait_routable(shop.gateway, users=1, catalog=3)
+    shop = Shop(tmp, c, catalogs=3, orders=True).start(registry_addr)
     email = "map@example.com"
     shop.api("POST", "/api/users/register", json={"email": email, "password": "correct horse", "name": "Map"})
     token = shop.api("POST", "/api/users/login", json={"email": email, "password": "correct horse"}).json()["accessToken"]
+    shop.auth = {"Authorization": f"Bearer {token}"}
     for i in range(6):
-        shop.api("GET", "/api/users/me", headers={"Authorization": f"Bearer {token}"})
+        shop.api("GET", "/api/users/me", headers=shop.auth)
         shop.api("GET", "/api/catalog/products", params={"page": i % 3 + 1})
         shop.api("GET", f"/api/catalog/products/p-10{10 + i}")
+    order = {"items": [{"productId": "p-1002", "quantity": 1}], "card": {"number": "4242424242424242"}}
+    shop.order = shop.api("POST", "/api/orders", json=order, headers=shop.auth)
+    assert shop.order.status_code == 201 and shop.order.json()["status"] == "CONFIRMED", shop.order.text
 
     def mapped():
         m = c.get("/api/v1/service-map", lookback="15m").json()
         edges = {(e["source"], e["target"]) for e in m["edges"]}
-        return m if {("gateway", "users"), ("gateway", "catalog"), ("users", "sqlite users"), ("catalog", "sqlite catalog")} <= edges else None
+        return m if {("gateway", "users"), ("gateway", "catalog"), ("users", "sqlite users"), ("catalog", "sqlite catalog"),
+                     ("orders", BROKER), (BROKER, "notifications"), (BROKER, "inventory")} <= edges else None
 
     wait_until(mapped, what="the service map's edges")
     yield shop
@@ -236,6 +238,64 @@ def test_map_shows_services_databases_calls_and_instances(live_shop, page):
     shot(page, "service")
     page.go_back()
     page.wait_for_selector("svg.map [data-node='gateway']")
+
+
+def test_map_shows_the_broker_and_marks_a_service_with_a_fault(live_shop, page):
+    http = live_shop.collector.http
+    open_page(page, f"{http}/?window=15m")
+    page.wait_for_selector(f"svg.map [data-node='{BROKER}']")
+    assert "broker" in page.locator(f"svg.map [data-node='{BROKER}']").get_attribute("class")
+    edges = set(page.eval_on_selector_all("svg.map [data-edge]", "els => els.map(e => e.dataset.edge)"))
+    assert {f"orders->{BROKER}", f"{BROKER}->notifications", f"{BROKER}->inventory", "orders->payments", "orders->inventory"} <= edges
+    assert "orders->notifications" not in edges, "events go through the broker"
+    assert "/s" in page.locator(f"[data-edge='orders->{BROKER}'] text").text_content()
+    # Producer left of the broker, the broker left of its consumers.
+    x = {n: float(page.locator(f"[data-node='{n}'] > rect").get_attribute("x")) for n in ("orders", BROKER, "notifications")}
+    assert x["orders"] < x[BROKER] < x["notifications"]
+    assert page.locator("svg.map .faulted").count() == 0
+
+    reg = live_shop.registry.url
+    requests.put(f"{reg}/v1/faults/payments/latency", json={"value": 250}, timeout=10).raise_for_status()
+    try:
+        # Without a reload: the node is marked, and the registry page lists the fault.
+        page.wait_for_selector("svg.map [data-node='payments'].faulted", timeout=20_000)
+        assert "latency 250 ms" in page.locator("[data-node='payments'] .fault-badge").text_content()
+        shot(page, "map-fault")
+        open_page(page, f"{http}/registry")
+        row = page.wait_for_selector("[data-testid=faults] tr[data-fault='payments:latency']")
+        assert "latency 250 ms" in row.inner_text() and "api" in row.inner_text()
+        assert "FAULT_ON" in page.locator("[data-testid=events]").inner_text()
+    finally:
+        requests.delete(f"{reg}/v1/faults", timeout=10)
+    page.wait_for_selector("[data-testid=no-faults]", timeout=20_000)
+
+
+def test_an_orders_trace_shows_its_consumers_in_the_waterfall(live_shop, page):
+    tid = live_shop.order.headers["traceparent"].split("-")[1]
+    c = live_shop.collector
+
+    def consumed():
+        spans = c.get(f"/api/v1/traces/{tid}").json().get("spans", [])
+        names = {(s["service"], s["name"]) for s in spans}
+        return {("notifications", "process orders.confirmed"), ("inventory", "process orders.confirmed")} <= names
+    wait_until(consumed, what="the consumers' spans stored")
+    open_page(page, f"{c.http}/traces/{tid}")
+    page.wait_for_selector("[data-testid=waterfall]")
+    page.fill("[data-testid=find]", "process orders.confirmed")
+    page.press("[data-testid=find]", "Enter")
+    page.wait_for_function("(b => b !== null && !b.disabled)(document.querySelector('[data-testid=next-match]'))")
+    assert page.locator("[data-testid=match-count]").inner_text() == "2 matching spans"
+    seen = set()
+    for _ in range(2):
+        page.click("[data-testid=next-match]")
+        page.wait_for_selector(".row.selected.match")
+        panel = page.wait_for_selector("[data-testid=span-panel]:has-text('process orders.confirmed')")
+        text = panel.inner_text()
+        seen |= {s for s in ("notifications", "inventory") if s in text}
+        # The consumer's link leads to the producer's span in the same trace.
+        assert page.locator("[data-testid=span-link]").count() == 1 and tid in page.locator("[data-testid=span-link]").inner_text()
+    assert seen == {"notifications", "inventory"}
+    shot(page, "trace-async")
 
 
 def test_registry_page_lists_instances_and_follows_a_failure(live_shop, page):

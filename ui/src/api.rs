@@ -387,6 +387,44 @@ pub struct RegistryEvents {
     pub events: Vec<RegistryEvent>,
 }
 
+/// A fault switched on through the registry (`GET /v1/faults`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Fault {
+    pub service: String,
+    pub kind: String,
+    pub value: f64,
+    pub unit: String,
+    pub source: String,
+    pub set_at: String,
+    pub expires_at: Option<String>,
+}
+
+impl Fault {
+    /// `latency 500 ms`, `unreachable`.
+    pub fn label(&self) -> String {
+        match self.unit.as_str() {
+            "" => self.kind.clone(),
+            "%" => format!("{} {}%", self.kind, self.value),
+            u => format!("{} {} {u}", self.kind, self.value),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Chaos {
+    pub enabled: bool,
+    pub interval_ms: i64,
+    pub max_active: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Faults {
+    pub faults: Vec<Fault>,
+    pub chaos: Chaos,
+}
+
 /// Milliseconds since the epoch of an RFC 3339 time as the registry writes it
 /// (`2026-11-22T21:01:37.105Z`); `None` for anything else.
 pub fn rfc3339_ms(s: &str) -> Option<i64> {

@@ -9,7 +9,7 @@ use leptos::prelude::*;
 use leptos_router::components::A;
 use leptos_router::hooks::use_query_map;
 
-use crate::api::{self, Instances, MapNode, ServiceMap, enc};
+use crate::api::{self, Faults, Instances, MapNode, ServiceMap, enc};
 use crate::format;
 use crate::map_layout::layered;
 
@@ -60,7 +60,11 @@ pub fn MapPage() -> impl IntoView {
         let base = base.clone();
         Resource::new(move || (window.get(), tick.get()), move |(w, _)| api::get::<ServiceMap>(&base, &format!("/api/v1/service-map?lookback={}", enc(&w))))
     };
-    let instances = Resource::new(move || tick.get(), move |_| api::get::<Instances>(&base, "/api/v1/registry/instances"));
+    let instances = {
+        let base = base.clone();
+        Resource::new(move || tick.get(), move |_| api::get::<Instances>(&base, "/api/v1/registry/instances"))
+    };
+    let faults = Resource::new(move || tick.get(), move |_| api::get::<Faults>(&base, "/api/v1/registry/faults"));
 
     let windows = move || {
         let current = window.get();
@@ -89,6 +93,14 @@ pub fn MapPage() -> impl IntoView {
                         }
                         c
                     });
+                    // Service → its active faults' labels.
+                    let faulted: BTreeMap<String, Vec<String>> = faults.get().and_then(|r| r.ok()).map(|f| {
+                        let mut m: BTreeMap<String, Vec<String>> = BTreeMap::new();
+                        for x in f.faults {
+                            m.entry(x.service.clone()).or_default().push(x.label());
+                        }
+                        m
+                    }).unwrap_or_default();
                     let registry_note = instances.get().and_then(|r| r.err()).map(|e| view! {
                         <p class="notice" data-testid="registry-unreachable">"Instance counts are missing: " {e}</p>
                     });
@@ -97,7 +109,7 @@ pub fn MapPage() -> impl IntoView {
                         Ok(m) if m.nodes.is_empty() => view! {
                             <p class="notice">"No calls in this window yet. Point your services' OTLP exporters at this collector, or widen the window."</p>
                         }.into_any(),
-                        Ok(m) => view! { {registry_note} <MapSvg map=m counts=counts/> }.into_any(),
+                        Ok(m) => view! { {registry_note} <MapSvg map=m counts=counts faulted=faulted/> }.into_any(),
                     })
                 }}
             </Transition>
@@ -106,7 +118,7 @@ pub fn MapPage() -> impl IntoView {
 }
 
 #[component]
-fn MapSvg(map: ServiceMap, counts: Option<BTreeMap<String, (usize, usize)>>) -> impl IntoView {
+fn MapSvg(map: ServiceMap, counts: Option<BTreeMap<String, (usize, usize)>>, faulted: BTreeMap<String, Vec<String>>) -> impl IntoView {
     let ids: Vec<String> = map.nodes.iter().map(|n| n.id.clone()).collect();
     let pairs: Vec<(String, String)> = map.edges.iter().map(|e| (e.source.clone(), e.target.clone())).collect();
     let places = layered(&ids, &pairs);
@@ -154,8 +166,18 @@ fn MapSvg(map: ServiceMap, counts: Option<BTreeMap<String, (usize, usize)>>) -> 
             let (x, y) = pos(&n.id);
             let count = counts.as_ref().and_then(|c| c.get(&n.id)).copied();
             let down = count.is_some_and(|(up, total)| total > 0 && up == 0);
-            let class = format!("node {} {}{}", n.kind, health(n), if down { " down" } else { "" });
+            let faults = faulted.get(&n.id).filter(|_| n.kind == "service");
+            let class = format!("node {} {}{}{}", n.kind, health(n), if down { " down" } else { "" }, if faults.is_some() { " faulted" } else { "" });
             let instances = count.map(|(up, total)| format!("{up}/{total} instances up"));
+            let fault_badge = faults.map(|f| {
+                let label = format!("⚡ {}", f.join(", "));
+                view! {
+                    <g class="fault-badge" data-fault=f.join(",")>
+                        <rect x=format!("{}", x + 8.0) y=format!("{}", y - 11.0) width=format!("{}", NODE_W - 16.0) height="18" rx="9"/>
+                        <text x=format!("{}", x + 16.0) y=format!("{}", y + 2.0)>{label}<title>"Fault switched on: "{f.join(", ")}</title></text>
+                    </g>
+                }
+            });
             let stats = if n.requests == 0 {
                 "no requests".to_owned()
             } else {
@@ -166,6 +188,7 @@ fn MapSvg(map: ServiceMap, counts: Option<BTreeMap<String, (usize, usize)>>) -> 
                 <text x=format!("{}", x + 10.0) y=format!("{}", y + 20.0) class="name">{n.id.clone()}</text>
                 <text x=format!("{}", x + 10.0) y=format!("{}", y + 38.0) class="stats">{stats}</text>
                 <text x=format!("{}", x + 10.0) y=format!("{}", y + 55.0) class="instances">{instances.unwrap_or_else(|| n.kind.clone())}</text>
+                {fault_badge}
             };
             if n.kind == "service" {
                 view! { <a href=format!("/services/{}", enc(&n.id)) class=class data-node=n.id.clone()>{body}</a> }.into_any()
@@ -185,6 +208,6 @@ fn MapSvg(map: ServiceMap, counts: Option<BTreeMap<String, (usize, usize)>>) -> 
             {edges}
             {nodes}
         </svg>
-        <p class="legend muted">"Green: under 1% errors · amber: under 5% · red: 5% or more · grey: no requests · dashed: no instance up"</p>
+        <p class="legend muted">"Green: under 1% errors · amber: under 5% · red: 5% or more · grey: no requests · dashed: no instance up · ⚡ a fault is switched on"</p>
     }
 }

@@ -1,13 +1,14 @@
-//! The registry's state: every service and instance with status, address, metadata, heartbeat
-//! age and lease expiry, renewals per minute against the self-preservation threshold, the banner
-//! when self-preservation is on, and the recent events. Says so when the registry is unreachable.
+//! The registry's state: the faults switched on (and chaos mode), every service and instance with
+//! status, address, metadata, heartbeat age and lease expiry, renewals per minute against the
+//! self-preservation threshold, the banner when self-preservation is on, and the recent events.
+//! Says so when the registry is unreachable.
 
 use std::collections::BTreeMap;
 
 use leptos::prelude::*;
 use leptos_router::components::A;
 
-use crate::api::{self, Instance, Instances, RegistryEvents, RegistryStatus, enc, now_ms, rfc3339_ms};
+use crate::api::{self, Faults, Instance, Instances, RegistryEvents, RegistryStatus, enc, now_ms, rfc3339_ms};
 use crate::pages::map::refresh_tick;
 
 fn age(ms: Option<i64>, now: i64) -> String {
@@ -56,6 +57,10 @@ pub fn RegistryPage() -> impl IntoView {
         let base = base.clone();
         Resource::new(move || tick.get(), move |_| api::get::<Instances>(&base, "/api/v1/registry/instances"))
     };
+    let faults = {
+        let base = base.clone();
+        Resource::new(move || tick.get(), move |_| api::get::<Faults>(&base, "/api/v1/registry/faults"))
+    };
     let events = Resource::new(move || tick.get(), move |_| api::get::<RegistryEvents>(&base, "/api/v1/registry/events?limit=50"));
 
     view! {
@@ -82,6 +87,35 @@ pub fn RegistryPage() -> impl IntoView {
                             </p>
                         }.into_any()
                     }
+                })}
+            </Transition>
+            <Transition fallback=|| ()>
+                {move || faults.get().and_then(|r| r.ok()).map(|f| {
+                    let now = now_ms();
+                    let chaos = f.chaos.enabled.then(|| view! {
+                        <p class="banner chaos" data-testid="chaos">
+                            {format!("Chaos mode is ON: a random fault every {:.0} s, at most {} at once.", f.chaos.interval_ms as f64 / 1000.0, f.chaos.max_active)}
+                        </p>
+                    });
+                    let list = if f.faults.is_empty() {
+                        view! { <p class="muted" data-testid="no-faults">"No fault is on. Switch one on with "<code>"./run fault set SERVICE KIND"</code>"."</p> }.into_any()
+                    } else {
+                        view! {
+                            <table class="results faults" data-testid="faults">
+                                <thead><tr><th>"Service"</th><th>"Fault"</th><th>"Source"</th><th>"Since"</th><th>"Ends"</th></tr></thead>
+                                <tbody>{f.faults.into_iter().map(|x| view! {
+                                    <tr data-fault=format!("{}:{}", x.service, x.kind)>
+                                        <td>{x.service.clone()}</td>
+                                        <td><span class="fault-badge">{x.label()}</span></td>
+                                        <td>{x.source.clone()}</td>
+                                        <td>{age(rfc3339_ms(&x.set_at), now)}</td>
+                                        <td>{x.expires_at.as_deref().map_or_else(|| "when switched off".to_owned(), |t| age(rfc3339_ms(t), now))}</td>
+                                    </tr>
+                                }).collect_view()}</tbody>
+                            </table>
+                        }.into_any()
+                    };
+                    view! { <h2>"Faults"</h2> {chaos} {list} }
                 })}
             </Transition>
             <Transition fallback=|| ()>
