@@ -203,7 +203,7 @@ impl Broker {
                     Ok(()) => failures = 0,
                     Err(e) => {
                         failures += 1;
-                        if failures == 1 || failures % 30 == 0 {
+                        if failures == 1 || failures.is_multiple_of(30) {
                             tracing::warn!(error = %e, group, "consumer stopped; starting again");
                         }
                     }

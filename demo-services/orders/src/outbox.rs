@@ -98,7 +98,7 @@ pub async fn relay(shop: Arc<Shop>, broker: Broker) {
                 }
                 Err(e) => {
                     failures += 1;
-                    if failures == 1 || failures % 20 == 0 {
+                    if failures == 1 || failures.is_multiple_of(20) {
                         tracing::warn!(error = %e, event = %event.event_id, failures, "publishing the outbox; the events wait");
                     }
                     let _ = mark(&shop, p.id, Some(&e.to_string())).await;
