@@ -374,7 +374,7 @@ impl Shop {
                 created_at_ms: now,
                 updated_at_ms: now,
             };
-            outbox::write(&mut tx, &order, OrderEventType::OrderPlaced).await?;
+            outbox::write(&mut tx, &order, OrderEventType::OrderPlaced, trace_context.as_deref()).await?;
             tx.commit().await
         };
         db_call("INSERT", "orders", DB, tx).await.map_err(ApiError::internal)?;

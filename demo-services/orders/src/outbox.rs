@@ -16,14 +16,16 @@ use common::http::db_call;
 use common::messaging::{Broker, EventItem, OrderEvent, OrderEventType};
 use sqlx::{Row, SqliteConnection};
 
-use crate::saga::{context_of, current_traceparent};
+use crate::saga::context_of;
 use crate::{DB, Order, Shop};
 
 /// Published events are kept this long (for the stats and a look back), then deleted.
 const KEEP_PUBLISHED_MS: i64 = 24 * 3600 * 1000;
 
-/// Adds `order`'s event of `kind` to the outbox, inside the caller's transaction.
-pub async fn write(tx: &mut SqliteConnection, order: &Order, kind: OrderEventType) -> Result<(), sqlx::Error> {
+/// Adds `order`'s event of `kind` to the outbox, inside the caller's transaction. `trace_context`
+/// (the `traceparent` of the saga's span, taken outside the database span) becomes the parent of
+/// the publish, whenever that happens.
+pub async fn write(tx: &mut SqliteConnection, order: &Order, kind: OrderEventType, trace_context: Option<&str>) -> Result<(), sqlx::Error> {
     let now = now_ms();
     let event = OrderEvent {
         event_id: format!("evt_{}", uuid::Uuid::new_v4().simple()),
@@ -42,7 +44,7 @@ pub async fn write(tx: &mut SqliteConnection, order: &Order, kind: OrderEventTyp
         .bind(&event.event_id)
         .bind(kind.name())
         .bind(payload)
-        .bind(current_traceparent())
+        .bind(trace_context)
         .bind(now)
         .execute(tx)
         .await

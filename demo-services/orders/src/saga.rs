@@ -90,6 +90,7 @@ impl Shop {
         let now = now_ms();
         let lease_until = now + self.saga_lease.as_millis() as i64;
         let done = matches!(t.to, "CONFIRMED" | "FAILED");
+        let trace_context = current_traceparent();
         let tx = async {
             let mut tx = common::db::write_tx(&self.db).await?;
             let changed = sqlx::query(
@@ -115,7 +116,7 @@ impl Shop {
             log_step(&mut tx, &order.id, t.step, t.outcome, &t.detail).await?;
             if let Some(event) = t.event {
                 let after = Order { status: t.to.to_owned(), failure_reason: t.failure_reason.clone().or(order.failure_reason.clone()), ..order.clone() };
-                outbox::write(&mut tx, &after, event).await?;
+                outbox::write(&mut tx, &after, event, trace_context.as_deref()).await?;
             }
             tx.commit().await?;
             Ok::<_, sqlx::Error>(true)
