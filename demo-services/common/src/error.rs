@@ -110,7 +110,7 @@ impl ApiError {
             tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => Self::Unauthorized(m),
             tonic::Code::NotFound => Self::NotFound(m),
             tonic::Code::AlreadyExists => Self::Conflict { field: None, message: m },
-            tonic::Code::FailedPrecondition => Self::OutOfStock(m),
+            tonic::Code::FailedPrecondition => Self::Conflict { field: None, message: m },
             tonic::Code::ResourceExhausted => Self::TooManyRequests { retry_after_secs: 1 },
             tonic::Code::Unavailable => Self::Unavailable(m),
             tonic::Code::DeadlineExceeded => Self::GatewayTimeout(m),

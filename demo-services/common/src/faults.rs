@@ -113,7 +113,8 @@ impl FaultKind {
             Self::CpuBurn => ("ms", 50.0, 1.0, 2_000.0, None, "every request burns this much CPU time"),
             Self::MemoryGrowth => ("MiB/s", 4.0, 1.0, 64.0, None, "the process grows this fast, up to 256 MiB"),
             Self::PublishFailure => ("%", 100.0, 1.0, 100.0, None, "this share of broker publishes fails"),
-            Self::ConsumerLag => ("ms", 2_000.0, 1.0, 60_000.0, None, "every consumed message waits this long"),
+            // Below the consumers' ack wait (30 s), or every message would be delivered twice.
+            Self::ConsumerLag => ("ms", 2_000.0, 1.0, 20_000.0, None, "every consumed message waits this long"),
             Self::PaymentDecline => ("%", 100.0, 1.0, 100.0, Some("payments"), "this share of card charges is declined"),
             Self::LostHeartbeats => ("", 1.0, 0.0, 1.0, None, "instances stop renewing their leases"),
             Self::RateLimitStorm => ("%", 80.0, 1.0, 100.0, Some("gateway"), "this share of requests gets 429"),
@@ -143,12 +144,17 @@ pub struct Fault {
     pub set_at: String,
     /// RFC 3339; the registry removes the fault then.
     pub expires_at: Option<String>,
+    /// The same in milliseconds since the epoch: instances drop an expired fault themselves, even
+    /// while the registry is away.
+    #[serde(default)]
+    pub expires_at_ms: Option<i64>,
 }
 
 /// The faults in force, as last heard from the registry; one per process.
 struct View {
     service: String,
-    faults: RwLock<Arc<HashMap<(String, FaultKind), f64>>>,
+    /// (service, kind) → (value, ends at in ms since the epoch).
+    faults: RwLock<Arc<HashMap<(String, FaultKind), (f64, Option<i64>)>>>,
 }
 
 static VIEW: OnceLock<View> = OnceLock::new();
@@ -161,7 +167,7 @@ pub fn init(service: &str) {
 /// Replaces the view with what the registry reported.
 pub fn update(faults: &[Fault]) {
     let Some(v) = VIEW.get() else { return };
-    let map: HashMap<(String, FaultKind), f64> = faults.iter().map(|f| ((f.service.clone(), f.kind), f.value)).collect();
+    let map: HashMap<(String, FaultKind), (f64, Option<i64>)> = faults.iter().map(|f| ((f.service.clone(), f.kind), (f.value, f.expires_at_ms))).collect();
     if let Ok(mut w) = v.faults.write()
         && **w != map
     {
@@ -178,7 +184,8 @@ pub fn update(faults: &[Fault]) {
 pub fn of(service: &str, kind: FaultKind) -> Option<f64> {
     let v = VIEW.get()?;
     let m = v.faults.read().ok()?;
-    m.get(&(service.to_owned(), kind)).copied()
+    let (value, ends) = m.get(&(service.to_owned(), kind)).copied()?;
+    ends.is_none_or(|t| t > crate::clock::now_ms()).then_some(value)
 }
 
 /// The value of fault `kind` for this process's service, if it is on.
@@ -191,7 +198,9 @@ pub fn active(kind: FaultKind) -> Option<f64> {
 pub fn active_names() -> Vec<&'static str> {
     let Some(v) = VIEW.get() else { return Vec::new() };
     let Ok(m) = v.faults.read() else { return Vec::new() };
-    let mut names: Vec<&'static str> = m.keys().filter(|(s, _)| *s == v.service).map(|(_, k)| k.name()).collect();
+    let now = crate::clock::now_ms();
+    let mut names: Vec<&'static str> =
+        m.iter().filter(|((s, _), (_, ends))| *s == v.service && ends.is_none_or(|t| t > now)).map(|((_, k), _)| k.name()).collect();
     names.sort_unstable();
     names
 }

@@ -93,19 +93,32 @@ async fn prometheus_text(State(m): State<Arc<HttpMetrics>>) -> Response {
 /// Adds the server middleware to every route of `router` (apply before the ops routes are merged,
 /// so `/metrics` scrapes are not traced).
 pub fn instrument(router: Router, metrics: Arc<HttpMetrics>) -> Router {
-    router.layer(axum::middleware::from_fn_with_state((metrics, true), observe))
+    router.layer(axum::middleware::from_fn_with_state(Observe { metrics, traced: true, faults: true }, observe))
 }
 
-/// Like [`instrument`] but without spans, for chatty machine-to-machine routes (heartbeats,
-/// long polls) that would bury the traces people look at.
+/// Like [`instrument`] but exempt from the request faults: the registry's fault API, which must
+/// answer whatever faults are on.
+pub fn instrument_without_faults(router: Router, metrics: Arc<HttpMetrics>) -> Router {
+    router.layer(axum::middleware::from_fn_with_state(Observe { metrics, traced: true, faults: false }, observe))
+}
+
+/// Like [`instrument`] but without spans (nor faults), for chatty machine-to-machine routes
+/// (heartbeats, long polls) that would bury the traces people look at.
 pub fn count_only(router: Router, metrics: Arc<HttpMetrics>) -> Router {
-    router.layer(axum::middleware::from_fn_with_state((metrics, false), observe))
+    router.layer(axum::middleware::from_fn_with_state(Observe { metrics, traced: false, faults: false }, observe))
+}
+
+#[derive(Clone)]
+struct Observe {
+    metrics: Arc<HttpMetrics>,
+    traced: bool,
+    faults: bool,
 }
 
 /// Server middleware: continues the caller's trace (W3C `traceparent` + `baggage`), opens a
 /// SERVER span named `METHOD /route/{template}` (or `package.Service/Method` for gRPC), records
 /// the status, answers with `traceparent` naming this span, and counts the request.
-async fn observe(State((metrics, traced)): State<(Arc<HttpMetrics>, bool)>, req: Request, next: Next) -> Response {
+async fn observe(State(Observe { metrics, traced, faults }): State<Observe>, req: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = req.method().as_str().to_owned();
     let matched = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
@@ -151,7 +164,8 @@ async fn observe(State((metrics, traced)): State<(Arc<HttpMetrics>, bool)>, req:
     let cx = parent.with_span(span);
 
     let mut resp = async {
-        match crate::faults::on_request().await {
+        let injected = if faults { crate::faults::on_request().await } else { Ok(()) };
+        match injected {
             Ok(()) => next.run(req).await,
             Err(message) if grpc => grpc_error(tonic::Code::Internal, &message),
             Err(message) => crate::ApiError::Injected(message).into_response(),

@@ -5,6 +5,7 @@
 //! takes (`args`).
 
 pub mod args;
+pub mod card;
 pub mod clock;
 pub mod db;
 pub mod error;

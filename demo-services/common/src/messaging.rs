@@ -95,6 +95,8 @@ fn nats_err(e: impl std::fmt::Display) -> BrokerError {
 pub struct Broker {
     client: async_nats::Client,
     js: jetstream::Context,
+    /// Whether this process has made sure the stream exists (asked again after a failed publish).
+    stream_known: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Broker {
@@ -111,7 +113,7 @@ impl Broker {
             .map_err(|e| anyhow::anyhow!("broker at {url}: {e}"))?;
         let mut js = jetstream::new(client.clone());
         js.set_timeout(Duration::from_secs(5));
-        Ok(Self { client, js })
+        Ok(Self { client, js, stream_known: Default::default() })
     }
 
     pub fn connected(&self) -> bool {
@@ -133,13 +135,13 @@ impl Broker {
             .map_err(nats_err)
     }
 
-    /// Publishes `event` and waits for the stream's acknowledgement, inside a PRODUCER span that
-    /// is a child of `parent` (the context the event was created in).
+    /// Publishes `event` and waits for the stream's acknowledgement, inside a PRODUCER span
+    /// `publish <subject>` that is a child of `parent` (the context the event was created in).
     pub async fn publish(&self, event: &OrderEvent, parent: &Context) -> Result<(), BrokerError> {
         let subject = event.event_type.subject();
         let tracer = global::tracer("switchyard");
         let span = tracer
-            .span_builder(format!("send {subject}"))
+            .span_builder(format!("publish {subject}"))
             .with_kind(SpanKind::Producer)
             .with_attributes([
                 KeyValue::new("messaging.system", "nats"),
@@ -174,13 +176,20 @@ impl Broker {
         if !self.connected() {
             return Err(BrokerError::Nats("not connected to the broker".into()));
         }
-        self.stream().await?;
+        use std::sync::atomic::Ordering;
+        if !self.stream_known.load(Ordering::Relaxed) {
+            self.stream().await?;
+            self.stream_known.store(true, Ordering::Relaxed);
+        }
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", event.event_id.as_str());
         global::get_text_map_propagator(|p| p.inject_context(cx, &mut NatsHeaders(&mut headers)));
         let payload = serde_json::to_vec(event).map_err(nats_err)?;
-        let ack = self.js.publish_with_headers(subject, headers, payload.into()).await.map_err(nats_err)?;
-        let ack = ack.await.map_err(nats_err)?;
+        let acked = async { self.js.publish_with_headers(subject, headers, payload.into()).await?.await }.await;
+        let ack = acked.map_err(|e| {
+            self.stream_known.store(false, Ordering::Relaxed);
+            nats_err(e)
+        })?;
         cx.span().set_attribute(KeyValue::new("messaging.nats.stream.sequence", ack.sequence as i64));
         if ack.duplicate {
             cx.span().set_attribute(KeyValue::new("messaging.nats.duplicate", true));

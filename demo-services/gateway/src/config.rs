@@ -30,8 +30,10 @@ pub struct Config {
     /// Time an upstream has to answer (headers), per attempt.
     #[arg(long, env = "GATEWAY_UPSTREAM_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub upstream_timeout: Duration,
-    /// Per-upstream timeouts overriding --upstream-timeout, e.g. `catalog=2s` (repeat or comma-separate).
-    #[arg(long = "timeout", env = "GATEWAY_TIMEOUTS", value_delimiter = ',', value_parser = parse_override)]
+    /// Per-upstream timeouts overriding --upstream-timeout, e.g. `catalog=2s` (repeat or
+    /// comma-separate; giving any replaces the default). orders answers once its saga ended,
+    /// after up to three calls with their own timeouts and retries.
+    #[arg(long = "timeout", env = "GATEWAY_TIMEOUTS", value_delimiter = ',', value_parser = parse_override, default_value = "orders=30s")]
     pub timeouts: Vec<(String, Duration)>,
     /// Retries after a failed attempt of an idempotent request (GET, HEAD, OPTIONS, PUT, DELETE).
     #[arg(long, env = "GATEWAY_RETRIES", default_value_t = 2)]

@@ -55,7 +55,7 @@ fn message(e: &OrderEvent) -> (String, String) {
         ),
         OrderEventType::OrderFailed => (
             format!("Your order {} could not be completed", e.order_id),
-            format!("{}. Nothing was charged and nothing is held for you.", e.reason.as_deref().unwrap_or("Something went wrong")),
+            format!("{}. Any payment taken has been refunded, and nothing is held for you.", e.reason.as_deref().unwrap_or("Something went wrong")),
         ),
     }
 }

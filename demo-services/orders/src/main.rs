@@ -259,25 +259,8 @@ fn caller(headers: &HeaderMap) -> Result<String, ApiError> {
 }
 
 fn card_number(number: &str) -> Result<String, ApiError> {
-    let digits: String = number.chars().filter(|c| *c != ' ' && *c != '-').collect();
-    let luhn = || {
-        let mut sum = 0;
-        for (i, c) in digits.chars().rev().enumerate() {
-            let Some(mut d) = c.to_digit(10) else { return false };
-            if i % 2 == 1 {
-                d *= 2;
-                if d > 9 {
-                    d -= 9;
-                }
-            }
-            sum += d;
-        }
-        sum % 10 == 0
-    };
-    if !(13..=19).contains(&digits.len()) || !luhn() {
-        return Err(ApiError::bad_field("card.number", "card.number must be 13-19 digits that pass the Luhn check (e.g. 4242 4242 4242 4242)"));
-    }
-    Ok(digits)
+    common::card::normalize(number)
+        .ok_or_else(|| ApiError::bad_field("card.number", "card.number must be 13-19 digits that pass the Luhn check (e.g. 4242 4242 4242 4242)"))
 }
 
 /// The requested items, checked and merged per product (in order of first mention).
@@ -294,9 +277,18 @@ fn requested(items: &[ItemRequest]) -> Result<Vec<(String, i64)>, ApiError> {
         if !(1..=MAX_QUANTITY).contains(&item.quantity) {
             return Err(ApiError::bad_field(&format!("items[{i}].quantity"), format!("quantity must be from 1 to {MAX_QUANTITY}, got {}", item.quantity)));
         }
-        match merged.iter_mut().find(|(p, _)| p == id) {
-            Some((_, q)) => *q += item.quantity,
-            None => merged.push((id.to_owned(), item.quantity)),
+        let total = match merged.iter_mut().find(|(p, _)| p == id) {
+            Some((_, q)) => {
+                *q += item.quantity;
+                *q
+            }
+            None => {
+                merged.push((id.to_owned(), item.quantity));
+                item.quantity
+            }
+        };
+        if total > MAX_QUANTITY {
+            return Err(ApiError::bad_field(&format!("items[{i}].quantity"), format!("at most {MAX_QUANTITY} of one product per order, got {total} of {id}")));
         }
     }
     Ok(merged)

@@ -135,7 +135,7 @@ impl Shop {
     }
 
     /// Records a step that failed without moving the order (a compensation that must be tried
-    /// again), and keeps the lease until the next try is due.
+    /// again); recovery tries again once the lease taken at the last transition has run out.
     async fn retry_later(&self, order: &Order, step: &str, detail: &str) -> Result<(), ApiError> {
         let tx = async {
             let mut tx = common::db::write_tx(&self.db).await?;
@@ -174,15 +174,17 @@ impl Shop {
                         Transition::fail("PENDING", "reserve", reason, None)
                     }
                 },
-                "RESERVED" => {
-                    self.mark_charge_sent(&order).await?;
-                    match self.charge(&order).await {
-                        Ok(()) => Transition::ok("RESERVED", "CHARGED", "charge", format!("{} cents charged", order.total_cents)),
-                        Err(StepError::Refused(m)) => Transition::fail("RESERVED", "charge", format!("payment declined: {m}"), Some(false)),
-                        Err(StepError::NotSent(m)) => Transition::fail("RESERVED", "charge", format!("payments unavailable: {m}"), Some(false)),
-                        Err(StepError::Unknown(m)) => Transition::fail("RESERVED", "charge", format!("payment failed: {m}"), Some(true)),
-                    }
-                }
+                // Once the charge step began, a compensation always asks payments for a refund:
+                // an earlier attempt (this instance's before a crash, or another's still running)
+                // may have charged, and a refund before the charge voids the order at payments,
+                // so nothing can be charged after it. While payments is away the order waits in
+                // COMPENSATING (its stock already released).
+                "RESERVED" => match self.charge(&order).await {
+                    Ok(()) => Transition::ok("RESERVED", "CHARGED", "charge", format!("{} cents charged", order.total_cents)),
+                    Err(StepError::Refused(m)) => Transition::fail("RESERVED", "charge", format!("payment declined: {m}"), Some(true)),
+                    Err(StepError::NotSent(m)) => Transition::fail("RESERVED", "charge", format!("payments unavailable: {m}"), Some(true)),
+                    Err(StepError::Unknown(m)) => Transition::fail("RESERVED", "charge", format!("payment failed: {m}"), Some(true)),
+                },
                 "CHARGED" => Transition {
                     event: Some(OrderEventType::OrderConfirmed),
                     ..Transition::ok("CHARGED", "CONFIRMED", "confirm", "order confirmed".into())
@@ -198,7 +200,7 @@ impl Shop {
                         self.retry_later(&order, "refund", e.message()).await?;
                         return Ok(order);
                     }
-                    let detail = if order.charge_sent { "stock released, charge refunded" } else { "stock released" };
+                    let detail = if order.charge_sent { "stock released, payment refunded or voided" } else { "stock released" };
                     Transition { event: Some(OrderEventType::OrderFailed), ..Transition::ok("COMPENSATING", "FAILED", "compensate", detail.into()) }
                 }
                 _ => return Ok(order),
@@ -206,11 +208,6 @@ impl Shop {
             self.advance(&order, t).await?;
         }
         Err(ApiError::internal(format!("the saga of {id} did not settle")))
-    }
-
-    async fn mark_charge_sent(&self, order: &Order) -> Result<(), ApiError> {
-        let q = sqlx::query("UPDATE orders SET charge_sent = 1 WHERE id = ? AND status = 'RESERVED'").bind(&order.id).execute(&self.db);
-        db_call("UPDATE", "orders", DB, q).await.map_err(ApiError::internal).map(drop)
     }
 
     /// A gRPC call to inventory through the breaker, balancer and retries.
@@ -303,7 +300,7 @@ impl Shop {
     }
 
     async fn refund(&self, order: &Order) -> Result<(), StepError> {
-        let reason = order.failure_reason.clone().unwrap_or_else(|| "order failed".into());
+        let reason: String = order.failure_reason.as_deref().unwrap_or("order failed").chars().take(200).collect();
         let body = serde_json::json!({ "orderId": order.id, "reason": reason });
         let (status, answer) = self.payments("/refunds", &format!("refund-{}", order.id), body).await?;
         if status.is_success() {
@@ -334,7 +331,7 @@ pub async fn recovery_loop(shop: Arc<Shop>, every: Duration) {
         let now = now_ms();
         let claim = sqlx::query_as::<_, (String, Option<String>)>(
             "UPDATE orders SET lease_owner = ?1, lease_until_ms = ?2 WHERE id IN \
-             (SELECT id FROM orders WHERE status NOT IN ('CONFIRMED', 'FAILED') AND lease_until_ms < ?3 ORDER BY lease_until_ms LIMIT 20) \
+             (SELECT id FROM orders WHERE status NOT IN ('CONFIRMED', 'FAILED') AND lease_until_ms < ?3 ORDER BY lease_until_ms LIMIT 5) \
              RETURNING id, trace_context",
         )
         .bind(&shop.instance_id)

@@ -17,9 +17,10 @@ CREATE INDEX charges_order ON charges (order_id, created_at_ms);
 CREATE TABLE idempotency (
     operation     TEXT NOT NULL,   -- charge or refund
     key           TEXT NOT NULL,
-    request_hash  TEXT NOT NULL,
+    request_hash  TEXT NOT NULL,   -- SHA-256 of the request's JSON
     status_code   INTEGER NOT NULL,
     body          TEXT NOT NULL,
     created_at_ms INTEGER NOT NULL,
     PRIMARY KEY (operation, key)
 );
+CREATE INDEX idempotency_age ON idempotency (created_at_ms);

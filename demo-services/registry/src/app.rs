@@ -121,7 +121,8 @@ impl App {
             .route("/v1/faults/{service}/{kind}", put(set_fault).delete(clear_fault))
             .route("/v1/chaos", get(get_chaos).put(set_chaos))
             .with_state(r.clone());
-        let app = common::http::instrument(api.merge(faults), self.http_metrics.clone())
+        let app = common::http::instrument(api, self.http_metrics.clone())
+            .merge(common::http::instrument_without_faults(faults, self.http_metrics.clone()))
             .merge(common::http::count_only(quiet, self.http_metrics.clone()))
             .merge(common::http::ops_routes(self.http_metrics))
             .fallback(|| async { ApiError::NotFound("no such route; the API is under /v1".into()) });

@@ -85,6 +85,7 @@ impl FaultEntry {
             source: self.source.clone(),
             set_at: rfc3339(self.set_at_ms),
             expires_at: self.expires_at_ms.map(rfc3339),
+            expires_at_ms: self.expires_at_ms,
         }
     }
 }

@@ -47,7 +47,7 @@ impl Keys {
         let der = signing.to_pkcs8_der()?;
         let public = signing.verifying_key().to_bytes();
         let kid = format!("users-{}", &URL_SAFE_NO_PAD.encode(&public[..9]));
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        let now = common::clock::now_ms();
         sqlx::query("INSERT OR IGNORE INTO signing_key (slot, kid, private_pkcs8, public_key, created_at_ms) VALUES (1, ?, ?, ?, ?)")
             .bind(&kid)
             .bind(der.as_bytes())
