@@ -504,4 +504,38 @@ mod tests {
         let a = &s.instances["a"];
         assert_eq!((a.status, a.registered_at_ms, a.last_heartbeat_ms), (InstanceStatus::Up, 0, 62_000));
     }
+
+    fn fault(service: &str, kind: FaultKind, expires_at_ms: Option<i64>) -> FaultEntry {
+        FaultEntry { service: service.into(), kind, value: 1.0, source: "api".into(), set_at_ms: 0, expires_at_ms }
+    }
+
+    #[test]
+    fn faults_bump_the_index_and_expire() {
+        let mut s = state(false);
+        let changes = s.set_fault(fault("payments", FaultKind::Latency, Some(5_000)), 0);
+        assert!(changes.contains(&Change::Index(1)), "watchers learn of a fault");
+        assert!(changes.iter().any(|c| matches!(c, Change::FaultUpsert(f) if f.kind == FaultKind::Latency)));
+        assert_eq!(s.fault_list().len(), 1);
+        assert!(s.sweep(4_999).is_empty(), "not yet");
+        let changes = s.sweep(5_000);
+        assert!(changes.contains(&Change::FaultDelete { service: "payments".into(), kind: FaultKind::Latency }));
+        assert!(s.faults.is_empty() && s.index == 2);
+        assert!(s.clear_fault("payments", FaultKind::Latency, "again", 6_000).is_none(), "off already");
+    }
+
+    #[test]
+    fn nothing_is_evicted_during_an_outage_and_leases_count_from_its_end() {
+        let mut s = state(false);
+        s.register(req("a", false), 0);
+        s.set_fault(fault("registry", FaultKind::RegistryOutage, Some(20_000)), 1_000);
+        assert_eq!(s.outage_until(10_000), Some(20_000));
+        // The lease (3 s) ran out long ago, but nobody could renew during the outage.
+        let changes = s.sweep(19_000);
+        assert!(!changes.iter().any(|c| matches!(c, Change::Delete(_))), "{changes:?}");
+        s.sweep(20_000);
+        assert_eq!(s.outage_until(20_000), None);
+        assert!(s.instances.contains_key("a"), "a whole lease to renew after the outage");
+        assert!(s.sweep(22_999).iter().all(|c| !matches!(c, Change::Delete(_))));
+        assert!(s.sweep(23_000).contains(&Change::Delete("a".into())), "then a silent instance goes");
+    }
 }
