@@ -21,10 +21,10 @@ INSTANCE = re.compile(r'instance="?([A-Za-z0-9._:-]+)')
 
 
 class Proc:
-    """One service process; `addr` is what it logged as its bound address."""
+    """One process; `addr` is the bound address it logged (the first line `ready` matches)."""
 
-    def __init__(self, name, args, env):
-        self.name, self.args, self.env = name, args, env
+    def __init__(self, name, args, env, ready=LISTENING):
+        self.name, self.args, self.env, self.ready = name, args, env, ready
         self.log, self.addr, self.instance_id, self.proc = [], None, None, None
 
     def start(self, timeout=60):
@@ -37,7 +37,7 @@ class Proc:
                 self.log.append(line)
                 if os.environ.get("TEST_LOG"):
                     print(f"[{self.name}] {line}", end="")
-                m = LISTENING.search(line)
+                m = self.ready.search(line)
                 if m and not found.is_set():
                     self.addr = m.group(1)
                     i = INSTANCE.search(line)
@@ -65,44 +65,21 @@ class Proc:
 NATS_LISTENING = re.compile(r"Listening for client connections on ([0-9.]+:[0-9]+)")
 
 
-class Nats:
-    """A real nats-server with JetStream, its store in a temp folder; restartable on its port."""
+class Nats(Proc):
+    """A real nats-server with JetStream, its store in a temp folder; restarts on the same port."""
 
     def __init__(self, store: Path):
-        self.store, self.port, self.proc, self.log = store, None, None, []
+        super().__init__("nats", [], os.environ, NATS_LISTENING)
+        self.store = store
 
     def start(self, timeout=30):
-        self.log = []
-        port = str(self.port) if self.port else "-1"
-        self.proc = subprocess.Popen(["nats-server", "-a", "127.0.0.1", "-p", port, "-js", "-sd", str(self.store)],
-                                     stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-        found = threading.Event()
-
-        def reader():
-            for line in self.proc.stderr:
-                self.log.append(line)
-                if os.environ.get("TEST_LOG"):
-                    print(f"[nats] {line}", end="")
-                m = NATS_LISTENING.search(line)
-                if m and not found.is_set():
-                    self.port = int(m.group(1).rsplit(":", 1)[1])
-                    found.set()
-
-        threading.Thread(target=reader, daemon=True).start()
-        deadline = time.monotonic() + timeout
-        while not found.wait(0.05):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError("nats-server did not start:\n" + "".join(self.log))
-        return self
+        port = self.addr.rsplit(":", 1)[1] if self.addr else "-1"
+        self.args = ["nats-server", "-a", "127.0.0.1", "-p", port, "-js", "-sd", str(self.store)]
+        return super().start(timeout)
 
     @property
     def url(self):
-        return f"nats://127.0.0.1:{self.port}"
-
-    def stop(self, sig=signal.SIGTERM, timeout=30):
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(timeout=timeout)
+        return f"nats://{self.addr}"
 
 
 class Shop:

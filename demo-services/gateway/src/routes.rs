@@ -188,13 +188,7 @@ pub async fn storefront(State(g): State<Arc<Gateway>>, req: Request) -> Result<R
         user
     );
     let mut errors = Vec::new();
-    let mut part = |name: &str, r: Result<Value, ApiError>| match r {
-        Ok(v) => v,
-        Err(e) => {
-            errors.push(json!({ "part": name, "status": e.codes().0.as_u16(), "message": e.to_string() }));
-            Value::Null
-        }
-    };
+    let mut part = |name: &str, r: Result<Value, ApiError>| part_or_error(&mut errors, name, r);
     let categories = part("categories", categories);
     let featured = part("featured", featured.map(|v| v["items"].clone()));
     let user = part("user", user.map(|u| u.unwrap_or(Value::Null)));
@@ -250,13 +244,7 @@ pub async fn order_view(State(g): State<Arc<Gateway>>, Path(id): Path<String>, r
     };
     let (payment, reservation) = tokio::join!(payment, reservation);
     let mut errors = Vec::new();
-    let mut part = |name: &str, r: Result<Value, ApiError>| match r {
-        Ok(v) => v,
-        Err(e) => {
-            errors.push(json!({ "part": name, "status": e.codes().0.as_u16(), "message": e.to_string() }));
-            Value::Null
-        }
-    };
+    let mut part = |name: &str, r: Result<Value, ApiError>| part_or_error(&mut errors, name, r);
     let payment = part("payment", payment.map(|p| {
         let charges = p["charges"].as_array().cloned().unwrap_or_default();
         let last = charges.last().cloned().unwrap_or(Value::Null);
@@ -271,6 +259,14 @@ pub async fn order_view(State(g): State<Arc<Gateway>>, Path(id): Path<String>, r
         "errors": errors,
     }))
     .into_response())
+}
+
+/// A part of an aggregated answer: its value, or `null` with the failure added to `errors`.
+fn part_or_error(errors: &mut Vec<Value>, name: &str, r: Result<Value, ApiError>) -> Value {
+    r.unwrap_or_else(|e| {
+        errors.push(json!({ "part": name, "status": e.codes().0.as_u16(), "message": e.to_string() }));
+        Value::Null
+    })
 }
 
 /// `GET /admin/circuits`: every upstream's breaker.
