@@ -74,8 +74,16 @@ fn kv(key: &str, v: Value) -> KeyValue {
 
 const SERVICES: [&str; 8] = ["gateway", "users", "catalog", "orders", "inventory", "payments", "notifications", "registry"];
 const ROUTES: [&str; 10] = [
-    "/api/orders/{id}", "/api/orders", "/api/catalog/products", "/api/catalog/products/{id}", "/api/users/me",
-    "/api/users/login", "/api/inventory/{sku}", "/api/payments", "/api/cart", "/api/notifications",
+    "/api/orders/{id}",
+    "/api/orders",
+    "/api/catalog/products",
+    "/api/catalog/products/{id}",
+    "/api/users/me",
+    "/api/users/login",
+    "/api/inventory/{sku}",
+    "/api/payments",
+    "/api/cart",
+    "/api/notifications",
 ];
 
 /// One request of `n` spans: traces of 8 spans spread over the services, grouped by resource.
@@ -185,8 +193,7 @@ impl Decoder for RespDecoder {
     type Item = ExportTraceServiceResponse;
     type Error = tonic::Status;
     fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, tonic::Status> {
-        let msg = ExportTraceServiceResponse::decode(src.copy_to_bytes(src.remaining()))
-            .map_err(|e| tonic::Status::internal(e.to_string()))?;
+        let msg = ExportTraceServiceResponse::decode(src.copy_to_bytes(src.remaining())).map_err(|e| tonic::Status::internal(e.to_string()))?;
         Ok(Some(msg))
     }
 }
@@ -282,8 +289,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         latencies.sort();
         let spans = n_batches * a.batch;
         println!("throughput:            {:.0} spans/s", spans as f64 / elapsed.as_secs_f64());
-        println!("export latency:        p50 {:.1} ms, p99 {:.1} ms", percentile(&latencies, 0.5).as_secs_f64() * 1e3,
-            percentile(&latencies, 0.99).as_secs_f64() * 1e3);
+        println!(
+            "export latency:        p50 {:.1} ms, p99 {:.1} ms",
+            percentile(&latencies, 0.5).as_secs_f64() * 1e3,
+            percentile(&latencies, 0.99).as_secs_f64() * 1e3
+        );
         println!("retries after 503:     {retries}");
         return Ok(());
     }
@@ -319,9 +329,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("clients:               {}", a.clients);
     println!("elapsed:               {:.2} s", elapsed.as_secs_f64());
     println!("throughput:            {:.0} spans/s (acknowledged after commit)", spans as f64 / elapsed.as_secs_f64());
-    println!("export latency:        p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-        percentile(&latencies, 0.50).as_secs_f64() * 1e3, percentile(&latencies, 0.99).as_secs_f64() * 1e3,
-        latencies.last().copied().unwrap_or_default().as_secs_f64() * 1e3);
+    println!(
+        "export latency:        p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        percentile(&latencies, 0.50).as_secs_f64() * 1e3,
+        percentile(&latencies, 0.99).as_secs_f64() * 1e3,
+        latencies.last().copied().unwrap_or_default().as_secs_f64() * 1e3
+    );
     println!("collector CPU:         {:.1} s ({:.1} CPU-s per million spans)", cpu, cpu / spans as f64 * 1e6);
     println!("retries after 503:     {retries}");
     println!("collector peak RSS:    {:.1} MiB", peak_kib as f64 / 1024.0);

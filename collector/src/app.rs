@@ -50,12 +50,8 @@ impl App {
         store_cfg.queue_capacity = cfg.queue_capacity as usize;
         store_cfg.retention = cfg.retention;
         store_cfg.retention_check_interval = cfg.retention_check_every();
-        let (store, writer) = Store::open(&store_cfg, metrics.clone())
-            .await
-            .with_context(|| format!("opening the database {}", cfg.db.display()))?;
-        let bind = |addr: SocketAddr, what: &'static str| async move {
-            TcpListener::bind(addr).await.with_context(|| format!("binding {what} to {addr}"))
-        };
+        let (store, writer) = Store::open(&store_cfg, metrics.clone()).await.with_context(|| format!("opening the database {}", cfg.db.display()))?;
+        let bind = |addr: SocketAddr, what: &'static str| async move { TcpListener::bind(addr).await.with_context(|| format!("binding {what} to {addr}")) };
         let grpc = bind(cfg.otlp_grpc_addr, "--otlp-grpc-addr").await?;
         let otlp_http = bind(cfg.otlp_http_addr, "--otlp-http-addr").await?;
         let http = bind(cfg.http_addr, "--http-addr").await?;
@@ -63,11 +59,7 @@ impl App {
     }
 
     pub fn addrs(&self) -> anyhow::Result<Addrs> {
-        Ok(Addrs {
-            otlp_grpc: self.grpc.local_addr()?,
-            otlp_http: self.otlp_http.local_addr()?,
-            http: self.http.local_addr()?,
-        })
+        Ok(Addrs { otlp_grpc: self.grpc.local_addr()?, otlp_http: self.otlp_http.local_addr()?, http: self.http.local_addr()? })
     }
 
     /// Serves until `shutdown` completes, then stops gracefully.
@@ -77,8 +69,7 @@ impl App {
         let grpc_router = otlp::grpc::router(ingest.clone(), max);
         let otlp_http_router = otlp::http::router(ingest, max);
         let http_addr = self.http.local_addr()?;
-        let http_router =
-            http_router(self.store.clone(), self.metrics.clone(), self.registry).merge(dashboard(&self.cfg, http_addr));
+        let http_router = http_router(self.store.clone(), self.metrics.clone(), self.registry).merge(dashboard(&self.cfg, http_addr));
 
         let every = self.cfg.retention_check_every();
         let retention = tokio::spawn(retention_loop(self.store.clone(), every));
@@ -93,11 +84,7 @@ impl App {
                     .await
             })
         };
-        let servers = [
-            serve(self.grpc, grpc_router),
-            serve(self.otlp_http, otlp_http_router),
-            serve(self.http, http_router),
-        ];
+        let servers = [serve(self.grpc, grpc_router), serve(self.otlp_http, otlp_http_router), serve(self.http, http_router)];
         tracing::info!("collector ready");
         shutdown.await;
         tracing::info!("shutting down: finishing in-flight requests");
@@ -121,11 +108,7 @@ fn dashboard(cfg: &Config, http_addr: SocketAddr) -> Router {
     if !cfg.ui_dir.join("pkg").join("ui.js").exists() {
         tracing::warn!(ui_dir = %cfg.ui_dir.display(), "the dashboard's browser files are missing (run ui/build.sh): pages will not be interactive");
     }
-    let api_base = if http_addr.ip().is_unspecified() {
-        format!("http://127.0.0.1:{}", http_addr.port())
-    } else {
-        format!("http://{http_addr}")
-    };
+    let api_base = if http_addr.ip().is_unspecified() { format!("http://127.0.0.1:{}", http_addr.port()) } else { format!("http://{http_addr}") };
     ui::server::router(&cfg.ui_dir, api_base)
 }
 
@@ -136,19 +119,13 @@ fn http_router(store: Store, metrics: Arc<Metrics>, registry: RegistryProxy) -> 
         .route("/metrics", get(prometheus_metrics))
         .with_state((store, metrics))
         .merge(api)
-        .fallback(|uri: axum::http::Uri| async move {
-            query::ApiError::NotFound(format!("no such endpoint: {}", uri.path()))
-        })
+        .fallback(|uri: axum::http::Uri| async move { query::ApiError::NotFound(format!("no such endpoint: {}", uri.path())) })
         .layer(CorsLayer::permissive())
 }
 
 async fn prometheus_metrics(State((store, metrics)): State<(Store, Arc<Metrics>)>) -> impl IntoResponse {
     metrics.database_bytes.set(store.disk_bytes() as i64);
-    (
-        StatusCode::OK,
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-        metrics.render(),
-    )
+    (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], metrics.render())
 }
 
 /// Asks the writer to remove data older than the retention, every `every`.

@@ -7,8 +7,12 @@ use std::time::Duration;
 use clap::Parser;
 
 #[derive(Debug, Clone, Parser)]
-#[command(name = "collector", version, about = "Switchyard's OTLP collector: receives traces, metrics and logs over \
-OTLP (gRPC and HTTP), stores them in SQLite and answers queries (Jaeger-compatible and native APIs)")]
+#[command(
+    name = "collector",
+    version,
+    about = "Switchyard's OTLP collector: receives traces, metrics and logs over \
+OTLP (gRPC and HTTP), stores them in SQLite and answers queries (Jaeger-compatible and native APIs)"
+)]
 pub struct Config {
     /// Address for OTLP/gRPC (traces, metrics, logs).
     #[arg(long, env = "COLLECTOR_OTLP_GRPC_ADDR", default_value = "0.0.0.0:4317")]
@@ -61,8 +65,7 @@ impl Config {
     /// How often retention runs: `--retention-check-interval`, else a tenth of `--retention`
     /// between 1s and 60s.
     pub fn retention_check_every(&self) -> Duration {
-        self.retention_check_interval
-            .unwrap_or_else(|| (self.retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60)))
+        self.retention_check_interval.unwrap_or_else(|| (self.retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60)))
     }
 }
 

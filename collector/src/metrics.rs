@@ -2,9 +2,7 @@
 //!
 //! Label values come from small fixed sets (signal, protocol, encoding, outcome, table).
 
-use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
-};
+use prometheus::{Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 
 pub struct Metrics {
     registry: Registry,
@@ -50,11 +48,8 @@ impl Metrics {
         };
         let latency = vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
         let export_duration = must(HistogramVec::new(
-            HistogramOpts::new(
-                "collector_export_duration_seconds",
-                "Time from receiving an export request to answering it, including the commit",
-            )
-            .buckets(latency.clone()),
+            HistogramOpts::new("collector_export_duration_seconds", "Time from receiving an export request to answering it, including the commit")
+                .buckets(latency.clone()),
             &["signal", "protocol"],
         ));
         must(registry.register(Box::new(export_duration.clone())));
@@ -67,18 +62,10 @@ impl Metrics {
             received: counter("collector_received_items_total", "Spans, metric points and log records received", &items),
             accepted: counter("collector_accepted_items_total", "Items stored and acknowledged", &items),
             rejected: counter("collector_rejected_items_total", "Items refused, as invalid or over a limit", &items),
-            requests: counter(
-                "collector_export_requests_total",
-                "Export requests by outcome",
-                &["signal", "protocol", "encoding", "outcome"],
-            ),
+            requests: counter("collector_export_requests_total", "Export requests by outcome", &["signal", "protocol", "encoding", "outcome"]),
             export_duration,
             write_batch_items: histogram("collector_write_batch_items", "Items written per transaction", pow(1.0, 10)),
-            write_batch_requests: histogram(
-                "collector_write_batch_requests",
-                "Export requests committed per transaction (group commit)",
-                pow(1.0, 6),
-            ),
+            write_batch_requests: histogram("collector_write_batch_requests", "Export requests committed per transaction (group commit)", pow(1.0, 6)),
             commit_duration: histogram("collector_commit_duration_seconds", "Time to write and commit one transaction", latency),
             write_errors,
             queue_items: gauge("collector_queue_items", "Items accepted for writing and not yet committed"),

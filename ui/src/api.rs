@@ -60,10 +60,8 @@ async fn fetch_text(url: &str) -> Result<(u16, String), String> {
 async fn fetch<T: DeserializeOwned>(url: String, path: String) -> Result<T, String> {
     let (status, text) = fetch_text(&url).await?;
     if !(200..300).contains(&status) {
-        let message = serde_json::from_str::<Value>(&text)
-            .ok()
-            .and_then(|v| v["error"].as_str().or(v["error"]["message"].as_str()).map(str::to_owned))
-            .unwrap_or(text);
+        let message =
+            serde_json::from_str::<Value>(&text).ok().and_then(|v| v["error"].as_str().or(v["error"]["message"].as_str()).map(str::to_owned)).unwrap_or(text);
         return Err(format!("{status}: {message}"));
     }
     serde_json::from_str(&text).map_err(|e| format!("unexpected answer from {path}: {e}"))

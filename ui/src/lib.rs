@@ -38,11 +38,7 @@ pub mod server {
     /// (built by `ui/build.sh`). `api_base` is where server rendering reads the API: the
     /// collector's own address.
     pub fn router(site_root: &Path, api_base: String) -> Router {
-        let options = LeptosOptions::builder()
-            .output_name("ui")
-            .site_root(site_root.to_string_lossy().to_string())
-            .site_pkg_dir("pkg")
-            .build();
+        let options = LeptosOptions::builder().output_name("ui").site_root(site_root.to_string_lossy().to_string()).site_pkg_dir("pkg").build();
         let routes = generate_route_list(App);
         let pkg = tower_http::services::ServeDir::new(site_root.join("pkg")).precompressed_gzip();
         Router::new()

@@ -8,11 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 /// Layer and row of each node.
 pub fn layered(nodes: &[String], edges: &[(String, String)]) -> BTreeMap<String, (usize, usize)> {
     let ids: BTreeSet<&str> = nodes.iter().map(String::as_str).collect();
-    let edges: Vec<(&str, &str)> = edges
-        .iter()
-        .map(|(a, b)| (a.as_str(), b.as_str()))
-        .filter(|(a, b)| a != b && ids.contains(a) && ids.contains(b))
-        .collect();
+    let edges: Vec<(&str, &str)> = edges.iter().map(|(a, b)| (a.as_str(), b.as_str())).filter(|(a, b)| a != b && ids.contains(a) && ids.contains(b)).collect();
     // Cut the edges that close a cycle (back edges of a depth-first walk from the entry points),
     // then take the longest path over what is left.
     let indegree = |n: &str| edges.iter().filter(|(_, b)| *b == n).count();

@@ -53,17 +53,14 @@ impl Encoding {
 pub fn gunzip(body: &[u8], limit: usize) -> Result<Vec<u8>, IngestError> {
     let mut out = Vec::with_capacity((body.len() * 4).min(limit));
     let mut decoder = flate2::read::GzDecoder::new(body).take(limit as u64 + 1);
-    decoder
-        .read_to_end(&mut out)
-        .map_err(|e| IngestError::Malformed(format!("gzip body is corrupt: {e}")))?;
+    decoder.read_to_end(&mut out).map_err(|e| IngestError::Malformed(format!("gzip body is corrupt: {e}")))?;
     if out.len() > limit {
         return Err(IngestError::TooLarge { limit, decompressed: true });
     }
     Ok(out)
 }
 
-static POOL: LazyLock<Result<DescriptorPool, String>> =
-    LazyLock::new(|| DescriptorPool::decode(opentelemetry_proto::DESCRIPTORS).map_err(|e| e.to_string()));
+static POOL: LazyLock<Result<DescriptorPool, String>> = LazyLock::new(|| DescriptorPool::decode(opentelemetry_proto::DESCRIPTORS).map_err(|e| e.to_string()));
 
 /// The descriptor of an OTLP message type, by its full protobuf name.
 pub fn message_descriptor(full_name: &str) -> Option<MessageDescriptor> {
@@ -72,8 +69,7 @@ pub fn message_descriptor(full_name: &str) -> Option<MessageDescriptor> {
 
 fn descriptor(full_name: &str) -> Result<MessageDescriptor, IngestError> {
     let pool = POOL.as_ref().map_err(|e| IngestError::Malformed(format!("OTLP descriptors unavailable: {e}")))?;
-    pool.get_message_by_name(full_name)
-        .ok_or_else(|| IngestError::Malformed(format!("OTLP descriptor {full_name} missing")))
+    pool.get_message_by_name(full_name).ok_or_else(|| IngestError::Malformed(format!("OTLP descriptor {full_name} missing")))
 }
 
 /// An OTLP message type that can be decoded from protobuf or OTLP/JSON.
@@ -92,29 +88,20 @@ macro_rules! otlp_message {
 use opentelemetry_proto::tonic::collector::{logs::v1 as logs, metrics::v1 as metrics, trace::v1 as trace};
 otlp_message!(trace::ExportTraceServiceRequest, "opentelemetry.proto.collector.trace.v1.ExportTraceServiceRequest");
 otlp_message!(trace::ExportTraceServiceResponse, "opentelemetry.proto.collector.trace.v1.ExportTraceServiceResponse");
-otlp_message!(
-    metrics::ExportMetricsServiceRequest,
-    "opentelemetry.proto.collector.metrics.v1.ExportMetricsServiceRequest"
-);
-otlp_message!(
-    metrics::ExportMetricsServiceResponse,
-    "opentelemetry.proto.collector.metrics.v1.ExportMetricsServiceResponse"
-);
+otlp_message!(metrics::ExportMetricsServiceRequest, "opentelemetry.proto.collector.metrics.v1.ExportMetricsServiceRequest");
+otlp_message!(metrics::ExportMetricsServiceResponse, "opentelemetry.proto.collector.metrics.v1.ExportMetricsServiceResponse");
 otlp_message!(logs::ExportLogsServiceRequest, "opentelemetry.proto.collector.logs.v1.ExportLogsServiceRequest");
 otlp_message!(logs::ExportLogsServiceResponse, "opentelemetry.proto.collector.logs.v1.ExportLogsServiceResponse");
 
 pub fn decode<M: OtlpMessage>(body: &[u8], encoding: Encoding) -> Result<M, IngestError> {
     match encoding {
-        Encoding::Protobuf => {
-            M::decode(body).map_err(|e| IngestError::Malformed(format!("invalid protobuf body: {e}")))
-        }
+        Encoding::Protobuf => M::decode(body).map_err(|e| IngestError::Malformed(format!("invalid protobuf body: {e}"))),
         Encoding::Json => decode_json(body),
     }
 }
 
 fn decode_json<M: OtlpMessage>(body: &[u8]) -> Result<M, IngestError> {
-    let mut value: Value =
-        serde_json::from_slice(body).map_err(|e| IngestError::Malformed(format!("invalid JSON body: {e}")))?;
+    let mut value: Value = serde_json::from_slice(body).map_err(|e| IngestError::Malformed(format!("invalid JSON body: {e}")))?;
     if !value.is_object() {
         return Err(IngestError::Malformed("invalid JSON body: expected an object".into()));
     }
@@ -122,8 +109,7 @@ fn decode_json<M: OtlpMessage>(body: &[u8]) -> Result<M, IngestError> {
     let desc = descriptor(M::PROTO_NAME)?;
     let msg = DynamicMessage::deserialize_with_options(desc, value, &DeserializeOptions::new().deny_unknown_fields(false))
         .map_err(|e| IngestError::Malformed(format!("invalid OTLP/JSON body: {e}")))?;
-    M::decode(msg.encode_to_vec().as_slice())
-        .map_err(|e| IngestError::Malformed(format!("invalid OTLP/JSON body: {e}")))
+    M::decode(msg.encode_to_vec().as_slice()).map_err(|e| IngestError::Malformed(format!("invalid OTLP/JSON body: {e}")))
 }
 
 const ID_FIELDS: [&str; 6] = ["traceId", "trace_id", "spanId", "span_id", "parentSpanId", "parent_span_id"];
@@ -135,9 +121,7 @@ fn hex_ids_to_base64(v: &mut Value, path: &str) -> Result<(), IngestError> {
             for (k, child) in map.iter_mut() {
                 if ID_FIELDS.contains(&k.as_str()) {
                     if let Value::String(s) = child {
-                        let bytes = hex::decode(s.as_str()).map_err(|e| {
-                            IngestError::Malformed(format!("{path}{k} must be a hex string: {e} in {s:?}"))
-                        })?;
+                        let bytes = hex::decode(s.as_str()).map_err(|e| IngestError::Malformed(format!("{path}{k} must be a hex string: {e} in {s:?}")))?;
                         *s = base64::engine::general_purpose::STANDARD.encode(bytes);
                     }
                 } else if k != "attributes" && k != "body" {

@@ -3,17 +3,11 @@
 use std::sync::Arc;
 
 use opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::{LogsService, LogsServiceServer};
-use opentelemetry_proto::tonic::collector::logs::v1::{
-    ExportLogsPartialSuccess, ExportLogsServiceRequest, ExportLogsServiceResponse,
-};
+use opentelemetry_proto::tonic::collector::logs::v1::{ExportLogsPartialSuccess, ExportLogsServiceRequest, ExportLogsServiceResponse};
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{MetricsService, MetricsServiceServer};
-use opentelemetry_proto::tonic::collector::metrics::v1::{
-    ExportMetricsPartialSuccess, ExportMetricsServiceRequest, ExportMetricsServiceResponse,
-};
+use opentelemetry_proto::tonic::collector::metrics::v1::{ExportMetricsPartialSuccess, ExportMetricsServiceRequest, ExportMetricsServiceResponse};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
+use opentelemetry_proto::tonic::collector::trace::v1::{ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse};
 use tonic::codec::CompressionEncoding;
 use tonic::{Request, Response, Status};
 
@@ -30,42 +24,30 @@ impl OtlpGrpc {
 
 #[tonic::async_trait]
 impl TraceService for OtlpGrpc {
-    async fn export(
-        &self,
-        request: Request<ExportTraceServiceRequest>,
-    ) -> Result<Response<ExportTraceServiceResponse>, Status> {
+    async fn export(&self, request: Request<ExportTraceServiceRequest>) -> Result<Response<ExportTraceServiceResponse>, Status> {
         let p = OtlpGrpc::export(self, ExportRequest::Traces(request.into_inner())).await?;
         Ok(Response::new(ExportTraceServiceResponse {
-            partial_success: (p.rejected > 0)
-                .then(|| ExportTracePartialSuccess { rejected_spans: p.rejected, error_message: p.message }),
+            partial_success: (p.rejected > 0).then(|| ExportTracePartialSuccess { rejected_spans: p.rejected, error_message: p.message }),
         }))
     }
 }
 
 #[tonic::async_trait]
 impl MetricsService for OtlpGrpc {
-    async fn export(
-        &self,
-        request: Request<ExportMetricsServiceRequest>,
-    ) -> Result<Response<ExportMetricsServiceResponse>, Status> {
+    async fn export(&self, request: Request<ExportMetricsServiceRequest>) -> Result<Response<ExportMetricsServiceResponse>, Status> {
         let p = OtlpGrpc::export(self, ExportRequest::Metrics(request.into_inner())).await?;
         Ok(Response::new(ExportMetricsServiceResponse {
-            partial_success: (p.rejected > 0)
-                .then(|| ExportMetricsPartialSuccess { rejected_data_points: p.rejected, error_message: p.message }),
+            partial_success: (p.rejected > 0).then(|| ExportMetricsPartialSuccess { rejected_data_points: p.rejected, error_message: p.message }),
         }))
     }
 }
 
 #[tonic::async_trait]
 impl LogsService for OtlpGrpc {
-    async fn export(
-        &self,
-        request: Request<ExportLogsServiceRequest>,
-    ) -> Result<Response<ExportLogsServiceResponse>, Status> {
+    async fn export(&self, request: Request<ExportLogsServiceRequest>) -> Result<Response<ExportLogsServiceResponse>, Status> {
         let p = OtlpGrpc::export(self, ExportRequest::Logs(request.into_inner())).await?;
         Ok(Response::new(ExportLogsServiceResponse {
-            partial_success: (p.rejected > 0)
-                .then(|| ExportLogsPartialSuccess { rejected_log_records: p.rejected, error_message: p.message }),
+            partial_success: (p.rejected > 0).then(|| ExportLogsPartialSuccess { rejected_log_records: p.rejected, error_message: p.message }),
         }))
     }
 }
@@ -79,12 +61,7 @@ async fn otlp_status_codes(mut resp: axum::response::Response) -> axum::response
     if status != "11" && status != "13" {
         return resp;
     }
-    let message = resp
-        .headers()
-        .get("grpc-message")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .replace("%20", " ");
+    let message = resp.headers().get("grpc-message").and_then(|v| v.to_str().ok()).unwrap_or("").replace("%20", " ");
     let code = if status == "11" && message.contains("message length too large") {
         Some(tonic::Code::ResourceExhausted)
     } else if status == "13" && (message.contains("failed to decode Protobuf") || message.contains("Error decompressing")) {
@@ -102,24 +79,9 @@ async fn otlp_status_codes(mut resp: axum::response::Response) -> axum::response
 pub fn router(ingest: Arc<Ingest>, max_message_size: usize) -> axum::Router {
     let svc = OtlpGrpc(ingest);
     let gzip = CompressionEncoding::Gzip;
-    tonic::service::Routes::new(
-        TraceServiceServer::new(svc.clone())
-            .accept_compressed(gzip)
-            .send_compressed(gzip)
-            .max_decoding_message_size(max_message_size),
-    )
-    .add_service(
-        MetricsServiceServer::new(svc.clone())
-            .accept_compressed(gzip)
-            .send_compressed(gzip)
-            .max_decoding_message_size(max_message_size),
-    )
-    .add_service(
-        LogsServiceServer::new(svc)
-            .accept_compressed(gzip)
-            .send_compressed(gzip)
-            .max_decoding_message_size(max_message_size),
-    )
-    .into_axum_router()
-    .layer(axum::middleware::map_response(otlp_status_codes))
+    tonic::service::Routes::new(TraceServiceServer::new(svc.clone()).accept_compressed(gzip).send_compressed(gzip).max_decoding_message_size(max_message_size))
+        .add_service(MetricsServiceServer::new(svc.clone()).accept_compressed(gzip).send_compressed(gzip).max_decoding_message_size(max_message_size))
+        .add_service(LogsServiceServer::new(svc).accept_compressed(gzip).send_compressed(gzip).max_decoding_message_size(max_message_size))
+        .into_axum_router()
+        .layer(axum::middleware::map_response(otlp_status_codes))
 }

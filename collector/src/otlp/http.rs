@@ -109,10 +109,7 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
         return Ok(raw);
     }
     if raw.len() > 64 * 1024 {
-        tokio::task::spawn_blocking(move || decode::gunzip(&raw, limit))
-            .await
-            .map_err(|_| IngestError::Storage)?
-            .map(Bytes::from)
+        tokio::task::spawn_blocking(move || decode::gunzip(&raw, limit)).await.map_err(|_| IngestError::Storage)?.map(Bytes::from)
     } else {
         decode::gunzip(&raw, limit).map(Bytes::from)
     }
@@ -123,24 +120,19 @@ fn success_response(signal: Signal, p: PartialSuccess, encoding: Encoding) -> Re
     let body = match signal {
         Signal::Traces => decode::encode(
             &ExportTraceServiceResponse {
-                partial_success: partial
-                    .then(|| ExportTracePartialSuccess { rejected_spans: p.rejected, error_message: p.message }),
+                partial_success: partial.then(|| ExportTracePartialSuccess { rejected_spans: p.rejected, error_message: p.message }),
             },
             encoding,
         ),
         Signal::Metrics => decode::encode(
             &ExportMetricsServiceResponse {
-                partial_success: partial.then(|| ExportMetricsPartialSuccess {
-                    rejected_data_points: p.rejected,
-                    error_message: p.message,
-                }),
+                partial_success: partial.then(|| ExportMetricsPartialSuccess { rejected_data_points: p.rejected, error_message: p.message }),
             },
             encoding,
         ),
         Signal::Logs => decode::encode(
             &ExportLogsServiceResponse {
-                partial_success: partial
-                    .then(|| ExportLogsPartialSuccess { rejected_log_records: p.rejected, error_message: p.message }),
+                partial_success: partial.then(|| ExportLogsPartialSuccess { rejected_log_records: p.rejected, error_message: p.message }),
             },
             encoding,
         ),

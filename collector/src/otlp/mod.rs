@@ -83,12 +83,7 @@ impl Ingest {
     }
 
     /// Converts, stores and waits for the commit. `Ok` means every accepted item is durable.
-    pub async fn export(
-        &self,
-        req: ExportRequest,
-        protocol: &'static str,
-        encoding: &'static str,
-    ) -> Result<PartialSuccess, IngestError> {
+    pub async fn export(&self, req: ExportRequest, protocol: &'static str, encoding: &'static str) -> Result<PartialSuccess, IngestError> {
         let started = Instant::now();
         let signal = req.signal();
         let labels = [signal, protocol, encoding];
@@ -118,11 +113,8 @@ impl Ingest {
             ExportRequest::Metrics(r) => convert::metrics(r, &dicts),
             ExportRequest::Logs(r) => convert::logs(r, &dicts),
         };
-        let converted: Converted = if total >= BLOCKING_THRESHOLD {
-            tokio::task::spawn_blocking(convert).await.map_err(|_| IngestError::Storage)?
-        } else {
-            convert()
-        };
+        let converted: Converted =
+            if total >= BLOCKING_THRESHOLD { tokio::task::spawn_blocking(convert).await.map_err(|_| IngestError::Storage)? } else { convert() };
         let partial = PartialSuccess { rejected: converted.rejected as i64, message: converted.message() };
         let accepted = converted.rows.len();
         self.store.write(converted.rows).await?;

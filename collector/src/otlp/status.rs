@@ -39,9 +39,7 @@ impl IngestError {
     pub fn codes(&self) -> (StatusCode, Code) {
         match self {
             Self::Malformed(_) => (StatusCode::BAD_REQUEST, Code::InvalidArgument),
-            Self::UnsupportedContentType(_) | Self::UnsupportedEncoding(_) => {
-                (StatusCode::UNSUPPORTED_MEDIA_TYPE, Code::InvalidArgument)
-            }
+            Self::UnsupportedContentType(_) | Self::UnsupportedEncoding(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, Code::InvalidArgument),
             Self::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, Code::ResourceExhausted),
             Self::Overloaded | Self::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable),
             Self::Storage => (StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable),

@@ -125,8 +125,8 @@ fn search_query(p: &Params) -> Result<SearchQuery, ApiError> {
     }
     let mut attributes = Vec::new();
     if let Some(tags) = p.get("tags") {
-        let obj: serde_json::Map<String, Value> = serde_json::from_str(tags)
-            .map_err(|e| ApiError::bad("tags", format!("expected a JSON object of key to value: {e}")))?;
+        let obj: serde_json::Map<String, Value> =
+            serde_json::from_str(tags).map_err(|e| ApiError::bad("tags", format!("expected a JSON object of key to value: {e}")))?;
         for (k, v) in obj {
             let v = match v {
                 Value::String(s) => s,
@@ -162,10 +162,8 @@ fn search_query(p: &Params) -> Result<SearchQuery, ApiError> {
 
 async fn search(State(store): State<Store>, RawQuery(q): RawQuery) -> JResult {
     let p = Params::parse(q.as_deref());
-    let ids: Vec<[u8; 16]> = p
-        .all("traceID")
-        .map(|s| parse_trace_id(s).ok_or_else(|| ApiError::bad("traceID", format!("not a hex trace id: {s:?}"))))
-        .collect::<Result<_, _>>()?;
+    let ids: Vec<[u8; 16]> =
+        p.all("traceID").map(|s| parse_trace_id(s).ok_or_else(|| ApiError::bad("traceID", format!("not a hex trace id: {s:?}")))).collect::<Result<_, _>>()?;
     let ids = if ids.is_empty() { store.search(&search_query(&p)?).await? } else { ids };
     let traces: Vec<Value> = store.traces(&ids).await?.iter().map(trace_json).collect();
     let n = traces.len();
@@ -233,10 +231,7 @@ pub fn trace_json(t: &TraceData) -> Value {
         }
         let pid = format!("p{}", process_ids.len() + 1);
         let (service, ptags) = match t.resources.get(&s.resource) {
-            Some(r) => (
-                r.service.to_string(),
-                r.attributes.iter().filter(|kv| kv.key != "service.name").map(|kv| tag(&kv.key, kv.value.as_ref())).collect(),
-            ),
+            Some(r) => (r.service.to_string(), r.attributes.iter().filter(|kv| kv.key != "service.name").map(|kv| tag(&kv.key, kv.value.as_ref())).collect()),
             None => (s.service.to_string(), Vec::new()),
         };
         processes.insert(pid.clone(), json!({ "serviceName": service, "tags": ptags }));
@@ -288,11 +283,7 @@ fn span_json(s: &SpanRecord, trace_id: &str, t: &TraceData, pids: &HashMap<i64, 
         })
         .collect();
     let mut warnings = Vec::new();
-    for (n, what) in [
-        (s.dropped_attributes_count, "attributes"),
-        (s.dropped_events_count, "events"),
-        (s.dropped_links_count, "links"),
-    ] {
+    for (n, what) in [(s.dropped_attributes_count, "attributes"), (s.dropped_events_count, "events"), (s.dropped_links_count, "links")] {
         if n > 0 {
             warnings.push(format!("{n} {what} dropped by the sender"));
         }

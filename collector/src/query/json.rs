@@ -49,9 +49,7 @@ pub fn plain_json(v: Option<&AnyValue>) -> Value {
         Some(V::DoubleValue(d)) => finite(*d),
         Some(V::BytesValue(b)) => json!(base64::engine::general_purpose::STANDARD.encode(b)),
         Some(V::ArrayValue(a)) => Value::Array(a.values.iter().map(|v| plain_json(Some(v))).collect()),
-        Some(V::KvlistValue(l)) => {
-            Value::Object(l.values.iter().map(|kv| (kv.key.clone(), plain_json(kv.value.as_ref()))).collect())
-        }
+        Some(V::KvlistValue(l)) => Value::Object(l.values.iter().map(|kv| (kv.key.clone(), plain_json(kv.value.as_ref()))).collect()),
         Some(V::StringValueStrindex(i)) => json!(i),
     }
 }

@@ -22,8 +22,7 @@ use super::ApiError;
 use super::json::{any_value_json, attributes_json, base64_ids_to_hex};
 use super::params::Params;
 use crate::store::read::{
-    CallStats, LogQuery, ResourceRecord, ScopeRecord, SearchQuery, SpanRecord, StatusFilter, TraceData, TraceOutline, kind_name,
-    status_name,
+    CallStats, LogQuery, ResourceRecord, ScopeRecord, SearchQuery, SpanRecord, StatusFilter, TraceData, TraceOutline, kind_name, status_name,
 };
 use crate::store::{Store, parse_trace_id};
 
@@ -58,12 +57,7 @@ async fn services(State(store): State<Store>) -> ApiResult {
 }
 
 async fn operations(State(store): State<Store>, Path(service): Path<String>) -> ApiResult {
-    let ops: Vec<Value> = store
-        .operations(&service, None)
-        .await?
-        .into_iter()
-        .map(|(name, kind)| json!({ "name": name, "kind": kind_name(kind) }))
-        .collect();
+    let ops: Vec<Value> = store.operations(&service, None).await?.into_iter().map(|(name, kind)| json!({ "name": name, "kind": kind_name(kind) })).collect();
     Ok(Json(json!({ "operations": ops })))
 }
 
@@ -227,10 +221,7 @@ async fn trace_outline(State(store): State<Store>, Path(id): Path<String>) -> Re
 async fn span(State(store): State<Store>, Path((id, span)): Path<(String, String)>) -> ApiResult {
     let tid = trace_id_param(&id)?;
     let sid = parse_span_id(&span).ok_or_else(|| ApiError::bad("span_id", format!("not a hex span id: {span:?}")))?;
-    let d = store
-        .span(tid, sid)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("span {span} not found in trace {id}")))?;
+    let d = store.span(tid, sid).await?.ok_or_else(|| ApiError::NotFound(format!("span {span} not found in trace {id}")))?;
     let mut v = span_json(&d.span);
     if let Value::Object(m) = &mut v {
         m.insert("resource".into(), d.resource.as_ref().map_or(Value::Null, |r| resource_json(d.span.resource, r)));
@@ -373,16 +364,8 @@ async fn service_map(State(store): State<Store>, RawQuery(q): RawQuery) -> ApiRe
     let (start, end) = p.window(STATS_LOOKBACK_NS)?;
     let window_s = window_seconds(start, end);
     let map = store.service_map(start, end).await?;
-    let nodes: Vec<Value> = map
-        .nodes
-        .iter()
-        .map(|n| with_stats(json!({ "id": n.id, "kind": n.kind.name() }), "requests", &n.stats, window_s))
-        .collect();
-    let edges: Vec<Value> = map
-        .edges
-        .iter()
-        .map(|e| with_stats(json!({ "source": e.source, "target": e.target }), "calls", &e.stats, window_s))
-        .collect();
+    let nodes: Vec<Value> = map.nodes.iter().map(|n| with_stats(json!({ "id": n.id, "kind": n.kind.name() }), "requests", &n.stats, window_s)).collect();
+    let edges: Vec<Value> = map.edges.iter().map(|e| with_stats(json!({ "source": e.source, "target": e.target }), "calls", &e.stats, window_s)).collect();
     Ok(Json(json!({
         "startTimeUnixNano": start.to_string(), "endTimeUnixNano": end.to_string(), "windowSeconds": window_s,
         "nodes": nodes, "edges": edges,
@@ -471,11 +454,7 @@ async fn metric_series(State(store): State<Store>, Path(name): Path<String>, Raw
     let limit = p.limit("limit", 1000, 100_000)?;
     let filters: Vec<(String, String)> = p
         .all("attr")
-        .map(|a| {
-            a.split_once('=')
-                .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                .ok_or_else(|| ApiError::bad("attr", format!("expected key=value, got {a:?}")))
-        })
+        .map(|a| a.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())).ok_or_else(|| ApiError::bad("attr", format!("expected key=value, got {a:?}"))))
         .collect::<Result<_, _>>()?;
     let service = p.get("service");
     let series = store.metric_series(&name, start, end, limit).await?;
@@ -485,11 +464,7 @@ async fn metric_series(State(store): State<Store>, Path(name): Path<String>, Raw
     let out: Vec<Value> = series
         .into_iter()
         .filter(|s| service.is_none_or(|want| &*s.service == want))
-        .filter(|s| {
-            filters.iter().all(|(k, v)| {
-                s.attributes.iter().any(|kv| kv.key == *k && crate::store::read::value_text(kv.value.as_ref()) == *v)
-            })
-        })
+        .filter(|s| filters.iter().all(|(k, v)| s.attributes.iter().any(|kv| kv.key == *k && crate::store::read::value_text(kv.value.as_ref()) == *v)))
         .map(|s| {
             let points: Vec<Value> = s
                 .points
@@ -521,17 +496,8 @@ async fn metric_series(State(store): State<Store>, Path(name): Path<String>, Raw
 async fn logs(State(store): State<Store>, RawQuery(q): RawQuery) -> ApiResult {
     let p = Params::parse(q.as_deref());
     let (start, end) = p.window(HOUR_NS)?;
-    let trace_id = p
-        .get("traceId")
-        .map(|s| parse_trace_id(s).ok_or_else(|| ApiError::bad("traceId", format!("not a hex trace id: {s:?}"))))
-        .transpose()?;
-    let q = LogQuery {
-        trace_id,
-        service: p.get("service").map(str::to_owned),
-        start_ns: start,
-        end_ns: end,
-        limit: p.limit("limit", 100, 10_000)?,
-    };
+    let trace_id = p.get("traceId").map(|s| parse_trace_id(s).ok_or_else(|| ApiError::bad("traceId", format!("not a hex trace id: {s:?}")))).transpose()?;
+    let q = LogQuery { trace_id, service: p.get("service").map(str::to_owned), start_ns: start, end_ns: end, limit: p.limit("limit", 100, 10_000)? };
     let logs: Vec<Value> = store
         .logs(&q)
         .await?

@@ -24,9 +24,7 @@ impl Params {
     }
 
     pub fn duration_ns(&self, name: &'static str) -> Result<Option<i64>, ApiError> {
-        self.get(name)
-            .map(|v| parse_go_duration(v).map_err(|why| ApiError::bad(name, format!("{why} in {v:?} (use e.g. 250ms, 1.5s, 2h)"))))
-            .transpose()
+        self.get(name).map(|v| parse_go_duration(v).map_err(|why| ApiError::bad(name, format!("{why} in {v:?} (use e.g. 250ms, 1.5s, 2h)")))).transpose()
     }
 
     /// A duration back from the end of a window: not negative.
@@ -38,9 +36,7 @@ impl Params {
     }
 
     pub fn int(&self, name: &'static str) -> Result<Option<i64>, ApiError> {
-        self.get(name)
-            .map(|v| v.trim().parse::<i64>().map_err(|_| ApiError::bad(name, format!("expected an integer, got {v:?}"))))
-            .transpose()
+        self.get(name).map(|v| v.trim().parse::<i64>().map_err(|_| ApiError::bad(name, format!("expected an integer, got {v:?}")))).transpose()
     }
 
     pub fn limit(&self, name: &'static str, default: usize, max: usize) -> Result<usize, ApiError> {
@@ -60,11 +56,7 @@ impl Params {
                 }
                 humantime::parse_rfc3339_weak(v.trim())
                     .map_err(|e| ApiError::bad(name, format!("expected RFC 3339 time or Unix nanoseconds: {e} in {v:?}")))
-                    .and_then(|t| {
-                        t.duration_since(UNIX_EPOCH)
-                            .map(|d| d.as_nanos() as i64)
-                            .map_err(|_| ApiError::bad(name, "time is before 1970".into()))
-                    })
+                    .and_then(|t| t.duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).map_err(|_| ApiError::bad(name, "time is before 1970".into())))
             })
             .transpose()
     }

@@ -34,12 +34,7 @@ impl RegistryProxy {
         if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
             anyhow::bail!("--registry-url {registry_url:?}: expected an http:// URL");
         }
-        let client = reqwest::Client::builder()
-            .timeout(TIMEOUT)
-            .connect_timeout(CONNECT_TIMEOUT)
-            .no_proxy()
-            .build()
-            .context("building the registry client")?;
+        let client = reqwest::Client::builder().timeout(TIMEOUT).connect_timeout(CONNECT_TIMEOUT).no_proxy().build().context("building the registry client")?;
         Ok(Self { base: registry_url.trim_end_matches('/').to_owned(), client })
     }
 

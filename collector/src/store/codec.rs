@@ -359,11 +359,7 @@ mod tests {
             kv(
                 "a",
                 ArrayValue(opentelemetry_proto::tonic::common::v1::ArrayValue {
-                    values: vec![
-                        AnyValue { value: Some(IntValue(7)) },
-                        AnyValue { value: Some(StringValue("x".into())) },
-                        AnyValue { value: None },
-                    ],
+                    values: vec![AnyValue { value: Some(IntValue(7)) }, AnyValue { value: Some(StringValue("x".into())) }, AnyValue { value: None }],
                 }),
             ),
             kv("m", KvlistValue(KeyValueList { values: vec![kv("inner", DoubleValue(1e300))] })),

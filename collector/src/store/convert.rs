@@ -85,24 +85,14 @@ fn resource_id(resource: Option<&Resource>, schema_url: &str, dicts: &Dicts) -> 
 
 fn scope_id(scope: Option<&InstrumentationScope>, schema_url: &str, dicts: &Dicts) -> i64 {
     let key = match scope {
-        Some(s) => (
-            s.name.clone(),
-            s.version.clone(),
-            encode(&s.attributes, dicts),
-            s.dropped_attributes_count,
-            schema_url.to_owned(),
-        ),
+        Some(s) => (s.name.clone(), s.version.clone(), encode(&s.attributes, dicts), s.dropped_attributes_count, schema_url.to_owned()),
         None => (String::new(), String::new(), vec![0], 0, schema_url.to_owned()),
     };
     dicts.scopes.get_or_insert(&key, |id| ScopeRow { id, key: key.clone() })
 }
 
 fn id_error(what: &str, want: usize, got: usize) -> String {
-    if got == 0 {
-        format!("{what} is missing (must be {want} bytes)")
-    } else {
-        format!("{what} must be {want} bytes, got {got}")
-    }
+    if got == 0 { format!("{what} is missing (must be {want} bytes)") } else { format!("{what} must be {want} bytes, got {got}") }
 }
 
 fn span_id_i64(b: &[u8]) -> Option<i64> {
@@ -121,22 +111,12 @@ pub fn traces(req: ExportTraceServiceRequest, dicts: &Dicts) -> Converted {
             for span in ss.spans {
                 if span.trace_id.len() != 16 || span.trace_id.iter().all(|&b| b == 0) {
                     out.reject(1, || {
-                        if span.trace_id.len() == 16 {
-                            "trace_id must not be all zeros".into()
-                        } else {
-                            id_error("trace_id", 16, span.trace_id.len())
-                        }
+                        if span.trace_id.len() == 16 { "trace_id must not be all zeros".into() } else { id_error("trace_id", 16, span.trace_id.len()) }
                     });
                     continue;
                 }
                 let Some(span_id) = span_id_i64(&span.span_id).filter(|&i| i != 0) else {
-                    out.reject(1, || {
-                        if span.span_id.len() == 8 {
-                            "span_id must not be all zeros".into()
-                        } else {
-                            id_error("span_id", 8, span.span_id.len())
-                        }
-                    });
+                    out.reject(1, || if span.span_id.len() == 8 { "span_id must not be all zeros".into() } else { id_error("span_id", 8, span.span_id.len()) });
                     continue;
                 };
                 let parent_span_id = match span.parent_span_id.len() {
@@ -193,8 +173,7 @@ pub fn traces(req: ExportTraceServiceRequest, dicts: &Dicts) -> Converted {
             }
         }
     }
-    out.rows.operations =
-        operations.into_iter().map(|(key, last_seen_ns)| OperationRow { key, last_seen_ns }).collect();
+    out.rows.operations = operations.into_iter().map(|(key, last_seen_ns)| OperationRow { key, last_seen_ns }).collect();
     out
 }
 
@@ -256,15 +235,7 @@ fn metric_points(m: Metric, resource: i64, scope: i64, dicts: &Dicts, out: &mut 
         Data::ExponentialHistogram(h) => (h.aggregation_temporality, false),
         _ => (0, false),
     };
-    let key = (
-        m.name,
-        m.description,
-        m.unit,
-        metric_type(&data),
-        temporality,
-        monotonic,
-        encode(&m.metadata, dicts),
-    );
+    let key = (m.name, m.description, m.unit, metric_type(&data), temporality, monotonic, encode(&m.metadata, dicts));
     let metric = dicts.metrics.id(&key);
     if n_points > 0 {
         catalog.metrics.entry(metric).or_insert_with(|| MetricRow { id: metric, key });

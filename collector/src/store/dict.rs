@@ -134,12 +134,7 @@ impl Strings {
             ids.insert(s.clone(), id);
             names.push(s);
         }
-        Self {
-            ids: RwLock::new(ids),
-            names: RwLock::new(names),
-            pending: Mutex::new(Vec::new()),
-            value_budget: Mutex::new((HashMap::new(), 0)),
-        }
+        Self { ids: RwLock::new(ids), names: RwLock::new(names), pending: Mutex::new(Vec::new()), value_budget: Mutex::new((HashMap::new(), 0)) }
     }
 
     pub fn id(&self, s: &str) -> i64 {
@@ -250,15 +245,7 @@ pub struct TraceRefs {
 
 impl TraceRefs {
     pub fn new(next: i64, max_entries: usize) -> Self {
-        Self {
-            state: Mutex::new(TraceState {
-                current: HashMap::new(),
-                previous: HashMap::new(),
-                next,
-                pending: Vec::new(),
-            }),
-            max_entries: max_entries.max(1),
-        }
+        Self { state: Mutex::new(TraceState { current: HashMap::new(), previous: HashMap::new(), next, pending: Vec::new() }), max_entries: max_entries.max(1) }
     }
 
     pub fn get_or_insert(&self, trace_id: [u8; 16], now_ns: i64) -> i64 {

@@ -131,24 +131,16 @@ fn connect_options(path: &Path) -> SqliteConnectOptions {
 impl Store {
     pub async fn open(cfg: &StoreConfig, metrics: Arc<Metrics>) -> Result<(Store, WriterHandle), StoreError> {
         if let Some(dir) = cfg.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| StoreError::Folder { path: dir.to_owned(), source: Arc::new(e) })?;
+            std::fs::create_dir_all(dir).map_err(|e| StoreError::Folder { path: dir.to_owned(), source: Arc::new(e) })?;
         }
-        let mut conn = SqliteConnection::connect_with(
-            &connect_options(&cfg.path).create_if_missing(true).pragma("wal_autocheckpoint", "16000"),
-        )
-        .await?;
+        let mut conn = SqliteConnection::connect_with(&connect_options(&cfg.path).create_if_missing(true).pragma("wal_autocheckpoint", "16000")).await?;
         sqlx::migrate!("../migrations").run(&mut conn).await.map_err(|e| StoreError::Migrate(Arc::new(e)))?;
         let dicts = Arc::new(load_dicts(&mut conn, cfg.trace_cache).await?);
 
-        let read = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(connect_options(&cfg.path).read_only(true))
-            .await?;
+        let read = SqlitePoolOptions::new().max_connections(4).connect_with(connect_options(&cfg.path).read_only(true)).await?;
 
         let (tx, rx) = mpsc::unbounded_channel();
-        let writer =
-            writer::Writer::new(conn, dicts.clone(), metrics.clone(), cfg.max_batch_items, cfg.retention_check_interval);
+        let writer = writer::Writer::new(conn, dicts.clone(), metrics.clone(), cfg.max_batch_items, cfg.retention_check_interval);
         let task = tokio::spawn(writer.run(rx));
         metrics.queue_capacity.set(cfg.queue_capacity as i64);
         let store = Store {
@@ -228,12 +220,7 @@ async fn load_dicts(conn: &mut SqliteConnection, trace_cache: usize) -> Result<D
         .fetch_all(&mut *conn)
         .await?
         .into_iter()
-        .map(|r| {
-            Ok((
-                (r.try_get(1)?, r.try_get(2)?, r.try_get(3)?, r.try_get(4)?, r.try_get(5)?, r.try_get(6)?, r.try_get(7)?),
-                r.try_get(0)?,
-            ))
-        })
+        .map(|r| Ok(((r.try_get(1)?, r.try_get(2)?, r.try_get(3)?, r.try_get(4)?, r.try_get(5)?, r.try_get(6)?, r.try_get(7)?), r.try_get(0)?)))
         .collect::<Result<Vec<(MetricKey, i64)>, sqlx::Error>>()?;
     let series = sqlx::query("SELECT id, metric, resource, scope, attributes FROM metric_series")
         .fetch_all(&mut *conn)

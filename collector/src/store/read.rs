@@ -247,13 +247,7 @@ impl Calls {
     fn stats(mut self) -> CallStats {
         self.durations.sort_unstable();
         let d = &self.durations;
-        CallStats {
-            calls: d.len() as u64,
-            errors: self.errors,
-            p50_ns: percentile(d, 0.50),
-            p90_ns: percentile(d, 0.90),
-            p99_ns: percentile(d, 0.99),
-        }
+        CallStats { calls: d.len() as u64, errors: self.errors, p50_ns: percentile(d, 0.50), p90_ns: percentile(d, 0.90), p99_ns: percentile(d, 0.99) }
     }
 }
 
@@ -310,9 +304,7 @@ impl WindowScan {
 
 /// The database or broker a CLIENT or PRODUCER span calls, by its semantic-convention attributes.
 fn remote_node(attrs: &[KeyValue]) -> Option<(NodeKind, String)> {
-    let get = |key: &str| {
-        attrs.iter().find(|kv| kv.key == key).map(|kv| value_text(kv.value.as_ref())).filter(|v| !v.is_empty())
-    };
+    let get = |key: &str| attrs.iter().find(|kv| kv.key == key).map(|kv| value_text(kv.value.as_ref())).filter(|v| !v.is_empty());
     let (kind, system, detail) = if let Some(db) = get("db.system.name").or_else(|| get("db.system")) {
         (NodeKind::Database, db, get("db.namespace"))
     } else {
@@ -445,15 +437,10 @@ fn span_from_row(r: &sqlx::sqlite::SqliteRow, dict: &StringsSnapshot) -> Result<
 impl Store {
     /// Services with spans within the retention.
     pub async fn services(&self) -> Result<Vec<String>, StoreError> {
-        let rows = sqlx::query("SELECT DISTINCT service FROM operations WHERE last_seen_ns >= ?")
-            .bind(self.retention_cutoff_ns())
-            .fetch_all(&self.read)
-            .await?;
+        let rows =
+            sqlx::query("SELECT DISTINCT service FROM operations WHERE last_seen_ns >= ?").bind(self.retention_cutoff_ns()).fetch_all(&self.read).await?;
         let dict = self.dicts.strings.snapshot();
-        let mut names: Vec<String> = rows
-            .iter()
-            .map(|r| r.try_get::<i64, _>(0).map(|id| dict.get(id).to_owned()))
-            .collect::<Result<_, _>>()?;
+        let mut names: Vec<String> = rows.iter().map(|r| r.try_get::<i64, _>(0).map(|id| dict.get(id).to_owned())).collect::<Result<_, _>>()?;
         names.sort();
         Ok(names)
     }
@@ -487,9 +474,8 @@ impl Store {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(format!(
-            "SELECT {SPAN_COLUMNS} FROM traces t JOIN spans s ON s.trace = t.id WHERE t.trace_id IN ("
-        ));
+        let mut qb: QueryBuilder<Sqlite> =
+            QueryBuilder::new(format!("SELECT {SPAN_COLUMNS} FROM traces t JOIN spans s ON s.trace = t.id WHERE t.trace_id IN ("));
         let mut sep = qb.separated(", ");
         for id in ids {
             sep.push_bind(id.to_vec());
@@ -533,9 +519,8 @@ impl Store {
         if ids.is_empty() {
             return Ok(());
         }
-        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
-            "SELECT id, service, attributes, dropped_attributes_count, schema_url FROM resources WHERE id IN (",
-        );
+        let mut qb: QueryBuilder<Sqlite> =
+            QueryBuilder::new("SELECT id, service, attributes, dropped_attributes_count, schema_url FROM resources WHERE id IN (");
         let mut sep = qb.separated(", ");
         for id in ids {
             sep.push_bind(id);
@@ -565,9 +550,8 @@ impl Store {
         if ids.is_empty() {
             return Ok(());
         }
-        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
-            "SELECT id, name, version, attributes, dropped_attributes_count, schema_url FROM scopes WHERE id IN (",
-        );
+        let mut qb: QueryBuilder<Sqlite> =
+            QueryBuilder::new("SELECT id, name, version, attributes, dropped_attributes_count, schema_url FROM scopes WHERE id IN (");
         let mut sep = qb.separated(", ");
         for id in ids {
             sep.push_bind(id);
@@ -630,10 +614,7 @@ impl Store {
         let end = starts.iter().zip(&o.duration).map(|(s, d)| s.saturating_add(*d)).max().unwrap_or(o.start_ns);
         o.duration_ns = end - o.start_ns;
         o.start = starts.iter().map(|s| s - o.start_ns).collect();
-        o.event_times = event_times
-            .into_iter()
-            .map(|times| times.into_iter().map(|t| t.wrapping_sub(o.start_ns) as i64).collect())
-            .collect();
+        o.event_times = event_times.into_iter().map(|times| times.into_iter().map(|t| t.wrapping_sub(o.start_ns) as i64).collect()).collect();
         (o.services, o.service) = dictionary(&service_ids, &dict);
         (o.names, o.name) = dictionary(&name_ids, &dict);
         // The first span with an id is the one its children point to.
@@ -657,8 +638,7 @@ impl Store {
     /// its id. `None` when the trace has no such span.
     pub async fn span(&self, trace_id: [u8; 16], span_id: [u8; 8]) -> Result<Option<SpanDetail>, StoreError> {
         let mut conn = self.read.acquire().await?;
-        let mut qb: QueryBuilder<Sqlite> =
-            QueryBuilder::new(format!("SELECT {SPAN_COLUMNS} FROM traces t JOIN spans s ON s.trace = t.id WHERE t.trace_id = "));
+        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(format!("SELECT {SPAN_COLUMNS} FROM traces t JOIN spans s ON s.trace = t.id WHERE t.trace_id = "));
         qb.push_bind(trace_id.to_vec()).push(" AND s.span_id = ").push_bind(i64::from_be_bytes(span_id));
         qb.push(" ORDER BY s.start_ns, s.rowid LIMIT 1");
         let row = qb.build().fetch_optional(&mut *conn).await?;
@@ -695,9 +675,7 @@ impl Store {
             let span_id = r.try_get::<i64, _>(0)?.to_be_bytes();
             let attributes: Option<Vec<u8>> = r.try_get(3)?;
             let events: Option<Vec<u8>> = r.try_get(4)?;
-            let hit = [r.try_get::<i64, _>(1)?, r.try_get(2)?]
-                .into_iter()
-                .any(|id| *string_matches.entry(id).or_insert_with(|| has(dict.get(id))))
+            let hit = [r.try_get::<i64, _>(1)?, r.try_get(2)?].into_iter().any(|id| *string_matches.entry(id).or_insert_with(|| has(dict.get(id))))
                 || hex::encode(span_id).contains(&needle)
                 || match &attributes {
                     Some(b) => decode_attributes(b, &dict)?.iter().any(|kv| has(&kv.key) || has(&value_text(kv.value.as_ref()))),
@@ -733,10 +711,8 @@ impl Store {
         // attribute filters decode anything.
         let resources = if q.attributes.is_empty() { Vec::new() } else { resource_rows(&mut tx, service).await? };
         let dict = self.dicts.strings.snapshot();
-        let resource_attrs: HashMap<i64, Vec<KeyValue>> = resources
-            .iter()
-            .map(|(id, attrs)| Ok((*id, decode_attributes(attrs, &dict)?)))
-            .collect::<Result<_, StoreError>>()?;
+        let resource_attrs: HashMap<i64, Vec<KeyValue>> =
+            resources.iter().map(|(id, attrs)| Ok((*id, decode_attributes(attrs, &dict)?))).collect::<Result<_, StoreError>>()?;
         let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
             "SELECT t.trace_id, s.status_code, s.kind, s.resource, s.attributes, s.events, s.start_ns, s.status_message \
              FROM spans s JOIN traces t ON t.id = s.trace WHERE ",
@@ -787,11 +763,7 @@ impl Store {
                 let resource: i64 = r.try_get(3)?;
                 let status_message: Option<String> = r.try_get(7)?;
                 let span_attrs = r.try_get::<Option<Vec<u8>>, _>(4)?.map(|b| decode_attributes(&b, &dict)).transpose()?;
-                let events = r
-                    .try_get::<Option<Vec<u8>>, _>(5)?
-                    .map(|b| Reader::new(&b, &dict).events(0))
-                    .transpose()?
-                    .unwrap_or_default();
+                let events = r.try_get::<Option<Vec<u8>>, _>(5)?.map(|b| Reader::new(&b, &dict).events(0)).transpose()?.unwrap_or_default();
                 let res = resource_attrs.get(&resource).map_or(&[][..], Vec::as_slice);
                 let all_match = q.attributes.iter().all(|(k, v)| {
                     // The tags the Jaeger API derives from the span's fields, as it shows them.
@@ -926,11 +898,7 @@ impl Store {
         let mut edges: Vec<MapEdge> = scan
             .service_edges(false)
             .into_iter()
-            .map(|((p, c), calls)| MapEdge {
-                source: dict.get(p).to_owned(),
-                target: dict.get(c).to_owned(),
-                stats: calls.stats(),
-            })
+            .map(|((p, c), calls)| MapEdge { source: dict.get(p).to_owned(), target: dict.get(c).to_owned(), stats: calls.stats() })
             .collect();
         // A database or broker node sums up the calls of its incoming edges.
         let mut remote_nodes: HashMap<usize, Calls> = HashMap::new();
@@ -1030,14 +998,12 @@ impl Store {
     /// window, most called first (then by name and kind). An unknown service has none.
     pub async fn operation_stats(&self, service: &str, start_ns: i64, end_ns: i64) -> Result<Vec<OperationStats>, StoreError> {
         let Some(service) = self.dicts.strings.find(service) else { return Ok(Vec::new()) };
-        let mut rows = sqlx::query(
-            "SELECT name, kind, duration_ns, status_code FROM spans WHERE service = ? AND start_ns >= ? AND start_ns <= ? LIMIT ?",
-        )
-        .bind(service)
-        .bind(start_ns)
-        .bind(end_ns)
-        .bind(WINDOW_SCAN_LIMIT as i64)
-        .fetch(&self.read);
+        let mut rows = sqlx::query("SELECT name, kind, duration_ns, status_code FROM spans WHERE service = ? AND start_ns >= ? AND start_ns <= ? LIMIT ?")
+            .bind(service)
+            .bind(start_ns)
+            .bind(end_ns)
+            .bind(WINDOW_SCAN_LIMIT as i64)
+            .fetch(&self.read);
         let mut ops: HashMap<(i64, i32), Calls> = HashMap::new();
         while let Some(r) = rows.try_next().await? {
             let duration = r.try_get::<i64, _>(2)?.max(0) as u64;
@@ -1045,10 +1011,8 @@ impl Store {
         }
         drop(rows);
         let dict = self.dicts.strings.snapshot();
-        let mut out: Vec<OperationStats> = ops
-            .into_iter()
-            .map(|((name, kind), calls)| OperationStats { name: dict.get(name).to_owned(), kind, stats: calls.stats() })
-            .collect();
+        let mut out: Vec<OperationStats> =
+            ops.into_iter().map(|((name, kind), calls)| OperationStats { name: dict.get(name).to_owned(), kind, stats: calls.stats() }).collect();
         out.sort_by(|a, b| b.stats.calls.cmp(&a.stats.calls).then_with(|| (&a.name, a.kind).cmp(&(&b.name, b.kind))));
         Ok(out)
     }
@@ -1069,23 +1033,16 @@ impl Store {
 
     /// Series of the metrics with this name, with their points in the window (at most
     /// `max_points` per series, the latest).
-    pub async fn metric_series(
-        &self,
-        name: &str,
-        start_ns: i64,
-        end_ns: i64,
-        max_points: usize,
-    ) -> Result<Vec<SeriesData>, StoreError> {
+    pub async fn metric_series(&self, name: &str, start_ns: i64, end_ns: i64, max_points: usize) -> Result<Vec<SeriesData>, StoreError> {
         let mut conn = self.read.acquire().await?;
-        let defs: Vec<MetricDef> = sqlx::query(
-            "SELECT m.id, m.name, m.description, m.unit, m.type, m.temporality, m.monotonic, 0 FROM metrics m WHERE m.name = ?",
-        )
-        .bind(name)
-        .fetch_all(&mut *conn)
-        .await?
-        .iter()
-        .map(metric_def)
-        .collect::<Result<_, _>>()?;
+        let defs: Vec<MetricDef> =
+            sqlx::query("SELECT m.id, m.name, m.description, m.unit, m.type, m.temporality, m.monotonic, 0 FROM metrics m WHERE m.name = ?")
+                .bind(name)
+                .fetch_all(&mut *conn)
+                .await?
+                .iter()
+                .map(metric_def)
+                .collect::<Result<_, _>>()?;
         let mut out = Vec::new();
         for def in defs {
             let series = sqlx::query(
@@ -1201,8 +1158,7 @@ fn dictionary(ids: &[i64], dict: &StringsSnapshot) -> (Vec<String>, Vec<u32>) {
     let mut strings: Vec<&str> = distinct.iter().map(|&id| dict.get(id)).collect();
     strings.sort_unstable();
     strings.dedup();
-    let index: HashMap<i64, u32> =
-        distinct.iter().map(|&id| (id, strings.binary_search(&dict.get(id)).unwrap_or(0) as u32)).collect();
+    let index: HashMap<i64, u32> = distinct.iter().map(|&id| (id, strings.binary_search(&dict.get(id)).unwrap_or(0) as u32)).collect();
     let column = ids.iter().map(|id| index.get(id).copied().unwrap_or(0)).collect();
     (strings.into_iter().map(str::to_owned).collect(), column)
 }
@@ -1236,10 +1192,7 @@ mod tests {
         assert_eq!(db(&[("db.system.name", "sqlite"), ("db.namespace", "users")]), Some((NodeKind::Database, "sqlite users".into())));
         assert_eq!(db(&[("db.system", "redis"), ("db.system.name", "valkey")]), Some((NodeKind::Database, "valkey".into())));
         assert_eq!(db(&[("db.system", "redis"), ("db.namespace", "")]), Some((NodeKind::Database, "redis".into())));
-        assert_eq!(
-            db(&[("messaging.system", "kafka"), ("messaging.destination.name", "orders")]),
-            Some((NodeKind::Broker, "kafka orders".into()))
-        );
+        assert_eq!(db(&[("messaging.system", "kafka"), ("messaging.destination.name", "orders")]), Some((NodeKind::Broker, "kafka orders".into())));
         assert_eq!(db(&[("messaging.system", "rabbitmq")]), Some((NodeKind::Broker, "rabbitmq".into())));
         assert_eq!(db(&[("http.request.method", "GET"), ("db.namespace", "users")]), None);
     }

@@ -46,9 +46,26 @@ pub struct SpanRow {
 impl Insert for SpanRow {
     const TABLE: &'static str = "spans";
     const COLUMNS: &'static [&'static str] = &[
-        "trace", "span_id", "parent_span_id", "service", "name", "kind", "start_ns", "duration_ns",
-        "status_code", "status_message", "resource", "scope", "trace_state", "flags", "attributes",
-        "events", "links", "dropped_attributes_count", "dropped_events_count", "dropped_links_count",
+        "trace",
+        "span_id",
+        "parent_span_id",
+        "service",
+        "name",
+        "kind",
+        "start_ns",
+        "duration_ns",
+        "status_code",
+        "status_message",
+        "resource",
+        "scope",
+        "trace_state",
+        "flags",
+        "attributes",
+        "events",
+        "links",
+        "dropped_attributes_count",
+        "dropped_events_count",
+        "dropped_links_count",
     ];
     fn bind(self, q: Q<'_>) -> Q<'_> {
         q.bind(self.trace)
@@ -112,8 +129,20 @@ pub struct LogRow {
 impl Insert for LogRow {
     const TABLE: &'static str = "logs";
     const COLUMNS: &'static [&'static str] = &[
-        "time_ns", "observed_ns", "service", "severity_number", "severity_text", "body", "attributes",
-        "trace_id", "span_id", "flags", "dropped_attributes_count", "event_name", "resource", "scope",
+        "time_ns",
+        "observed_ns",
+        "service",
+        "severity_number",
+        "severity_text",
+        "body",
+        "attributes",
+        "trace_id",
+        "span_id",
+        "flags",
+        "dropped_attributes_count",
+        "event_name",
+        "resource",
+        "scope",
     ];
     fn bind(self, q: Q<'_>) -> Q<'_> {
         q.bind(self.time_ns)
@@ -164,8 +193,7 @@ pub struct ScopeRow {
 
 impl Insert for ScopeRow {
     const TABLE: &'static str = "scopes";
-    const COLUMNS: &'static [&'static str] =
-        &["id", "name", "version", "attributes", "dropped_attributes_count", "schema_url"];
+    const COLUMNS: &'static [&'static str] = &["id", "name", "version", "attributes", "dropped_attributes_count", "schema_url"];
     fn bind(self, q: Q<'_>) -> Q<'_> {
         let (name, version, attributes, dropped, schema_url) = self.key;
         q.bind(self.id).bind(name).bind(version).bind(attributes).bind(dropped).bind(schema_url)
@@ -185,8 +213,7 @@ pub struct MetricRow {
 
 impl Insert for MetricRow {
     const TABLE: &'static str = "metrics";
-    const COLUMNS: &'static [&'static str] =
-        &["id", "name", "description", "unit", "type", "temporality", "monotonic", "metadata"];
+    const COLUMNS: &'static [&'static str] = &["id", "name", "description", "unit", "type", "temporality", "monotonic", "metadata"];
     const UPSERT: &'static str = "ON CONFLICT (id) DO NOTHING";
     fn bind(self, q: Q<'_>) -> Q<'_> {
         let (name, description, unit, ty, temporality, monotonic, metadata) = self.key;
@@ -230,8 +257,7 @@ pub struct OperationRow {
 impl Insert for OperationRow {
     const TABLE: &'static str = "operations";
     const COLUMNS: &'static [&'static str] = &["service", "name", "kind", "last_seen_ns"];
-    const UPSERT: &'static str =
-        "ON CONFLICT (service, name, kind) DO UPDATE SET last_seen_ns = max(last_seen_ns, excluded.last_seen_ns)";
+    const UPSERT: &'static str = "ON CONFLICT (service, name, kind) DO UPDATE SET last_seen_ns = max(last_seen_ns, excluded.last_seen_ns)";
     fn bind(self, q: Q<'_>) -> Q<'_> {
         let (service, name, kind) = self.key;
         q.bind(service).bind(name).bind(kind).bind(self.last_seen_ns)

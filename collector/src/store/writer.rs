@@ -16,9 +16,15 @@ use super::{Dicts, StoreError};
 use crate::metrics::Metrics;
 
 pub enum Command {
-    Write { rows: Rows, permit: OwnedSemaphorePermit, ack: oneshot::Sender<Result<(), StoreError>> },
+    Write {
+        rows: Rows,
+        permit: OwnedSemaphorePermit,
+        ack: oneshot::Sender<Result<(), StoreError>>,
+    },
     /// Remove everything older than `cutoff_ns`.
-    Prune { cutoff_ns: i64 },
+    Prune {
+        cutoff_ns: i64,
+    },
     /// Write what was queued before, then stop.
     Shutdown,
 }
@@ -53,13 +59,7 @@ struct Prune {
 type Pending = (Rows, OwnedSemaphorePermit, oneshot::Sender<Result<(), StoreError>>);
 
 impl Writer {
-    pub fn new(
-        conn: SqliteConnection,
-        dicts: Arc<Dicts>,
-        metrics: Arc<Metrics>,
-        max_batch_items: usize,
-        prune_every: Duration,
-    ) -> Self {
+    pub fn new(conn: SqliteConnection, dicts: Arc<Dicts>, metrics: Arc<Metrics>, max_batch_items: usize, prune_every: Duration) -> Self {
         Self { conn, dicts, metrics, max_batch_items, sql: HashMap::new(), prune: None, prune_every }
     }
 
@@ -150,8 +150,7 @@ impl Writer {
             }
             acks.push((permit, ack));
         }
-        let operations: Vec<OperationRow> =
-            operations.into_iter().map(|(key, last_seen_ns)| OperationRow { key, last_seen_ns }).collect();
+        let operations: Vec<OperationRow> = operations.into_iter().map(|(key, last_seen_ns)| OperationRow { key, last_seen_ns }).collect();
 
         let result: Result<(), sqlx::Error> = async {
             let mut tx = self.conn.begin().await?;
@@ -292,11 +291,7 @@ impl Writer {
     }
 }
 
-async fn insert<R: Insert>(
-    sql_cache: &mut HashMap<(&'static str, usize), String>,
-    conn: &mut SqliteConnection,
-    rows: Vec<R>,
-) -> Result<(), sqlx::Error> {
+async fn insert<R: Insert>(sql_cache: &mut HashMap<(&'static str, usize), String>, conn: &mut SqliteConnection, rows: Vec<R>) -> Result<(), sqlx::Error> {
     let mut rows = rows.into_iter().peekable();
     let mut left = rows.len();
     while left > 0 {
@@ -335,10 +330,7 @@ mod tests {
     #[test]
     fn insert_sql_has_one_placeholder_per_value() {
         assert_eq!(super::insert_sql("t", &["a", "b"], "", 2), "INSERT INTO t (a,b) VALUES (?,?),(?,?)");
-        assert_eq!(
-            super::insert_sql("t", &["a"], "ON CONFLICT (a) DO NOTHING", 1),
-            "INSERT INTO t (a) VALUES (?) ON CONFLICT (a) DO NOTHING"
-        );
+        assert_eq!(super::insert_sql("t", &["a"], "ON CONFLICT (a) DO NOTHING", 1), "INSERT INTO t (a) VALUES (?) ON CONFLICT (a) DO NOTHING");
     }
 
     fn spans(first: u64, n: u64, start_ns: u64) -> ExportTraceServiceRequest {
@@ -353,10 +345,7 @@ mod tests {
             })
             .collect();
         ExportTraceServiceRequest {
-            resource_spans: vec![ResourceSpans {
-                scope_spans: vec![ScopeSpans { spans, ..Default::default() }],
-                ..Default::default()
-            }],
+            resource_spans: vec![ResourceSpans { scope_spans: vec![ScopeSpans { spans, ..Default::default() }], ..Default::default() }],
         }
     }
 

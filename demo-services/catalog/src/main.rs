@@ -8,8 +8,8 @@ use std::sync::Arc;
 use axum::extract::{Path, Query, State};
 use axum::routing::get;
 use axum::{Json, Router};
-use catalog::proto::catalog_server::{Catalog, CatalogServer};
 use catalog::ProductJson;
+use catalog::proto::catalog_server::{Catalog, CatalogServer};
 use catalog::proto::{GetProductRequest, ListProductsRequest, ListProductsResponse, Product};
 use clap::Parser;
 use common::ApiError;
@@ -52,14 +52,20 @@ struct ListQuery {
 impl Products {
     async fn list(&self, q: &ListQuery) -> Result<(Vec<Product>, u64), ApiError> {
         let pattern = q.text.as_ref().map(|t| format!("%{}%", t.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_")));
-        let count = sqlx::query_scalar::<_, i64>(concat!("SELECT COUNT(*) FROM products WHERE ", filter!())).bind(&pattern).bind(&q.category).fetch_one(&self.db);
+        let count =
+            sqlx::query_scalar::<_, i64>(concat!("SELECT COUNT(*) FROM products WHERE ", filter!())).bind(&pattern).bind(&q.category).fetch_one(&self.db);
         let total = db_call("SELECT", "products", DB, count).await.map_err(ApiError::internal)?;
         let offset = i64::from(q.page - 1) * i64::from(q.page_size);
         let rows = sqlx::query(concat!(
             "SELECT id, name, description, category, price_cents, currency, rating, image_url FROM products WHERE ",
             filter!(),
             " ORDER BY category, name LIMIT ?3 OFFSET ?4"
-        )).bind(&pattern).bind(&q.category).bind(i64::from(q.page_size)).bind(offset).fetch_all(&self.db);
+        ))
+        .bind(&pattern)
+        .bind(&q.category)
+        .bind(i64::from(q.page_size))
+        .bind(offset)
+        .fetch_all(&self.db);
         let rows = db_call("SELECT", "products", DB, rows).await.map_err(ApiError::internal)?;
         let products = rows.iter().map(product).collect::<Result<_, _>>().map_err(ApiError::internal)?;
         Ok((products, total as u64))

@@ -38,8 +38,6 @@ impl ServiceArgs {
 
     /// The address to register for a listener bound at `bound`.
     pub fn advertised(&self, bound: SocketAddr) -> String {
-        self.advertise_addr.clone().unwrap_or_else(|| {
-            if bound.ip().is_unspecified() { format!("127.0.0.1:{}", bound.port()) } else { bound.to_string() }
-        })
+        self.advertise_addr.clone().unwrap_or_else(|| if bound.ip().is_unspecified() { format!("127.0.0.1:{}", bound.port()) } else { bound.to_string() })
     }
 }

@@ -40,8 +40,7 @@ impl HttpMetrics {
             &["method", "route"],
         )?;
         let duration = HistogramVec::new(
-            HistogramOpts::new("http_server_request_duration_seconds", "Time from request received to response headers sent")
-                .buckets(LATENCY_BUCKETS.to_vec()),
+            HistogramOpts::new("http_server_request_duration_seconds", "Time from request received to response headers sent").buckets(LATENCY_BUCKETS.to_vec()),
             &["method", "route"],
         )?;
         registry.register(Box::new(requests.clone()))?;
@@ -76,10 +75,7 @@ impl HttpMetrics {
 
 /// The routes every service serves besides its API: `/metrics` (Prometheus text) and `/healthz`.
 pub fn ops_routes(metrics: Arc<HttpMetrics>) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { (StatusCode::OK, "ok") }))
-        .route("/metrics", get(prometheus_text))
-        .with_state(metrics)
+    Router::new().route("/healthz", get(|| async { (StatusCode::OK, "ok") })).route("/metrics", get(prometheus_text)).with_state(metrics)
 }
 
 async fn prometheus_text(State(m): State<Arc<HttpMetrics>>) -> Response {
@@ -230,11 +226,7 @@ impl Client {
         if let Some(t) = timeout {
             builder = builder.timeout(t);
         }
-        let inner = builder
-            .connect_timeout(Duration::from_secs(2))
-            .pool_idle_timeout(Duration::from_secs(30))
-            .tcp_nodelay(true)
-            .build()?;
+        let inner = builder.connect_timeout(Duration::from_secs(2)).pool_idle_timeout(Duration::from_secs(30)).tcp_nodelay(true).build()?;
         Ok(Self { inner })
     }
 
@@ -259,11 +251,7 @@ impl Client {
         if let Some(port) = url.port_or_known_default() {
             attrs.push(KeyValue::new("server.port", i64::from(port)));
         }
-        let span = tracer
-            .span_builder(req.method().as_str().to_owned())
-            .with_kind(SpanKind::Client)
-            .with_attributes(attrs)
-            .start_with_context(&tracer, &cx);
+        let span = tracer.span_builder(req.method().as_str().to_owned()).with_kind(SpanKind::Client).with_attributes(attrs).start_with_context(&tracer, &cx);
         let cx = cx.with_span(span);
         inject(&cx, req.headers_mut());
         let call = self.inner.execute(req).with_context(cx.clone());
@@ -271,11 +259,11 @@ impl Client {
             Err(SendError::Unreachable(peer.to_owned()))
         } else {
             match timeout {
-            Some(t) => match tokio::time::timeout(t, call).await {
-                Ok(r) => r.map_err(SendError::from),
-                Err(_) => Err(SendError::Timeout(t)),
-            },
-            None => call.await.map_err(SendError::from),
+                Some(t) => match tokio::time::timeout(t, call).await {
+                    Ok(r) => r.map_err(SendError::from),
+                    Err(_) => Err(SendError::Timeout(t)),
+                },
+                None => call.await.map_err(SendError::from),
             }
         };
         let span = cx.span();
@@ -357,11 +345,7 @@ pub fn grpc_client_context(service: &str, method: &str, addr: &str, peer: &str) 
     if let Ok(p) = port.parse::<i64>() {
         attrs.push(KeyValue::new("server.port", p));
     }
-    let span = tracer
-        .span_builder(format!("{service}/{method}"))
-        .with_kind(SpanKind::Client)
-        .with_attributes(attrs)
-        .start_with_context(&tracer, &parent);
+    let span = tracer.span_builder(format!("{service}/{method}")).with_kind(SpanKind::Client).with_attributes(attrs).start_with_context(&tracer, &parent);
     parent.with_span(span)
 }
 

@@ -117,10 +117,7 @@ pub struct RegistryClient {
 
 impl RegistryClient {
     pub fn new(base: &str) -> Self {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(2))
-            .build()
-            .unwrap_or_else(|_| reqwest::Client::new());
+        let http = reqwest::Client::builder().connect_timeout(Duration::from_secs(2)).build().unwrap_or_else(|_| reqwest::Client::new());
         Self { base: base.trim_end_matches('/').to_owned(), http }
     }
 
@@ -171,10 +168,7 @@ pub async fn keep_registered(client: RegistryClient, req: RegisterRequest, mut s
         .with_jitter()
         .without_max_times();
     let stopping = stop.clone();
-    let registered = register
-        .retry(backoff)
-        .notify(|e, after| tracing::warn!(error = %e, retry_in = ?after, "registering"))
-        .when(|_| !*stopping.borrow());
+    let registered = register.retry(backoff).notify(|e, after| tracing::warn!(error = %e, retry_in = ?after, "registering")).when(|_| !*stopping.borrow());
     tokio::select! {
         r = registered => match r {
             Ok(_) => tracing::info!(service = %req.service, instance = %req.instance_id, address = %req.address, "registered"),

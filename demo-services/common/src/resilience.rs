@@ -181,8 +181,7 @@ impl CircuitBreaker {
                     s.failures += 1;
                     s.consecutive += 1;
                 }
-                let ratio_tripped =
-                    s.calls >= self.cfg.min_calls && f64::from(s.failures) >= self.cfg.failure_ratio * f64::from(s.calls);
+                let ratio_tripped = s.calls >= self.cfg.min_calls && f64::from(s.failures) >= self.cfg.failure_ratio * f64::from(s.calls);
                 if ratio_tripped || s.consecutive >= self.cfg.consecutive_failures {
                     Self::open(&mut s, now);
                 }
@@ -216,9 +215,8 @@ impl CircuitBreaker {
     pub fn snapshot(&self) -> BreakerSnapshot {
         let state = self.state();
         let s = self.lock();
-        let retry_in_ms = (s.state == BreakerState::Open)
-            .then(|| self.cfg.open_for.saturating_sub(s.opened_at.elapsed()).as_millis() as u64)
-            .filter(|ms| *ms > 0);
+        let retry_in_ms =
+            (s.state == BreakerState::Open).then(|| self.cfg.open_for.saturating_sub(s.opened_at.elapsed()).as_millis() as u64).filter(|ms| *ms > 0);
         BreakerSnapshot {
             state,
             calls_in_window: s.calls,

@@ -69,10 +69,9 @@ impl Service {
         let registry = tokio::spawn(keep_registered(RegistryClient::new(&self.args.registry_url), registration, stop_rx));
 
         let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = axum::serve(self.listener, app.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(async move {
-                let _ = drain_rx.await;
-            });
+        let server = axum::serve(self.listener, app.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(async move {
+            let _ = drain_rx.await;
+        });
         let server = tokio::spawn(async move { server.await });
 
         crate::shutdown::signal().await;

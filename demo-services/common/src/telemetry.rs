@@ -50,20 +50,15 @@ pub fn instance_id(service: &str, flag: Option<&str>) -> String {
 /// Sets up the OpenTelemetry SDK for `service` (unless `OTEL_SERVICE_NAME` names it otherwise).
 /// Must run inside the Tokio runtime: the OTLP/gRPC exporters use it.
 pub fn init(service: &str, instance_id: &str) -> anyhow::Result<Telemetry> {
-    global::set_text_map_propagator(TextMapCompositePropagator::new(vec![
-        Box::new(TraceContextPropagator::new()),
-        Box::new(BaggagePropagator::new()),
-    ]));
+    global::set_text_map_propagator(TextMapCompositePropagator::new(vec![Box::new(TraceContextPropagator::new()), Box::new(BaggagePropagator::new())]));
     let prometheus = prometheus::Registry::new();
     if std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true")) {
         return Ok(Telemetry { tracer: None, meter: None, prometheus });
     }
 
     let mut resource = Resource::builder();
-    let named = Resource::builder()
-        .build()
-        .get(&opentelemetry::Key::from_static_str("service.name"))
-        .is_some_and(|v| !v.as_str().starts_with("unknown_service"));
+    let named =
+        Resource::builder().build().get(&opentelemetry::Key::from_static_str("service.name")).is_some_and(|v| !v.as_str().starts_with("unknown_service"));
     if !named {
         resource = resource.with_service_name(service.to_owned());
     }
@@ -75,17 +70,10 @@ pub fn init(service: &str, instance_id: &str) -> anyhow::Result<Telemetry> {
         ])
         .build();
 
-    let spans = SpanExporter::builder()
-        .with_tonic()
-        .with_compression(opentelemetry_otlp::Compression::Gzip)
-        .with_timeout(Duration::from_secs(5))
-        .build()?;
+    let spans = SpanExporter::builder().with_tonic().with_compression(opentelemetry_otlp::Compression::Gzip).with_timeout(Duration::from_secs(5)).build()?;
     let tracer = SdkTracerProvider::builder().with_resource(resource.clone()).with_batch_exporter(spans).build();
-    let metrics = MetricExporter::builder()
-        .with_tonic()
-        .with_compression(opentelemetry_otlp::Compression::Gzip)
-        .with_timeout(Duration::from_secs(5))
-        .build()?;
+    let metrics =
+        MetricExporter::builder().with_tonic().with_compression(opentelemetry_otlp::Compression::Gzip).with_timeout(Duration::from_secs(5)).build()?;
     let meter = SdkMeterProvider::builder().with_resource(resource).with_periodic_exporter(metrics).build();
     global::set_tracer_provider(tracer.clone());
     global::set_meter_provider(meter.clone());

@@ -217,10 +217,9 @@ impl Upstreams {
         let start = self.turn.fetch_add(1, Ordering::Relaxed) % pool.len();
         let chosen = match self.balancer {
             Balancer::RoundRobin => pool[start],
-            Balancer::LeastOutstanding => (0..pool.len())
-                .map(|k| pool[(start + k) % pool.len()])
-                .min_by_key(|i| self.in_flight(&i.instance_id))
-                .unwrap_or(pool[start]),
+            Balancer::LeastOutstanding => {
+                (0..pool.len()).map(|k| pool[(start + k) % pool.len()]).min_by_key(|i| self.in_flight(&i.instance_id)).unwrap_or(pool[start])
+            }
         };
         Some(chosen.clone())
     }
@@ -264,10 +263,7 @@ impl Upstreams {
                     self.metrics.circuit.with_label_values(&[service]).set(breaker.state().as_gauge());
                     self.metrics.calls.with_label_values(&[service, "circuit_open"]).inc();
                     return Err(ApiError::CircuitOpen {
-                        message: format!(
-                            "circuit for {service} is open after repeated failures; retry in {} ms",
-                            open.retry_in.as_millis().max(1)
-                        ),
+                        message: format!("circuit for {service} is open after repeated failures; retry in {} ms", open.retry_in.as_millis().max(1)),
                         retry_after_secs: open.retry_in.as_secs_f64().ceil().max(1.0) as u64,
                     });
                 }

@@ -180,8 +180,7 @@ async fn main() {
     };
 
     let mut c = Command::new(bin("collector"));
-    c.args(["--otlp-grpc-addr", "127.0.0.1:0", "--otlp-http-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--db"])
-        .arg(dir.join("collector.db"));
+    c.args(["--otlp-grpc-addr", "127.0.0.1:0", "--otlp-http-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--db"]).arg(dir.join("collector.db"));
     quiet(&mut c);
     let (_collector, grpc) = spawn(&mut c, "otlp_grpc=");
     let mut c = Command::new(bin("registry"));

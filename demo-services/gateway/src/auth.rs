@@ -90,11 +90,8 @@ impl Verifier {
             let url = format!("http://{}/.well-known/jwks.json", instance.address);
             match self.fetch(&url).await {
                 Ok(set) => {
-                    let keys: HashMap<String, DecodingKey> = set
-                        .keys
-                        .iter()
-                        .filter_map(|jwk| Some((jwk.common.key_id.clone()?, DecodingKey::from_jwk(jwk).ok()?)))
-                        .collect();
+                    let keys: HashMap<String, DecodingKey> =
+                        set.keys.iter().filter_map(|jwk| Some((jwk.common.key_id.clone()?, DecodingKey::from_jwk(jwk).ok()?))).collect();
                     tracing::info!(keys = keys.len(), from = %instance.instance_id, "signing keys fetched");
                     if let Ok(mut k) = self.keys.write() {
                         *k = (keys, Some(Instant::now()));

@@ -22,8 +22,7 @@ pub struct Limiter {
 
 impl Limiter {
     pub fn new(rate: u32, burst: u32, prom: &prometheus::Registry) -> anyhow::Result<Self> {
-        let quota = Quota::per_second(NonZeroU32::new(rate).unwrap_or(NonZeroU32::MIN))
-            .allow_burst(NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN));
+        let quota = Quota::per_second(NonZeroU32::new(rate).unwrap_or(NonZeroU32::MIN)).allow_burst(NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN));
         let limiter = RateLimiter::keyed(quota).with_middleware::<StateInformationMiddleware>();
         let rejected = prometheus::IntCounter::new("gateway_rate_limited_total", "Requests refused by the rate limiter")?;
         prom.register(Box::new(rejected.clone()))?;

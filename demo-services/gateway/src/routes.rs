@@ -11,9 +11,9 @@ use axum::response::{IntoResponse, Response};
 use catalog::ProductJson;
 use catalog::proto::GetProductRequest;
 use catalog::proto::catalog_client::CatalogClient;
+use common::ApiError;
 use inventory::proto::ReservationRef;
 use inventory::proto::inventory_client::InventoryClient;
-use common::ApiError;
 use serde_json::{Value, json};
 
 use crate::{Gateway, Served};
@@ -79,9 +79,7 @@ pub async fn orders(State(g): State<Arc<Gateway>>, req: Request) -> Result<Respo
 /// Passes a request on to `rest` (a path) of an instance of `service`, with the request's query.
 async fn forward_to(g: Arc<Gateway>, service: String, rest: String, req: Request) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
-    let body = axum::body::to_bytes(body, g.max_body)
-        .await
-        .map_err(|_| ApiError::TooLarge(format!("request body is over the {} byte limit", g.max_body)))?;
+    let body = axum::body::to_bytes(body, g.max_body).await.map_err(|_| ApiError::TooLarge(format!("request body is over the {} byte limit", g.max_body)))?;
     let path_and_query = match parts.uri.query() {
         Some(q) => format!("{rest}?{q}"),
         None => rest,
@@ -179,14 +177,9 @@ pub async fn storefront(State(g): State<Arc<Gateway>>, req: Request) -> Result<R
         }
     }
     let signed_in = req.extensions().get::<crate::auth::Claims>().is_some();
-    let user = async {
-        if signed_in { fetch_json(&g, "users", "/me", &headers).await.map(Some) } else { Ok(None) }
-    };
-    let (categories, featured, user) = tokio::join!(
-        fetch_json(&g, "catalog", "/categories", &headers),
-        fetch_json(&g, "catalog", "/products?pageSize=8", &headers),
-        user
-    );
+    let user = async { if signed_in { fetch_json(&g, "users", "/me", &headers).await.map(Some) } else { Ok(None) } };
+    let (categories, featured, user) =
+        tokio::join!(fetch_json(&g, "catalog", "/categories", &headers), fetch_json(&g, "catalog", "/products?pageSize=8", &headers), user);
     let mut errors = Vec::new();
     let mut part = |name: &str, r: Result<Value, ApiError>| part_or_error(&mut errors, name, r);
     let categories = part("categories", categories);
@@ -245,11 +238,14 @@ pub async fn order_view(State(g): State<Arc<Gateway>>, Path(id): Path<String>, r
     let (payment, reservation) = tokio::join!(payment, reservation);
     let mut errors = Vec::new();
     let mut part = |name: &str, r: Result<Value, ApiError>| part_or_error(&mut errors, name, r);
-    let payment = part("payment", payment.map(|p| {
-        let charges = p["charges"].as_array().cloned().unwrap_or_default();
-        let last = charges.last().cloned().unwrap_or(Value::Null);
-        json!({ "status": last.get("status").cloned().unwrap_or(Value::Null), "charges": charges })
-    }));
+    let payment = part(
+        "payment",
+        payment.map(|p| {
+            let charges = p["charges"].as_array().cloned().unwrap_or_default();
+            let last = charges.last().cloned().unwrap_or(Value::Null);
+            json!({ "status": last.get("status").cloned().unwrap_or(Value::Null), "charges": charges })
+        }),
+    );
     let reservation = part("reservation", reservation);
     Ok(Json(json!({
         "order": order,
@@ -271,12 +267,8 @@ fn part_or_error(errors: &mut Vec<Value>, name: &str, r: Result<Value, ApiError>
 
 /// `GET /admin/circuits`: every upstream's breaker.
 pub async fn circuits(State(g): State<Arc<Gateway>>) -> Json<Value> {
-    let circuits: serde_json::Map<String, Value> = g
-        .upstreams
-        .breakers()
-        .into_iter()
-        .map(|(service, b)| (service, serde_json::to_value(b.snapshot()).unwrap_or(Value::Null)))
-        .collect();
+    let circuits: serde_json::Map<String, Value> =
+        g.upstreams.breakers().into_iter().map(|(service, b)| (service, serde_json::to_value(b.snapshot()).unwrap_or(Value::Null))).collect();
     Json(json!({ "circuits": circuits }))
 }
 

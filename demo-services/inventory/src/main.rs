@@ -202,7 +202,11 @@ impl Stocks {
         for r in rows {
             let id: String = r.try_get("product_id").map_err(ApiError::internal)?;
             if ids.is_empty() || ids.contains(&id) {
-                levels.push(StockLevel { product_id: id, available: r.try_get("available").map_err(ApiError::internal)?, reserved: r.try_get("reserved").map_err(ApiError::internal)? });
+                levels.push(StockLevel {
+                    product_id: id,
+                    available: r.try_get("available").map_err(ApiError::internal)?,
+                    reserved: r.try_get("reserved").map_err(ApiError::internal)?,
+                });
             }
         }
         Ok(levels)
@@ -210,7 +214,8 @@ impl Stocks {
 
     /// Brings products that ran low (under a fifth of their restock level) back up.
     async fn restock(&self) -> Result<u64, sqlx::Error> {
-        let q = sqlx::query("UPDATE stock SET available = restock_to - reserved WHERE restock_to > 0 AND available < restock_to / 5 AND restock_to > reserved").execute(&self.db);
+        let q = sqlx::query("UPDATE stock SET available = restock_to - reserved WHERE restock_to > 0 AND available < restock_to / 5 AND restock_to > reserved")
+            .execute(&self.db);
         Ok(db_call("UPDATE", "stock", DB, q).await?.rows_affected())
     }
 

@@ -101,7 +101,9 @@ impl Load {
             }
             "view order" => {
                 self.ensure_login(shopper).await;
-                let Some(id) = shopper.last_order.clone() else { return self.place(shopper, serde_json::json!({ "items": [{ "productId": "p-1017", "quantity": 1 }], "card": { "number": OK_CARD } })).await };
+                let Some(id) = shopper.last_order.clone() else {
+                    return self.place(shopper, serde_json::json!({ "items": [{ "productId": "p-1017", "quantity": 1 }], "card": { "number": OK_CARD } })).await;
+                };
                 self.with_token(self.http.raw().get(format!("{g}/api/orders/{id}")), shopper)
             }
             _ => return self.login(shopper, "wrong password").await,
@@ -177,10 +179,15 @@ async fn main() -> anyhow::Result<()> {
     common::telemetry::init_logging();
     let instance = common::telemetry::instance_id("loadgen", None);
     let telemetry = common::telemetry::init("loadgen", &instance)?;
-    let mut load = Load { gateway: cfg.gateway.trim_end_matches('/').to_owned(), http: common::http::Client::new(Some(Duration::from_secs(10)))?, counts: BTreeMap::new() };
+    let mut load = Load {
+        gateway: cfg.gateway.trim_end_matches('/').to_owned(),
+        http: common::http::Client::new(Some(Duration::from_secs(10)))?,
+        counts: BTreeMap::new(),
+    };
 
     let run = std::process::id();
-    let mut shoppers: Vec<Shopper> = (0..cfg.shoppers.max(1)).map(|i| Shopper { email: format!("shopper{i}-{run}@example.com"), token: None, last_order: None }).collect();
+    let mut shoppers: Vec<Shopper> =
+        (0..cfg.shoppers.max(1)).map(|i| Shopper { email: format!("shopper{i}-{run}@example.com"), token: None, last_order: None }).collect();
     for s in &mut shoppers {
         let body = serde_json::json!({ "email": s.email, "password": "correct horse battery", "name": format!("Shopper {}", s.email.split('@').next().unwrap_or("")) });
         let tracer = global::tracer("loadgen");
@@ -226,7 +233,17 @@ async fn main() -> anyhow::Result<()> {
         let (action, who) = {
             let mut rng = rand::thread_rng();
             let mut pick = rng.gen_range(0..total);
-            let action = actions.iter().find(|(_, w)| if pick < *w { true } else { pick -= w; false }).map_or("browse", |a| a.0);
+            let action = actions
+                .iter()
+                .find(|(_, w)| {
+                    if pick < *w {
+                        true
+                    } else {
+                        pick -= w;
+                        false
+                    }
+                })
+                .map_or("browse", |a| a.0);
             (action, rng.gen_range(0..shoppers.len()))
         };
         load.act(action, &mut shoppers[who]).await;

@@ -49,10 +49,9 @@ fn message(e: &OrderEvent) -> (String, String) {
             format!("We received your order {}", e.order_id),
             format!("Thank you! Your order of {units} item(s) for {} is being processed.", euros(e.total_cents)),
         ),
-        OrderEventType::OrderConfirmed => (
-            format!("Your order {} is confirmed", e.order_id),
-            format!("Payment of {} received; your {units} item(s) are on their way.", euros(e.total_cents)),
-        ),
+        OrderEventType::OrderConfirmed => {
+            (format!("Your order {} is confirmed", e.order_id), format!("Payment of {} received; your {units} item(s) are on their way.", euros(e.total_cents)))
+        }
         OrderEventType::OrderFailed => (
             format!("Your order {} could not be completed", e.order_id),
             format!("{}. Any payment taken has been refunded, and nothing is held for you.", e.reason.as_deref().unwrap_or("Something went wrong")),
@@ -130,7 +129,11 @@ async fn messages(State(n): State<Arc<Notifier>>, headers: HeaderMap, Query(q): 
     }
     let limit = match q.get("limit") {
         None => 50,
-        Some(v) => v.parse::<i64>().ok().filter(|n| (1..=500).contains(n)).ok_or_else(|| ApiError::bad_field("limit", format!("limit must be an integer from 1 to 500, got {v:?}")))?,
+        Some(v) => v
+            .parse::<i64>()
+            .ok()
+            .filter(|n| (1..=500).contains(n))
+            .ok_or_else(|| ApiError::bad_field("limit", format!("limit must be an integer from 1 to 500, got {v:?}")))?,
     };
     let order = q.get("orderId");
     if order.is_some_and(|o| o.is_empty() || o.len() > 64) {

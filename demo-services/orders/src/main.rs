@@ -100,7 +100,8 @@ pub struct Order {
     pub updated_at_ms: i64,
 }
 
-const ORDER_COLUMNS: &str = "id, user_id, status, items, total_cents, currency, card_number, card_last4, charge_sent, failure_reason, trace_context, created_at_ms, updated_at_ms";
+const ORDER_COLUMNS: &str =
+    "id, user_id, status, items, total_cents, currency, card_number, card_last4, charge_sent, failure_reason, trace_context, created_at_ms, updated_at_ms";
 
 fn order_of(r: &sqlx::sqlite::SqliteRow) -> Result<Order, sqlx::Error> {
     let items: String = r.try_get("items")?;
@@ -232,7 +233,13 @@ impl OrderJson {
             items: o
                 .lines
                 .into_iter()
-                .map(|l| LineJson { line_total_cents: l.unit_price_cents * l.quantity, product_id: l.product_id, name: l.name, quantity: l.quantity, unit_price_cents: l.unit_price_cents })
+                .map(|l| LineJson {
+                    line_total_cents: l.unit_price_cents * l.quantity,
+                    product_id: l.product_id,
+                    name: l.name,
+                    quantity: l.quantity,
+                    unit_price_cents: l.unit_price_cents,
+                })
                 .collect(),
             id: o.id,
             user_id: o.user_id,
@@ -302,9 +309,15 @@ impl Shop {
                 .upstreams
                 .call("catalog", true, |instance, timeout| {
                     let req = GetProductRequest { id: id.clone() };
-                    common::upstream::grpc_call(&self.grpc, instance, timeout, "catalog", ("switchyard.catalog.v1.Catalog", "GetProduct"), req, |ch, req| async move {
-                        CatalogClient::new(ch).get_product(req).await
-                    })
+                    common::upstream::grpc_call(
+                        &self.grpc,
+                        instance,
+                        timeout,
+                        "catalog",
+                        ("switchyard.catalog.v1.Catalog", "GetProduct"),
+                        req,
+                        |ch, req| async move { CatalogClient::new(ch).get_product(req).await },
+                    )
                 })
                 .await?;
             Ok::<_, ApiError>(result)
@@ -415,23 +428,25 @@ async fn get_order(State(s): State<Arc<Shop>>, headers: HeaderMap, Path(id): Pat
 }
 
 /// `GET /orders?status=&limit=`: the caller's orders, newest first.
-async fn list_orders(
-    State(s): State<Arc<Shop>>,
-    headers: HeaderMap,
-    Query(q): Query<BTreeMap<String, String>>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+async fn list_orders(State(s): State<Arc<Shop>>, headers: HeaderMap, Query(q): Query<BTreeMap<String, String>>) -> Result<Json<serde_json::Value>, ApiError> {
     let user = caller(&headers)?;
     if let Some(k) = q.keys().find(|k| !matches!(k.as_str(), "status" | "limit")) {
         return Err(ApiError::bad_field(k, format!("unknown parameter {k:?}: use status and limit")));
     }
     let limit = match q.get("limit") {
         None => 20,
-        Some(v) => v.parse::<i64>().ok().filter(|n| (1..=100).contains(n)).ok_or_else(|| ApiError::bad_field("limit", format!("limit must be an integer from 1 to 100, got {v:?}")))?,
+        Some(v) => v
+            .parse::<i64>()
+            .ok()
+            .filter(|n| (1..=100).contains(n))
+            .ok_or_else(|| ApiError::bad_field("limit", format!("limit must be an integer from 1 to 100, got {v:?}")))?,
     };
     let status = match q.get("status") {
         None => None,
         Some(v) if ["PENDING", "RESERVED", "CHARGED", "CONFIRMED", "COMPENSATING", "FAILED"].contains(&v.as_str()) => Some(v.clone()),
-        Some(v) => return Err(ApiError::bad_field("status", format!("status must be PENDING, RESERVED, CHARGED, CONFIRMED, COMPENSATING or FAILED, got {v:?}"))),
+        Some(v) => {
+            return Err(ApiError::bad_field("status", format!("status must be PENDING, RESERVED, CHARGED, CONFIRMED, COMPENSATING or FAILED, got {v:?}")));
+        }
     };
     let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
         "SELECT {ORDER_COLUMNS} FROM orders WHERE user_id = ? AND (? IS NULL OR status = ?) ORDER BY created_at_ms DESC, id LIMIT ?"
@@ -442,7 +457,6 @@ async fn list_orders(
     .bind(limit)
     .fetch_all(&s.db);
     let rows = db_call("SELECT", "orders", DB, rows).await.map_err(ApiError::internal)?;
-    let orders: Vec<OrderJson> =
-        rows.iter().map(|r| order_of(r).map(|o| OrderJson::of(o, None))).collect::<Result<_, _>>().map_err(ApiError::internal)?;
+    let orders: Vec<OrderJson> = rows.iter().map(|r| order_of(r).map(|o| OrderJson::of(o, None))).collect::<Result<_, _>>().map_err(ApiError::internal)?;
     Ok(Json(serde_json::json!({ "items": orders })))
 }

@@ -115,10 +115,16 @@ pub async fn relay(shop: Arc<Shop>, broker: Broker) {
         let now = now_ms();
         if now - last_cleanup > 60_000 {
             last_cleanup = now;
-            let _ = sqlx::query("DELETE FROM outbox WHERE published_at_ms IS NOT NULL AND published_at_ms < ?").bind(now - KEEP_PUBLISHED_MS).execute(&shop.db).await;
+            let _ = sqlx::query("DELETE FROM outbox WHERE published_at_ms IS NOT NULL AND published_at_ms < ?")
+                .bind(now - KEEP_PUBLISHED_MS)
+                .execute(&shop.db)
+                .await;
         }
         if failed {
-            tokio::time::sleep(common::resilience::full_jitter(Duration::from_millis(200), Duration::from_secs(5), failures.min(6)) + Duration::from_millis(100)).await;
+            tokio::time::sleep(
+                common::resilience::full_jitter(Duration::from_millis(200), Duration::from_secs(5), failures.min(6)) + Duration::from_millis(100),
+            )
+            .await;
         } else if batch.len() < 100 {
             let _ = tokio::time::timeout(Duration::from_secs(1), shop.relay_wake.notified()).await;
         }

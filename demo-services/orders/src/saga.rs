@@ -123,7 +123,10 @@ impl Shop {
         };
         let moved = db_call("UPDATE", "orders", DB, tx).await.map_err(ApiError::internal)?;
         if moved {
-            Context::current().span().add_event(format!("order {} -> {}", t.from, t.to), vec![KeyValue::new("saga.step", t.step.to_owned()), KeyValue::new("saga.detail", t.detail)]);
+            Context::current().span().add_event(
+                format!("order {} -> {}", t.from, t.to),
+                vec![KeyValue::new("saga.step", t.step.to_owned()), KeyValue::new("saga.detail", t.detail)],
+            );
             if t.event.is_some() {
                 self.relay_wake.notify_one();
             }
@@ -164,7 +167,9 @@ impl Shop {
             let order = self.load(id).await?.ok_or_else(|| ApiError::NotFound(format!("no order {id}")))?;
             let t = match order.status.as_str() {
                 "PENDING" => match self.reserve(&order).await {
-                    Ok(r) if r.state == "RESERVED" => Transition::ok("PENDING", "RESERVED", "reserve", format!("{} units held", r.items.iter().map(|i| i.quantity).sum::<i64>())),
+                    Ok(r) if r.state == "RESERVED" => {
+                        Transition::ok("PENDING", "RESERVED", "reserve", format!("{} units held", r.items.iter().map(|i| i.quantity).sum::<i64>()))
+                    }
                     Ok(r) => Transition::fail("PENDING", "reserve", format!("the reservation is {}", r.state), None),
                     Err(e) => {
                         let reason = match &e {
@@ -185,10 +190,9 @@ impl Shop {
                     Err(StepError::NotSent(m)) => Transition::fail("RESERVED", "charge", format!("payments unavailable: {m}"), Some(true)),
                     Err(StepError::Unknown(m)) => Transition::fail("RESERVED", "charge", format!("payment failed: {m}"), Some(true)),
                 },
-                "CHARGED" => Transition {
-                    event: Some(OrderEventType::OrderConfirmed),
-                    ..Transition::ok("CHARGED", "CONFIRMED", "confirm", "order confirmed".into())
-                },
+                "CHARGED" => {
+                    Transition { event: Some(OrderEventType::OrderConfirmed), ..Transition::ok("CHARGED", "CONFIRMED", "confirm", "order confirmed".into()) }
+                }
                 "COMPENSATING" => {
                     if let Err(e) = self.release(&order).await {
                         self.retry_later(&order, "release", e.message()).await?;
@@ -235,7 +239,9 @@ impl Shop {
             .await;
         match result {
             Ok((Ok(r), _)) => Ok(r),
-            Ok((Err(s), _)) if matches!(s.code(), tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument) => Err(StepError::Refused(s.message().to_owned())),
+            Ok((Err(s), _)) if matches!(s.code(), tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument) => {
+                Err(StepError::Refused(s.message().to_owned()))
+            }
             Ok((Err(s), _)) => Err(StepError::Unknown(format!("inventory answered {:?}: {}", s.code(), s.message()))),
             Err(e) if !reached.load(Ordering::Relaxed) => Err(StepError::NotSent(e.to_string())),
             Err(e) => Err(StepError::Unknown(e.to_string())),

@@ -366,7 +366,13 @@ async fn refund(State(p): State<Arc<Payments>>, headers: HeaderMap, JsonBody(req
                     .bind(&c.id)
                     .execute(&mut *tx)
                     .await?;
-                RefundJson { order_id: req.order_id.clone(), status: "REFUNDED", charge_id: Some(c.id), amount_cents: c.amount_cents, reason: req.reason.clone() }
+                RefundJson {
+                    order_id: req.order_id.clone(),
+                    status: "REFUNDED",
+                    charge_id: Some(c.id),
+                    amount_cents: c.amount_cents,
+                    reason: req.reason.clone(),
+                }
             }
             Some(c) => RefundJson { order_id: req.order_id.clone(), status: "VOIDED", charge_id: Some(c.id), amount_cents: 0, reason: req.reason.clone() },
             None => {
@@ -375,7 +381,13 @@ async fn refund(State(p): State<Arc<Payments>>, headers: HeaderMap, JsonBody(req
                     .fetch_optional(&mut *tx)
                     .await?;
                 match declined {
-                    Some(id) => RefundJson { order_id: req.order_id.clone(), status: "NOTHING_TO_REFUND", charge_id: Some(id), amount_cents: 0, reason: req.reason.clone() },
+                    Some(id) => RefundJson {
+                        order_id: req.order_id.clone(),
+                        status: "NOTHING_TO_REFUND",
+                        charge_id: Some(id),
+                        amount_cents: 0,
+                        reason: req.reason.clone(),
+                    },
                     None => {
                         let id = format!("ch_{}", uuid::Uuid::new_v4().simple());
                         sqlx::query(concat!("INSERT INTO charges (", columns!(), ") VALUES (?, ?, 0, 'EUR', '', 'VOIDED', ?, ?, ?)"))
@@ -419,7 +431,10 @@ struct ListQuery {
 }
 
 /// `GET /charges?orderId=`: every charge attempt of an order, oldest first.
-async fn list_charges(State(p): State<Arc<Payments>>, q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn list_charges(
+    State(p): State<Arc<Payments>>,
+    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let Query(q) = q.map_err(|_| ApiError::bad_field("orderId", "give the order as ?orderId=<id>"))?;
     check_order_id(&q.order_id)?;
     let rows = sqlx::query(concat!("SELECT ", columns!(), " FROM charges WHERE order_id = ? ORDER BY created_at_ms, id")).bind(&q.order_id).fetch_all(&p.db);

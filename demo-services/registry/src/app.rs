@@ -59,11 +59,7 @@ impl App {
         let faults = store.load_faults().await?;
         let chaos = store.load_chaos().await?;
         tracing::info!(instances = entries.len(), faults = faults.len(), chaos = chaos.enabled, index, db = %cfg.db.display(), "state loaded");
-        let preservation = Preservation {
-            enabled: !cfg.no_self_preservation,
-            threshold: cfg.self_preservation_threshold,
-            window: cfg.renewal_window,
-        };
+        let preservation = Preservation { enabled: !cfg.no_self_preservation, threshold: cfg.self_preservation_threshold, window: cfg.renewal_window };
         let state = State::new(entries, faults, index, preservation, now_ms());
         common::faults::update(&state.fault_list());
         let metrics = Metrics {
@@ -80,15 +76,7 @@ impl App {
         prom.register(Box::new(metrics.events.clone()))?;
         let checker = reqwest::Client::builder().timeout(cfg.health_check_timeout).build()?;
         let listener = TcpListener::bind(cfg.addr).await.map_err(|e| anyhow::anyhow!("binding --addr {}: {e}", cfg.addr))?;
-        let registry = Arc::new(Registry {
-            state: Mutex::new(state),
-            store,
-            index: watch::channel(index).0,
-            cfg,
-            checker,
-            metrics,
-            chaos: Mutex::new(chaos),
-        });
+        let registry = Arc::new(Registry { state: Mutex::new(state), store, index: watch::channel(index).0, cfg, checker, metrics, chaos: Mutex::new(chaos) });
         let http_metrics = HttpMetrics::new(prom)?;
         Ok(Self { listener, registry, http_metrics })
     }
@@ -128,9 +116,7 @@ impl App {
             .fallback(|| async { ApiError::NotFound("no such route; the API is under /v1".into()) });
 
         let jobs = [tokio::spawn(health_loop(r.clone())), tokio::spawn(sweep_loop(r.clone())), tokio::spawn(chaos_loop(r.clone()))];
-        axum::serve(self.listener, app.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(shutdown)
-            .await?;
+        axum::serve(self.listener, app.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(shutdown).await?;
         for j in jobs {
             j.abort();
         }
@@ -224,9 +210,7 @@ async fn sweep_loop(r: Arc<Registry>) {
 // ---- validation ----
 
 fn validate(req: &RegisterRequest) -> Result<(), ApiError> {
-    let name_ok = |s: &str, max: usize, extra: &[char]| {
-        !s.is_empty() && s.len() <= max && s.chars().all(|c| c.is_ascii_alphanumeric() || extra.contains(&c))
-    };
+    let name_ok = |s: &str, max: usize, extra: &[char]| !s.is_empty() && s.len() <= max && s.chars().all(|c| c.is_ascii_alphanumeric() || extra.contains(&c));
     if !name_ok(&req.service, 63, &['-', '_', '.']) {
         return Err(ApiError::bad_field("service", "service must be 1-63 characters of letters, digits, '-', '_' or '.'"));
     }
@@ -266,8 +250,7 @@ fn blocking_params(q: &HashMap<String, String>) -> Result<(Option<u64>, Duration
     };
     let wait = match q.get("wait") {
         None => Duration::from_secs(30),
-        Some(v) => humantime::parse_duration(v)
-            .map_err(|_| ApiError::bad_field("wait", format!("wait must be a duration like 10s or 500ms, got {v:?}")))?,
+        Some(v) => humantime::parse_duration(v).map_err(|_| ApiError::bad_field("wait", format!("wait must be a duration like 10s or 500ms, got {v:?}")))?,
     };
     Ok((index, wait))
 }
@@ -275,8 +258,7 @@ fn blocking_params(q: &HashMap<String, String>) -> Result<(Option<u64>, Duration
 fn status_param(q: &HashMap<String, String>) -> Result<Option<InstanceStatus>, ApiError> {
     q.get("status")
         .map(|v| {
-            InstanceStatus::parse(v)
-                .ok_or_else(|| ApiError::bad_field("status", format!("status must be UP, DOWN, STARTING or OUT_OF_SERVICE, got {v:?}")))
+            InstanceStatus::parse(v).ok_or_else(|| ApiError::bad_field("status", format!("status must be UP, DOWN, STARTING or OUT_OF_SERVICE, got {v:?}")))
         })
         .transpose()
 }
@@ -404,21 +386,12 @@ async fn list_services(AxumState(r): AxumState<Arc<Registry>>, Query(q): Query<H
     Ok(with_index(index, serde_json::json!({ "index": index, "services": services })))
 }
 
-async fn get_service(
-    AxumState(r): AxumState<Arc<Registry>>,
-    Path(name): Path<String>,
-    Query(q): Query<HashMap<String, String>>,
-) -> Result<Response, ApiError> {
+async fn get_service(AxumState(r): AxumState<Arc<Registry>>, Path(name): Path<String>, Query(q): Query<HashMap<String, String>>) -> Result<Response, ApiError> {
     let (index, wait) = blocking_params(&q)?;
     let status = status_param(&q)?;
     let index = r.block(index, wait).await;
     let s = r.state.lock().await;
-    let instances: Vec<Instance> = s
-        .instances
-        .values()
-        .filter(|e| e.req.service == name && status.is_none_or(|st| e.status == st))
-        .map(|e| e.view())
-        .collect();
+    let instances: Vec<Instance> = s.instances.values().filter(|e| e.req.service == name && status.is_none_or(|st| e.status == st)).map(|e| e.view()).collect();
     Ok(with_index(index, serde_json::json!({ "index": index, "service": name, "instances": instances })))
 }
 
@@ -682,8 +655,7 @@ async fn chaos_loop(r: Arc<Registry>) {
         let pick = {
             let s = r.state.lock().await;
             let active = s.faults.values().filter(|f| f.source == "chaos").count() as i64;
-            let services: Vec<String> =
-                s.instances.values().map(|e| e.req.service.clone()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+            let services: Vec<String> = s.instances.values().map(|e| e.req.service.clone()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
             let candidates: Vec<(String, FaultKind)> = services
                 .iter()
                 .flat_map(|svc| CHAOS_KINDS.iter().map(move |k| (svc.clone(), *k)))

@@ -178,10 +178,8 @@ impl State {
     /// Turns a fault off; `None` if it was not on.
     pub fn clear_fault(&mut self, service: &str, kind: FaultKind, why: &str, now: i64) -> Option<Vec<Change>> {
         self.faults.remove(&(service.to_owned(), kind))?;
-        let mut changes = vec![
-            Self::fault_event("FAULT_OFF", service, format!("{kind} {why}"), now),
-            Change::FaultDelete { service: service.to_owned(), kind },
-        ];
+        let mut changes =
+            vec![Self::fault_event("FAULT_OFF", service, format!("{kind} {why}"), now), Change::FaultDelete { service: service.to_owned(), kind }];
         if kind == FaultKind::RegistryOutage {
             self.outage_over(now);
         }
@@ -359,8 +357,7 @@ impl State {
             );
             changes.push(Change::Event(Event { at_ms: now, kind, service: String::new(), instance_id: String::new(), detail }));
         }
-        let expired: Vec<String> =
-            self.instances.values().filter(|e| e.lease_expires_ms() <= now).map(|e| e.req.instance_id.clone()).collect();
+        let expired: Vec<String> = self.instances.values().filter(|e| e.lease_expires_ms() <= now).map(|e| e.req.instance_id.clone()).collect();
         for id in expired {
             if self.self_preservation {
                 let Some(e) = self.instances.get_mut(&id) else { continue };

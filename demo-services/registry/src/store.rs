@@ -121,17 +121,15 @@ impl Store {
         for c in changes {
             match c {
                 Change::FaultUpsert(f) => {
-                    sqlx::query(
-                        "INSERT OR REPLACE INTO faults (service, kind, value, source, set_at_ms, expires_at_ms) VALUES (?, ?, ?, ?, ?, ?)",
-                    )
-                    .bind(&f.service)
-                    .bind(f.kind.name())
-                    .bind(f.value)
-                    .bind(&f.source)
-                    .bind(f.set_at_ms)
-                    .bind(f.expires_at_ms)
-                    .execute(&mut *tx)
-                    .await?;
+                    sqlx::query("INSERT OR REPLACE INTO faults (service, kind, value, source, set_at_ms, expires_at_ms) VALUES (?, ?, ?, ?, ?, ?)")
+                        .bind(&f.service)
+                        .bind(f.kind.name())
+                        .bind(f.value)
+                        .bind(&f.source)
+                        .bind(f.set_at_ms)
+                        .bind(f.expires_at_ms)
+                        .execute(&mut *tx)
+                        .await?;
                 }
                 Change::FaultDelete { service, kind } => {
                     sqlx::query("DELETE FROM faults WHERE service = ? AND kind = ?").bind(service).bind(kind.name()).execute(&mut *tx).await?;
@@ -157,11 +155,7 @@ impl Store {
                     .await?;
                 }
                 Change::Heartbeat { instance_id, at_ms } => {
-                    sqlx::query("UPDATE instances SET last_heartbeat_ms = ? WHERE instance_id = ?")
-                        .bind(at_ms)
-                        .bind(instance_id)
-                        .execute(&mut *tx)
-                        .await?;
+                    sqlx::query("UPDATE instances SET last_heartbeat_ms = ? WHERE instance_id = ?").bind(at_ms).bind(instance_id).execute(&mut *tx).await?;
                 }
                 Change::Delete(id) => {
                     sqlx::query("DELETE FROM instances WHERE instance_id = ?").bind(id).execute(&mut *tx).await?;
@@ -194,10 +188,8 @@ impl Store {
 
     /// The newest events first.
     pub async fn events(&self, limit: i64) -> Result<Vec<EventRow>, sqlx::Error> {
-        let rows = sqlx::query("SELECT id, at_ms, kind, service, instance_id, detail FROM events ORDER BY id DESC LIMIT ?")
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows =
+            sqlx::query("SELECT id, at_ms, kind, service, instance_id, detail FROM events ORDER BY id DESC LIMIT ?").bind(limit).fetch_all(&self.pool).await?;
         rows.into_iter()
             .map(|r| {
                 let at_ms: i64 = r.try_get("at_ms")?;

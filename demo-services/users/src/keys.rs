@@ -59,12 +59,7 @@ impl Keys {
         let private: Vec<u8> = row.try_get("private_pkcs8")?;
         let public: Vec<u8> = row.try_get("public_key")?;
         let public_x = URL_SAFE_NO_PAD.encode(&public);
-        Ok(Self {
-            kid: row.try_get("kid")?,
-            encoding: EncodingKey::from_ed_der(&private),
-            decoding: DecodingKey::from_ed_components(&public_x)?,
-            public_x,
-        })
+        Ok(Self { kid: row.try_get("kid")?, encoding: EncodingKey::from_ed_der(&private), decoding: DecodingKey::from_ed_components(&public_x)?, public_x })
     }
 
     pub fn sign(&self, claims: &Claims) -> jsonwebtoken::errors::Result<String> {

@@ -7,9 +7,9 @@ mod keys;
 use std::sync::Arc;
 use std::time::Duration;
 
+use argon2::Argon2;
 use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use argon2::Argon2;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::routing::{get, post};
@@ -83,13 +83,10 @@ struct User {
     created_at: String,
 }
 
-
 fn validate(req: &RegisterRequest) -> Result<(), ApiError> {
     let email = req.email.trim();
     let valid_email = email.len() <= 254
-        && email.split_once('@').is_some_and(|(local, domain)| {
-            !local.is_empty() && domain.contains('.') && !domain.starts_with('.') && !domain.ends_with('.')
-        })
+        && email.split_once('@').is_some_and(|(local, domain)| !local.is_empty() && domain.contains('.') && !domain.starts_with('.') && !domain.ends_with('.'))
         && !email.chars().any(char::is_whitespace);
     if !valid_email {
         return Err(ApiError::bad_field("email", format!("email must be an address like name@example.com, got {:?}", req.email)));
@@ -157,10 +154,8 @@ async fn login(State(s): State<Arc<AppState>>, JsonBody(req): JsonBody<LoginRequ
     let Some(row) = row else { return Err(wrong()) };
     let hash: String = row.try_get("password_hash").map_err(ApiError::internal)?;
     let password = req.password;
-    let ok = s
-        .hashers
-        .run(move || PasswordHash::new(&hash).is_ok_and(|parsed| Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok()))
-        .await?;
+    let ok =
+        s.hashers.run(move || PasswordHash::new(&hash).is_ok_and(|parsed| Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())).await?;
     if !ok {
         return Err(wrong());
     }
@@ -181,10 +176,8 @@ async fn me(State(s): State<Arc<AppState>>, headers: HeaderMap) -> Result<Json<U
     let claims = s.keys.verify(token).map_err(|e| ApiError::Unauthorized(format!("invalid token: {e}")))?;
     let id: i64 = claims.sub.parse().map_err(|_| ApiError::Unauthorized("invalid token subject".into()))?;
     let select = sqlx::query("SELECT id, email, name, created_at_ms FROM users WHERE id = ?").bind(id).fetch_optional(&s.db);
-    let row = db_call("SELECT", "users", DB, select)
-        .await
-        .map_err(ApiError::internal)?
-        .ok_or_else(|| ApiError::NotFound(format!("user {id} no longer exists")))?;
+    let row =
+        db_call("SELECT", "users", DB, select).await.map_err(ApiError::internal)?.ok_or_else(|| ApiError::NotFound(format!("user {id} no longer exists")))?;
     let get = |r: &sqlx::sqlite::SqliteRow| -> Result<User, sqlx::Error> {
         Ok(User { id: r.try_get("id")?, email: r.try_get("email")?, name: r.try_get("name")?, created_at: rfc3339(r.try_get("created_at_ms")?) })
     };

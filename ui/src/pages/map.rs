@@ -146,7 +146,13 @@ fn MapSvg(map: ServiceMap, counts: Option<BTreeMap<String, (usize, usize)>>, fau
             let rate = format!("{:.2}/s · {:.1}% err", e.rate_per_second, e.error_rate * 100.0);
             let latency = format!("p50 {} · p99 {}", format::duration(e.p50_nanos), format::duration(e.p99_nanos));
             let (lx, ly) = ((sx + tx) / 2.0, (sy + ty) / 2.0 - if back { 60.0 } else { 18.0 });
-            let class = if e.error_rate >= 0.05 { "edge bad" } else if e.error_rate >= 0.01 { "edge warn" } else { "edge" };
+            let class = if e.error_rate >= 0.05 {
+                "edge bad"
+            } else if e.error_rate >= 0.01 {
+                "edge warn"
+            } else {
+                "edge"
+            };
             view! {
                 <g class=class data-edge=format!("{}->{}", e.source, e.target)>
                     <path d=d marker-end="url(#arrow)"/>

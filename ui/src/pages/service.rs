@@ -26,17 +26,19 @@ pub fn ServicePage() -> impl IntoView {
     let base = api::base();
     let stats = {
         let base = base.clone();
-        Resource::new(move || (name.get(), window.get(), tick.get()), move |(n, w, _)| {
-            api::get::<ServiceStats>(&base, &format!("/api/v1/services/{}/stats?lookback={}", enc(&n), enc(&w)))
-        })
+        Resource::new(
+            move || (name.get(), window.get(), tick.get()),
+            move |(n, w, _)| api::get::<ServiceStats>(&base, &format!("/api/v1/services/{}/stats?lookback={}", enc(&n), enc(&w))),
+        )
     };
     let instances = {
         let base = base.clone();
         Resource::new(move || (name.get(), tick.get()), move |(n, _)| api::get::<ServiceInstances>(&base, &format!("/api/v1/registry/services/{}", enc(&n))))
     };
-    let traces = Resource::new(move || (name.get(), window.get(), tick.get()), move |(n, w, _)| {
-        api::get::<SearchResult>(&base, &format!("/api/v1/traces?service={}&lookback={}&limit=20", enc(&n), enc(&w)))
-    });
+    let traces = Resource::new(
+        move || (name.get(), window.get(), tick.get()),
+        move |(n, w, _)| api::get::<SearchResult>(&base, &format!("/api/v1/traces?service={}&lookback={}&limit=20", enc(&n), enc(&w))),
+    );
 
     view! {
         <section class="service-page">

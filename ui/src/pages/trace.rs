@@ -95,11 +95,8 @@ fn TraceView(trace: Arc<Outline>) -> impl IntoView {
     // The URL with one parameter changed.
     let href_with = move |key: &'static str, value: String| {
         let m = query.get_untracked();
-        let mut parts: Vec<String> = ["span", "q", "tz"]
-            .iter()
-            .filter(|k| **k != key)
-            .filter_map(|k| m.get(k).filter(|v| !v.is_empty()).map(|v| format!("{k}={}", enc(&v))))
-            .collect();
+        let mut parts: Vec<String> =
+            ["span", "q", "tz"].iter().filter(|k| **k != key).filter_map(|k| m.get(k).filter(|v| !v.is_empty()).map(|v| format!("{k}={}", enc(&v)))).collect();
         if !value.is_empty() {
             parts.push(format!("{key}={}", enc(&value)));
         }
@@ -113,9 +110,7 @@ fn TraceView(trace: Arc<Outline>) -> impl IntoView {
     let start_ns = trace.start_ns();
     let title = root.map_or_else(|| "(no spans)".to_owned(), |r| format!("{}: {}", trace.service_of(r), trace.name_of(r)));
 
-    let tz_href = {
-        move || format!("?{}", href_with("tz", if local.get() { String::new() } else { "local".into() }))
-    };
+    let tz_href = { move || format!("?{}", href_with("tz", if local.get() { String::new() } else { "local".into() })) };
     let on_search = {
         let navigate = navigate.clone();
         move |ev: leptos::ev::Event| {
@@ -396,10 +391,8 @@ fn save(trace_id: &str, json: &str) {
         opts.set_type("application/json");
         let Ok(blob) = web_sys::Blob::new_with_str_sequence_and_options(&parts, &opts) else { return };
         let Ok(url) = web_sys::Url::create_object_url_with_blob(&blob) else { return };
-        if let Some(a) = web_sys::window()
-            .and_then(|w| w.document())
-            .and_then(|d| d.create_element("a").ok())
-            .and_then(|e| e.dyn_into::<web_sys::HtmlAnchorElement>().ok())
+        if let Some(a) =
+            web_sys::window().and_then(|w| w.document()).and_then(|d| d.create_element("a").ok()).and_then(|e| e.dyn_into::<web_sys::HtmlAnchorElement>().ok())
         {
             a.set_href(&url);
             a.set_download(&format!("trace-{trace_id}.json"));

@@ -94,15 +94,21 @@ pub fn TracesPage() -> impl IntoView {
     let base = api::base();
     let services = {
         let base = base.clone();
-        Resource::new(|| (), move |_| {
-            let base = base.clone();
-            async move { api::get::<Services>(&base, "/api/v1/services").await }
-        })
+        Resource::new(
+            || (),
+            move |_| {
+                let base = base.clone();
+                async move { api::get::<Services>(&base, "/api/v1/services").await }
+            },
+        )
     };
-    let results = Resource::new(move || query.get().api_path(), move |path| {
-        let base = base.clone();
-        async move { api::get::<SearchResult>(&base, &path).await }
-    });
+    let results = Resource::new(
+        move || query.get().api_path(),
+        move |path| {
+            let base = base.clone();
+            async move { api::get::<SearchResult>(&base, &path).await }
+        },
+    );
 
     view! {
         <section class="search">
