@@ -150,11 +150,13 @@ pub struct Fault {
     pub expires_at_ms: Option<i64>,
 }
 
+/// (service, kind) → (value, ends at in ms since the epoch).
+type InForce = HashMap<(String, FaultKind), (f64, Option<i64>)>;
+
 /// The faults in force, as last heard from the registry; one per process.
 struct View {
     service: String,
-    /// (service, kind) → (value, ends at in ms since the epoch).
-    faults: RwLock<Arc<HashMap<(String, FaultKind), (f64, Option<i64>)>>>,
+    faults: RwLock<Arc<InForce>>,
 }
 
 static VIEW: OnceLock<View> = OnceLock::new();
@@ -167,7 +169,7 @@ pub fn init(service: &str) {
 /// Replaces the view with what the registry reported.
 pub fn update(faults: &[Fault]) {
     let Some(v) = VIEW.get() else { return };
-    let map: HashMap<(String, FaultKind), (f64, Option<i64>)> = faults.iter().map(|f| ((f.service.clone(), f.kind), (f.value, f.expires_at_ms))).collect();
+    let map: InForce = faults.iter().map(|f| ((f.service.clone(), f.kind), (f.value, f.expires_at_ms))).collect();
     if let Ok(mut w) = v.faults.write()
         && **w != map
     {
