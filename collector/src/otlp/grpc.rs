@@ -27,7 +27,7 @@ impl TraceService for OtlpGrpc {
     async fn export(&self, request: Request<ExportTraceServiceRequest>) -> Result<Response<ExportTraceServiceResponse>, Status> {
         let p = OtlpGrpc::export(self, ExportRequest::Traces(request.into_inner())).await?;
         Ok(Response::new(ExportTraceServiceResponse {
-            partial_success: (p.rejected > 0).then(|| ExportTracePartialSuccess { rejected_spans: p.rejected, error_message: p.message }),
+            partial_success: (p.rejected > 0).then_some(ExportTracePartialSuccess { rejected_spans: p.rejected, error_message: p.message }),
         }))
     }
 }
@@ -37,7 +37,7 @@ impl MetricsService for OtlpGrpc {
     async fn export(&self, request: Request<ExportMetricsServiceRequest>) -> Result<Response<ExportMetricsServiceResponse>, Status> {
         let p = OtlpGrpc::export(self, ExportRequest::Metrics(request.into_inner())).await?;
         Ok(Response::new(ExportMetricsServiceResponse {
-            partial_success: (p.rejected > 0).then(|| ExportMetricsPartialSuccess { rejected_data_points: p.rejected, error_message: p.message }),
+            partial_success: (p.rejected > 0).then_some(ExportMetricsPartialSuccess { rejected_data_points: p.rejected, error_message: p.message }),
         }))
     }
 }
@@ -47,7 +47,7 @@ impl LogsService for OtlpGrpc {
     async fn export(&self, request: Request<ExportLogsServiceRequest>) -> Result<Response<ExportLogsServiceResponse>, Status> {
         let p = OtlpGrpc::export(self, ExportRequest::Logs(request.into_inner())).await?;
         Ok(Response::new(ExportLogsServiceResponse {
-            partial_success: (p.rejected > 0).then(|| ExportLogsPartialSuccess { rejected_log_records: p.rejected, error_message: p.message }),
+            partial_success: (p.rejected > 0).then_some(ExportLogsPartialSuccess { rejected_log_records: p.rejected, error_message: p.message }),
         }))
     }
 }

@@ -120,19 +120,19 @@ fn success_response(signal: Signal, p: PartialSuccess, encoding: Encoding) -> Re
     let body = match signal {
         Signal::Traces => decode::encode(
             &ExportTraceServiceResponse {
-                partial_success: partial.then(|| ExportTracePartialSuccess { rejected_spans: p.rejected, error_message: p.message }),
+                partial_success: partial.then_some(ExportTracePartialSuccess { rejected_spans: p.rejected, error_message: p.message }),
             },
             encoding,
         ),
         Signal::Metrics => decode::encode(
             &ExportMetricsServiceResponse {
-                partial_success: partial.then(|| ExportMetricsPartialSuccess { rejected_data_points: p.rejected, error_message: p.message }),
+                partial_success: partial.then_some(ExportMetricsPartialSuccess { rejected_data_points: p.rejected, error_message: p.message }),
             },
             encoding,
         ),
         Signal::Logs => decode::encode(
             &ExportLogsServiceResponse {
-                partial_success: partial.then(|| ExportLogsPartialSuccess { rejected_log_records: p.rejected, error_message: p.message }),
+                partial_success: partial.then_some(ExportLogsPartialSuccess { rejected_log_records: p.rejected, error_message: p.message }),
             },
             encoding,
         ),

@@ -141,10 +141,10 @@ fn search_query(p: &Params) -> Result<SearchQuery, ApiError> {
     }
     let min = p.duration_ns("minDuration")?;
     let max = p.duration_ns("maxDuration")?;
-    if let (Some(a), Some(b)) = (min, max) {
-        if a > b {
-            return Err(ApiError::bad("minDuration", "must not be greater than maxDuration".into()));
-        }
+    if let (Some(a), Some(b)) = (min, max)
+        && a > b
+    {
+        return Err(ApiError::bad("minDuration", "must not be greater than maxDuration".into()));
     }
     Ok(SearchQuery {
         service: Some(service.to_owned()),

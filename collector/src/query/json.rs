@@ -61,10 +61,10 @@ pub fn base64_ids_to_hex(v: &mut Value) {
         Value::Object(map) => {
             for (k, child) in map.iter_mut() {
                 if matches!(k.as_str(), "traceId" | "spanId" | "parentSpanId") {
-                    if let Value::String(s) = child {
-                        if let Ok(b) = base64::engine::general_purpose::STANDARD.decode(s.as_bytes()) {
-                            *s = hex::encode(b);
-                        }
+                    if let Value::String(s) = child
+                        && let Ok(b) = base64::engine::general_purpose::STANDARD.decode(s.as_bytes())
+                    {
+                        *s = hex::encode(b);
                     }
                 } else {
                     base64_ids_to_hex(child);

@@ -86,12 +86,12 @@ fn encode_kvs(out: &mut Vec<u8>, attrs: &[KeyValue], dict: &mut impl Intern, dep
     for kv in attrs {
         let key = dict.intern(&kv.key);
         put_varint(out, key);
-        if let Some(any_value::Value::StringValue(s)) = kv.value.as_ref().and_then(|v| v.value.as_ref()) {
-            if let Some(id) = dict.intern_value(key, s) {
-                out.push(10);
-                put_varint(out, id);
-                continue;
-            }
+        if let Some(any_value::Value::StringValue(s)) = kv.value.as_ref().and_then(|v| v.value.as_ref())
+            && let Some(id) = dict.intern_value(key, s)
+        {
+            out.push(10);
+            put_varint(out, id);
+            continue;
         }
         encode_value(out, kv.value.as_ref(), dict, depth);
     }

@@ -66,6 +66,10 @@ impl<K: Hash + Eq, R> Interner<K, R> {
     pub fn len(&self) -> usize {
         self.state.lock().unwrap_or_else(PoisonError::into_inner).map.len()
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// Assigns increasing ids to keys; the rows themselves travel with the requests that use them.
@@ -98,6 +102,10 @@ impl<K: Hash + Eq> Ids<K> {
 
     pub fn len(&self) -> usize {
         self.state.lock().unwrap_or_else(PoisonError::into_inner).0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 

@@ -297,4 +297,8 @@ impl Rows {
     pub fn len(&self) -> usize {
         self.spans.len() + self.points.len() + self.logs.len()
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }

@@ -29,8 +29,9 @@ impl Limiter {
         Ok(Self { limiter, rate, burst, rejected })
     }
 
-    /// Takes one request from `client`'s allowance. On success, the headers to add to the answer.
-    pub fn check(&self, client: &str) -> Result<HeaderMap, (ApiError, HeaderMap)> {
+    /// Takes one request from `client`'s allowance: the headers to add to the answer, and whether
+    /// the request may go on.
+    pub fn check(&self, client: &str) -> (HeaderMap, Result<(), ApiError>) {
         let mut headers = HeaderMap::new();
         headers.insert("ratelimit-limit", HeaderValue::from(self.burst));
         let window = self.burst.div_ceil(self.rate).max(1);
@@ -42,7 +43,7 @@ impl Limiter {
                 let reset = f64::from(self.burst - remaining.min(self.burst)) / f64::from(self.rate);
                 headers.insert("ratelimit-remaining", HeaderValue::from(remaining));
                 headers.insert("ratelimit-reset", HeaderValue::from(reset.ceil() as u64));
-                Ok(headers)
+                (headers, Ok(()))
             }
             Err(not_until) => {
                 self.rejected.inc();
@@ -50,7 +51,7 @@ impl Limiter {
                 let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
                 headers.insert("ratelimit-remaining", HeaderValue::from(0));
                 headers.insert("ratelimit-reset", HeaderValue::from(secs));
-                Err((ApiError::TooManyRequests { retry_after_secs: secs }, headers))
+                (headers, Err(ApiError::TooManyRequests { retry_after_secs: secs }))
             }
         }
     }

@@ -134,13 +134,9 @@ async fn front_door(State(g): State<Arc<Gateway>>, mut req: Request, next: Next)
             return Err(ApiError::TooManyRequests { retry_after_secs: 1 });
         }
         let key = claims.as_ref().map_or_else(|| format!("ip:{client}"), |c| format!("user:{}", c.sub));
-        match g.limiter.check(&key) {
-            Ok(h) => rate_headers = Some(h),
-            Err((e, h)) => {
-                rate_headers = Some(h);
-                return Err(e);
-            }
-        }
+        let (headers, allowed) = g.limiter.check(&key);
+        rate_headers = Some(headers);
+        allowed?;
         if let Some(c) = &claims {
             cx.span().set_attribute(KeyValue::new("enduser.id", c.sub.clone()));
             req.headers_mut().insert("x-user-id", common::http::header_value(&c.sub));

@@ -102,7 +102,9 @@ impl Load {
             "view order" => {
                 self.ensure_login(shopper).await;
                 let Some(id) = shopper.last_order.clone() else {
-                    return self.place(shopper, serde_json::json!({ "items": [{ "productId": "p-1017", "quantity": 1 }], "card": { "number": OK_CARD } })).await;
+                    return self
+                        .place(shopper, serde_json::json!({ "items": [{ "productId": "p-1017", "quantity": 1 }], "card": { "number": OK_CARD } }))
+                        .await;
                 };
                 self.with_token(self.http.raw().get(format!("{g}/api/orders/{id}")), shopper)
             }
