@@ -609,3 +609,21 @@ def test_users_memory_stays_bounded_under_concurrent_logins(shop):
     assert set(statuses) <= {200, 503} and statuses.count(200) >= 48, statuses
     rss = rss_mib(shop.users)
     assert rss < 160, f"users holds {rss:.0f} MiB after {len(statuses)} logins"
+
+
+def test_every_service_answers_unknown_routes_and_methods_with_json_errors(shop):
+    procs = {"users": (shop.users, "DELETE", "/login"), "catalog": (shop.catalogs[0], "POST", "/products"),
+             "inventory": (shop.inventory, "POST", "/stock"), "payments": (shop.payments, "DELETE", "/charges"),
+             "orders": (shop.orders, "DELETE", "/orders"), "notifications": (shop.notifications, "POST", "/messages"),
+             "gateway": (shop.gateway, "DELETE", "/api/storefront"), "registry": (shop.registry, "DELETE", "/v1/status")}
+    for name, (proc, method, path) in procs.items():
+        r = requests.get(f"{proc.url}/no/such", timeout=10)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", (name, r.status_code, r.text)
+        assert "/no/such" in r.json()["error"]["message"]
+        r = requests.request(method, f"{proc.url}{path}", timeout=10)
+        assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed", (name, r.status_code, r.text)
+        assert method in r.json()["error"]["message"]
+    # Through the gateway: catalog's gRPC routes no longer answer plain HTTP paths.
+    r = shop.api("GET", "/api/catalog/no/such")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found" and "grpc-status" not in r.headers, r.text
+    assert shop.api("GET", "/api/catalog/products/p-1001").status_code == 200, "the gRPC route still works"

@@ -101,7 +101,7 @@ async fn main() -> anyhow::Result<()> {
     let db = common::db::open(&cfg.service.db_path("catalog"), 4).await?;
     common::db::migrate(&db, &sqlx::migrate!()).await?;
     let products = Products { db };
-    let grpc = tonic::service::Routes::new(CatalogServer::new(products.clone())).into_axum_router();
+    let grpc = common::http::grpc_routes(CatalogServer::new(products.clone()));
     let rest = Router::new()
         .route("/products", get(list_products))
         .route("/products/{id}", get(get_product))

@@ -19,6 +19,8 @@ pub enum ApiError {
     Unauthorized(String),
     #[error("{0}")]
     NotFound(String),
+    #[error("{0}")]
+    MethodNotAllowed(String),
     #[error("{message}")]
     Conflict { field: Option<String>, message: String },
     #[error("{0}")]
@@ -64,6 +66,7 @@ impl ApiError {
             Self::BadRequest { .. } => (StatusCode::BAD_REQUEST, tonic::Code::InvalidArgument),
             Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, tonic::Code::Unauthenticated),
             Self::NotFound(_) => (StatusCode::NOT_FOUND, tonic::Code::NotFound),
+            Self::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, tonic::Code::Unimplemented),
             Self::Conflict { .. } => (StatusCode::CONFLICT, tonic::Code::AlreadyExists),
             Self::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, tonic::Code::ResourceExhausted),
             Self::TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, tonic::Code::ResourceExhausted),
@@ -81,6 +84,7 @@ impl ApiError {
             Self::BadRequest { .. } => "bad_request",
             Self::Unauthorized(_) => "unauthorized",
             Self::NotFound(_) => "not_found",
+            Self::MethodNotAllowed(_) => "method_not_allowed",
             Self::Conflict { .. } => "conflict",
             Self::TooLarge(_) => "too_large",
             Self::TooManyRequests { .. } => "rate_limited",

@@ -73,6 +73,28 @@ impl HttpMetrics {
     }
 }
 
+/// Answers a path no route has (JSON 404) and a method a route does not take (JSON 405), so
+/// unknown requests get the error shape every other answer has.
+pub fn with_error_fallbacks(router: Router, what: &'static str) -> Router {
+    router
+        .fallback(move |uri: axum::http::Uri| async move { crate::ApiError::NotFound(format!("no route {}: {what}", uri.path())) })
+        .method_not_allowed_fallback(|method: axum::http::Method, uri: axum::http::Uri| async move {
+            crate::ApiError::MethodNotAllowed(format!("{method} is not allowed on {}", uri.path()))
+        })
+}
+
+/// A gRPC service's routes: only its own paths (`/<package.Service>/<Method>`), so plain HTTP
+/// requests to other paths reach the REST routes and the fallbacks (tonic's own router answers
+/// every path with a gRPC "unimplemented").
+pub fn grpc_routes<S>(service: S) -> Router
+where
+    S: tonic::server::NamedService + tower::Service<axum::extract::Request, Error = std::convert::Infallible> + Clone + Send + Sync + 'static,
+    S::Response: IntoResponse + 'static,
+    S::Future: Send + 'static,
+{
+    Router::new().route_service(&format!("/{}/{{*method}}", S::NAME), service)
+}
+
 /// The routes every service serves besides its API: `/metrics` (Prometheus text) and `/healthz`.
 pub fn ops_routes(metrics: Arc<HttpMetrics>) -> Router {
     Router::new().route("/healthz", get(|| async { (StatusCode::OK, "ok") })).route("/metrics", get(prometheus_text)).with_state(metrics)

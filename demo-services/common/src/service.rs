@@ -55,6 +55,7 @@ impl Service {
     pub async fn serve(self, api: Router, metadata: BTreeMap<String, String>) -> anyhow::Result<()> {
         let address = self.advertised()?;
         let app = crate::http::instrument(api, self.http_metrics.clone()).merge(crate::http::ops_routes(self.http_metrics.clone()));
+        let app = crate::http::with_error_fallbacks(app, "see docs/API.md");
         tracing::info!(service = self.name, instance = %self.instance_id, addr = %address, "listening");
 
         let (stop_tx, stop_rx) = watch::channel(false);

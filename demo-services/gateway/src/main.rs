@@ -81,10 +81,7 @@ async fn main() -> anyhow::Result<()> {
         .route("/api/{service}", any(routes::proxy_root))
         .route("/api/{service}/{*rest}", any(routes::proxy))
         .layer(axum::middleware::from_fn_with_state(gateway.clone(), front_door));
-    let admin = Router::new()
-        .route("/admin/circuits", get(routes::circuits))
-        .route("/admin/upstreams", get(routes::upstreams))
-        .fallback(|| async { ApiError::NotFound("no such route: the API is under /api/<service>/".into()) });
+    let admin = Router::new().route("/admin/circuits", get(routes::circuits)).route("/admin/upstreams", get(routes::upstreams));
     svc.serve(api.merge(admin).with_state(gateway), Default::default()).await
 }
 

@@ -262,7 +262,7 @@ async fn main() -> anyhow::Result<()> {
         });
     }
 
-    let grpc = tonic::service::Routes::new(InventoryServer::new(stocks.clone())).into_axum_router();
+    let grpc = common::http::grpc_routes(InventoryServer::new(stocks.clone()));
     let rest = Router::new()
         .route("/stock", get(all_stock))
         .route("/stock/{id}", get(one_stock))

@@ -112,8 +112,8 @@ impl App {
         let app = common::http::instrument(api, self.http_metrics.clone())
             .merge(common::http::instrument_without_faults(faults, self.http_metrics.clone()))
             .merge(common::http::count_only(quiet, self.http_metrics.clone()))
-            .merge(common::http::ops_routes(self.http_metrics))
-            .fallback(|| async { ApiError::NotFound("no such route; the API is under /v1".into()) });
+            .merge(common::http::ops_routes(self.http_metrics));
+        let app = common::http::with_error_fallbacks(app, "the API is under /v1");
 
         let jobs = [tokio::spawn(health_loop(r.clone())), tokio::spawn(sweep_loop(r.clone())), tokio::spawn(chaos_loop(r.clone()))];
         axum::serve(self.listener, app.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(shutdown).await?;
