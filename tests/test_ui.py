@@ -53,8 +53,14 @@ def page(browser):
     page.on("dialog", lambda d: (page.dialogs.append(d.message), d.dismiss()))
     page.errors = []
     page.on("pageerror", lambda e: page.errors.append(str(e)))
+    # Every console error fails the test (a failed request logs one), unless the test expects it.
+    page.console_errors, page.expected_console = [], []
+    page.on("console", lambda m: m.type == "error" and page.console_errors.append(f"{m.text} {m.location.get('url', '')}"))
     yield page
     assert page.dialogs == [], "no script may run from data"
+    unexpected = [e for e in page.console_errors if not any(x in e for x in page.expected_console)]
+    assert unexpected == [], f"console errors: {unexpected}"
+    assert page.errors == [], f"page errors: {page.errors}"
     page.close()
 
 
@@ -167,10 +173,16 @@ def test_trace_view_collapse_span_panel_xss_and_links(dashboard, page):
     page.wait_for_url(f"**/traces/{trace_id(warm)}?span={span_id(warm)}")
     page.wait_for_selector(f".row.selected[data-span-id='{span_id(warm)}']")
     page.wait_for_function("(p => p !== null && p.innerText.includes('warm cache'))(document.querySelector('[data-testid=span-panel]'))")
+    # Back to the first trace: its span again, and no span asked for under the wrong trace (a 404
+    # would be a console error, which fails the test).
+    page.go_back()
+    page.wait_for_selector(f".row.selected[data-span-id='{span_id(root)}']")
+    page.wait_for_function("(p => p !== null && p.innerText.includes('POST /api/orders'))(document.querySelector('[data-testid=span-panel]'))")
     assert page.errors == []
 
 
 def test_unknown_trace_shows_a_message(dashboard, page):
+    page.expected_console.append("404 (Not Found)")
     open_page(page, f"{dashboard.http}/traces/{'ab' * 16}")
     msg = page.wait_for_selector("[data-testid=trace-error]")
     assert "could not be shown" in msg.inner_text()
@@ -320,6 +332,7 @@ def test_registry_page_lists_instances_and_follows_a_failure(live_shop, page):
 
 
 def test_registry_page_says_when_the_registry_is_unreachable(dashboard, page):
+    page.expected_console.append("502 (Bad Gateway)")
     open_page(page, f"{dashboard.http}/registry")
     msg = page.wait_for_selector("[data-testid=registry-error]")
     assert "unreachable" in msg.inner_text()

@@ -8,6 +8,9 @@ use leptos_router::path;
 
 use crate::pages;
 
+/// Two rails meeting at a switch, as a data URI.
+const FAVICON: &str = "data:image/svg+xml,%3Csvg xmlns='http://www.w3.org/2000/svg' viewBox='0 0 32 32'%3E%3Crect width='32' height='32' rx='6' fill='%231d2433'/%3E%3Cpath d='M6 26 L16 6 M26 26 L16 6 M11 16 H21' stroke='%2367c18b' stroke-width='3' fill='none' stroke-linecap='round'/%3E%3C/svg%3E";
+
 /// The HTML document around the app (server side).
 pub fn shell(options: LeptosOptions) -> impl IntoView {
     view! {
@@ -16,6 +19,8 @@ pub fn shell(options: LeptosOptions) -> impl IntoView {
             <head>
                 <meta charset="utf-8"/>
                 <meta name="viewport" content="width=device-width, initial-scale=1"/>
+                // Inline, so the browser asks for no /favicon.ico (which would log a 404).
+                <link rel="icon" type="image/svg+xml" href=FAVICON/>
                 <HydrationScripts options/>
                 <MetaTags/>
             </head>

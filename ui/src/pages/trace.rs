@@ -244,13 +244,17 @@ fn TraceView(trace: Arc<Outline>) -> impl IntoView {
         }
     };
 
-    // The selected span's details, asked for when it is selected.
+    // The selected span's details, asked for when it is selected. Following a link to another
+    // trace changes the URL (span included) before this view gives way to the other trace's:
+    // until then the span belongs to the other trace and is not asked for under this one.
+    let params = use_params_map();
+    let route_trace = Memo::new(move |_| params.read().get("id").unwrap_or_default());
     let detail = {
         let trace_id = trace_id.clone();
         LocalResource::new(move || {
-            let (id, trace_id) = (selected_id.get(), trace_id.clone());
+            let (id, trace_id, shown) = (selected_id.get(), trace_id.clone(), route_trace.get());
             async move {
-                if id.is_empty() {
+                if id.is_empty() || !shown.eq_ignore_ascii_case(&trace_id) {
                     return None;
                 }
                 let base = api::base();
