@@ -440,8 +440,13 @@ def test_sigkill_after_acknowledged_exports_loses_nothing(make_collector, tmp_pa
 def test_sigterm_flushes_and_exits_cleanly(make_collector):
     c = make_collector()
     spans = emit_trace(lambda: HttpSpanExporter(endpoint=f"{c.otlp_http}/v1/traces"))
+    check_trace_everywhere(c, spans)  # the readers hold connections too
+    wal = Path(f"{c.db}-wal")
+    assert wal.exists() and wal.stat().st_size > 0
     assert c.stop(signal.SIGTERM) == 0
     assert any("collector stopped" in line for line in c.log)
+    # A clean stop checkpoints: no WAL is left behind (empty or gone).
+    assert not wal.exists() or wal.stat().st_size == 0, wal.stat().st_size
     c2 = make_collector(db=c.db)
     check_trace_everywhere(c2, spans)
 

@@ -94,9 +94,10 @@ impl App {
             tracing::warn!(?grace, "in-flight requests did not finish within the grace period");
         }
         retention.abort();
-        // Everything acknowledged is committed already; this writes what is still queued.
-        self.writer.shutdown().await;
+        // The readers go first, so the writer's last checkpoint can empty the WAL. Everything
+        // acknowledged is committed already; the writer writes what is still queued.
         self.store.read.close().await;
+        self.writer.shutdown().await;
         tracing::info!("collector stopped");
         Ok(())
     }

@@ -133,7 +133,13 @@ impl Store {
         if let Some(dir) = cfg.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| StoreError::Folder { path: dir.to_owned(), source: Arc::new(e) })?;
         }
-        let mut conn = SqliteConnection::connect_with(&connect_options(&cfg.path).create_if_missing(true).pragma("wal_autocheckpoint", "16000")).await?;
+        // The WAL is checkpointed every 16,000 pages (64 MiB) and cut back to 64 MiB after each
+        // checkpoint, so it stays bounded while ingest runs.
+        let write_options = connect_options(&cfg.path)
+            .create_if_missing(true)
+            .pragma("wal_autocheckpoint", "16000")
+            .pragma("journal_size_limit", (64 * 1024 * 1024).to_string());
+        let mut conn = SqliteConnection::connect_with(&write_options).await?;
         sqlx::migrate!("../migrations").run(&mut conn).await.map_err(|e| StoreError::Migrate(Arc::new(e)))?;
         let dicts = Arc::new(load_dicts(&mut conn, cfg.trace_cache).await?);
 

@@ -113,6 +113,13 @@ impl Writer {
                 break;
             }
         }
+        // Everything is in the database file now, and the WAL is emptied (readers are closed
+        // first, so nothing holds it): a clean stop leaves no large WAL behind.
+        match sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(TRUNCATE)").fetch_one(&mut self.conn).await {
+            Ok((0, _, _)) => {}
+            Ok((busy, log, done)) => tracing::warn!(busy, log, done, "the last checkpoint could not finish"),
+            Err(e) => tracing::warn!(error = %e, "the last checkpoint failed"),
+        }
         if let Err(e) = self.conn.close().await {
             tracing::warn!(error = %e, "closing the write connection failed");
         }
