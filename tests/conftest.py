@@ -32,9 +32,10 @@ def wait_until(check, timeout=30.0, interval=0.05, what="condition"):
 
 
 class Collector:
-    def __init__(self, db: Path, extra_args=()):
+    def __init__(self, db: Path, extra_args=(), max_fds=None):
         self.db = db
         self.extra_args = list(extra_args)
+        self.max_fds = max_fds
         self.proc = None
         self.log = []
 
@@ -48,7 +49,11 @@ class Collector:
             *self.extra_args,
         ]
         env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "info,h2=warn,hyper=warn")}
-        self.proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+        limit = None
+        if self.max_fds:
+            import resource
+            limit = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (self.max_fds, self.max_fds))  # noqa: E731 - `ulimit -n`
+        self.proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, preexec_fn=limit)
         self.log = []
         addrs = {}
         found = threading.Event()

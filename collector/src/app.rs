@@ -74,15 +74,10 @@ impl App {
         let every = self.cfg.retention_check_every();
         let retention = tokio::spawn(retention_loop(self.store.clone(), every));
         let (stop_tx, stop_rx) = watch::channel(false);
+        let limits = crate::listen::Limits::new(self.cfg.max_connections, self.cfg.header_read_timeout);
         let serve = |listener: TcpListener, router: Router| {
-            let mut rx = stop_rx.clone();
-            tokio::spawn(async move {
-                axum::serve(listener, router)
-                    .with_graceful_shutdown(async move {
-                        let _ = rx.wait_for(|stop| *stop).await;
-                    })
-                    .await
-            })
+            let (limits, rx) = (limits.clone(), stop_rx.clone());
+            tokio::spawn(async move { limits.serve(listener, router, rx).await })
         };
         let servers = [serve(self.grpc, grpc_router), serve(self.otlp_http, otlp_http_router), serve(self.http, http_router)];
         tracing::info!("collector ready");

@@ -51,6 +51,16 @@ pub struct Config {
     #[arg(long, env = "COLLECTOR_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_retention)]
     pub shutdown_grace: Duration,
 
+    /// Connections open at once over all three listeners; more wait in the kernel's queue. At
+    /// most the file-descriptor limit less 128 (the process raises its soft limit to the hard one).
+    #[arg(long, env = "COLLECTOR_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
+    /// Time a connection has to send a request's first byte and then its headers; a connection
+    /// idle that long between requests is closed too.
+    #[arg(long, env = "COLLECTOR_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_retention)]
+    pub header_read_timeout: Duration,
+
     /// The dashboard's built browser files (`pkg/ui.js`, `pkg/ui_bg.wasm`, `pkg/ui.css`), made by
     /// `ui/build.sh`. Without them the pages are still rendered, but not interactive.
     #[arg(long, env = "COLLECTOR_UI_DIR", default_value = "target/site")]

@@ -3,6 +3,7 @@
 
 pub mod app;
 pub mod config;
+pub mod listen;
 pub mod metrics;
 pub mod otlp;
 pub mod query;
