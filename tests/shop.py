@@ -23,13 +23,17 @@ INSTANCE = re.compile(r'instance="?([A-Za-z0-9._:-]+)')
 class Proc:
     """One process; `addr` is the bound address it logged (the first line `ready` matches)."""
 
-    def __init__(self, name, args, env, ready=LISTENING):
-        self.name, self.args, self.env, self.ready = name, args, env, ready
+    def __init__(self, name, args, env, ready=LISTENING, max_fds=None):
+        self.name, self.args, self.env, self.ready, self.max_fds = name, args, env, ready, max_fds
         self.log, self.addr, self.instance_id, self.proc = [], None, None, None
 
     def start(self, timeout=60):
         self.log = []
-        self.proc = subprocess.Popen(self.args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=self.env)
+        limit = None
+        if self.max_fds:
+            import resource
+            limit = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (self.max_fds, self.max_fds))  # noqa: E731 - `ulimit -n`
+        self.proc = subprocess.Popen(self.args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=self.env, preexec_fn=limit)
         found = threading.Event()
 
         def reader():

@@ -25,6 +25,14 @@ pub struct ServiceArgs {
     /// How often the instance renews its lease in the registry; the lease lasts three intervals.
     #[arg(long, env = "HEARTBEAT_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
     pub heartbeat_interval: Duration,
+    /// Connections open at once; more wait in the kernel's queue. At most the file-descriptor
+    /// limit less 128 (the process raises its soft limit to the hard one).
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// Time a connection has to send a request's first byte and then its headers; a connection
+    /// idle that long between requests is closed too.
+    #[arg(long, env = "HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub header_read_timeout: Duration,
     /// How long a graceful shutdown may take before in-flight requests are dropped.
     #[arg(long, env = "SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,

@@ -11,6 +11,7 @@ pub mod db;
 pub mod error;
 pub mod faults;
 pub mod http;
+pub mod listen;
 pub mod messaging;
 pub mod registry;
 pub mod resilience;

@@ -69,19 +69,17 @@ impl Service {
         };
         let registry = tokio::spawn(keep_registered(RegistryClient::new(&self.args.registry_url), registration, stop_rx));
 
-        let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = axum::serve(self.listener, app.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(async move {
-            let _ = drain_rx.await;
-        });
-        let server = tokio::spawn(async move { server.await });
+        let (drain_tx, drain_rx) = watch::channel(false);
+        let limits = crate::listen::Limits::new(self.args.max_connections, self.args.header_read_timeout);
+        let listener = self.listener;
+        let server = tokio::spawn(async move { limits.serve(listener, app, drain_rx).await });
 
         crate::shutdown::signal().await;
         let _ = stop_tx.send(true);
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), registry).await;
-        let _ = drain_tx.send(());
+        let _ = drain_tx.send(true);
         match tokio::time::timeout(self.args.shutdown_grace, server).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "server"),
+            Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "server task"),
             Err(_) => tracing::warn!(grace = ?self.args.shutdown_grace, "in-flight requests cut off at the end of the grace period"),
         }
