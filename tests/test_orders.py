@@ -627,3 +627,17 @@ def test_every_service_answers_unknown_routes_and_methods_with_json_errors(shop)
     r = shop.api("GET", "/api/catalog/no/such")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found" and "grpc-status" not in r.headers, r.text
     assert shop.api("GET", "/api/catalog/products/p-1001").status_code == 200, "the gRPC route still works"
+
+
+def test_metric_labels_never_come_from_client_input(shop):
+    auth = login(shop)
+    for path in ["/api/reviews-9f2c/x", "/api/no-such-service"]:
+        r = shop.api("GET", path, headers=auth)
+        assert r.status_code == 503 and "is registered" in r.json()["error"]["message"], r.text
+    r = shop.api("FROBNICATE", "/api/catalog/products", headers=auth)
+    assert r.status_code in (404, 405), r.text
+    metrics = shop.api("GET", "/metrics").text
+    assert "reviews-9f2c" not in metrics and "no-such-service" not in metrics
+    assert re.search(r'gateway_upstream_attempts_total\{outcome="no_instance",service="_unknown"\} [1-9]', metrics)
+    assert "FROBNICATE" not in metrics and 'method="_OTHER"' in metrics
+    assert "reviews-9f2c" not in shop.api("GET", "/admin/circuits").text, "no breaker for a made-up name"

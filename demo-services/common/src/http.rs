@@ -138,7 +138,7 @@ struct Observe {
 /// the status, answers with `traceparent` naming this span, and counts the request.
 async fn observe(State(Observe { metrics, traced, faults }): State<Observe>, req: Request, next: Next) -> Response {
     let started = Instant::now();
-    let method = req.method().as_str().to_owned();
+    let method = method_label(req.method()).to_owned();
     let matched = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
     let route = matched.clone().unwrap_or_else(|| "unmatched".to_owned());
     if !traced {
@@ -160,6 +160,9 @@ async fn observe(State(Observe { metrics, traced, faults }): State<Observe>, req
         path.trim_start_matches('/').to_owned()
     } else {
         attrs.push(KeyValue::new("http.request.method", method.clone()));
+        if method == "_OTHER" {
+            attrs.push(KeyValue::new("http.request.method_original", req.method().as_str().to_owned()));
+        }
         if let Some(r) = &matched {
             attrs.push(KeyValue::new("http.route", r.clone()));
         }
@@ -169,7 +172,9 @@ async fn observe(State(Observe { metrics, traced, faults }): State<Observe>, req
             attrs.push(KeyValue::new("url.query", q.to_owned()));
         }
         // Without a route template the name is the method alone (semantic conventions).
-        matched.as_ref().map_or_else(|| method.clone(), |r| format!("{method} {r}"))
+        // `_OTHER` names no method: such a span is called `HTTP`.
+        let shown = if method == "_OTHER" { "HTTP" } else { method.as_str() };
+        matched.as_ref().map_or_else(|| shown.to_owned(), |r| format!("{shown} {r}"))
     };
     add_host_attrs(req.headers(), &mut attrs);
     if let Some(ua) = req.headers().get(header::USER_AGENT).and_then(|v| v.to_str().ok()) {
@@ -219,6 +224,24 @@ fn grpc_error(code: tonic::Code, message: &str) -> Response {
     let mut resp = tonic::Status::new(code, message).into_http::<axum::body::Body>();
     *resp.status_mut() = StatusCode::OK;
     resp.into_response()
+}
+
+/// The method as a label and as `http.request.method`: a known one, else `_OTHER` (semantic
+/// conventions), so a client cannot create labels of its own.
+pub fn method_label(m: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *m {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::CONNECT => "CONNECT",
+        Method::OPTIONS => "OPTIONS",
+        Method::TRACE => "TRACE",
+        Method::PATCH => "PATCH",
+        _ => "_OTHER",
+    }
 }
 
 fn add_host_attrs(headers: &HeaderMap, attrs: &mut Vec<KeyValue>) {

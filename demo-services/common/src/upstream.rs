@@ -52,6 +52,9 @@ impl Default for UpstreamConfig {
     }
 }
 
+/// The label of calls to a service the registry does not know.
+pub const UNKNOWN_SERVICE: &str = "_unknown";
+
 /// How long an instance that refused a connection is skipped, before the registry notices.
 const EJECT_FOR: Duration = Duration::from_secs(5);
 
@@ -231,6 +234,17 @@ impl Upstreams {
         F: FnMut(Instance, Duration) -> Fut,
         Fut: Future<Output = Attempt<T>>,
     {
+        // A name no instance ever registered under (say, from a client's path) gets no breaker
+        // and no label of its own: those are made only for services the registry knows.
+        if self.discovery.instances(service).is_empty() {
+            let reason = if self.discovery.registry_reachable() {
+                format!("no instance of {service} is registered")
+            } else {
+                format!("no instance of {service} is known and the registry is unreachable")
+            };
+            self.metrics.calls.with_label_values(&[UNKNOWN_SERVICE, "no_instance"]).inc();
+            return Err(ApiError::Unavailable(reason));
+        }
         let breaker = self.breaker(service);
         let timeout = self.timeout(service);
         self.budget.deposit();
