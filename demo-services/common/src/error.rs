@@ -177,6 +177,18 @@ impl From<ApiError> for tonic::Status {
     }
 }
 
+/// An integer query parameter from 1 to `max`, `default` when absent; a 400 naming it otherwise.
+pub fn int_param(value: Option<&String>, name: &str, default: i64, max: i64) -> Result<i64, ApiError> {
+    match value {
+        None => Ok(default),
+        Some(v) => v
+            .parse::<i64>()
+            .ok()
+            .filter(|n| (1..=max).contains(n))
+            .ok_or_else(|| ApiError::bad_field(name, format!("{name} must be an integer from 1 to {max}, got {v:?}"))),
+    }
+}
+
 /// A JSON request body whose rejection is an [`ApiError`] naming the problem (axum reports the
 /// path of the offending field, e.g. `email: invalid type: integer`).
 pub struct JsonBody<T>(pub T);

@@ -127,14 +127,7 @@ async fn messages(State(n): State<Arc<Notifier>>, headers: HeaderMap, Query(q): 
     if let Some(k) = q.keys().find(|k| !matches!(k.as_str(), "orderId" | "limit")) {
         return Err(ApiError::bad_field(k, format!("unknown parameter {k:?}: use orderId and limit")));
     }
-    let limit = match q.get("limit") {
-        None => 50,
-        Some(v) => v
-            .parse::<i64>()
-            .ok()
-            .filter(|n| (1..=500).contains(n))
-            .ok_or_else(|| ApiError::bad_field("limit", format!("limit must be an integer from 1 to 500, got {v:?}")))?,
-    };
+    let limit = common::error::int_param(q.get("limit"), "limit", 50, 500)?;
     let order = q.get("orderId");
     if order.is_some_and(|o| o.is_empty() || o.len() > 64) {
         return Err(ApiError::bad_field("orderId", "orderId must be 1-64 characters"));

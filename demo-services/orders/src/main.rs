@@ -433,14 +433,7 @@ async fn list_orders(State(s): State<Arc<Shop>>, headers: HeaderMap, Query(q): Q
     if let Some(k) = q.keys().find(|k| !matches!(k.as_str(), "status" | "limit")) {
         return Err(ApiError::bad_field(k, format!("unknown parameter {k:?}: use status and limit")));
     }
-    let limit = match q.get("limit") {
-        None => 20,
-        Some(v) => v
-            .parse::<i64>()
-            .ok()
-            .filter(|n| (1..=100).contains(n))
-            .ok_or_else(|| ApiError::bad_field("limit", format!("limit must be an integer from 1 to 100, got {v:?}")))?,
-    };
+    let limit = common::error::int_param(q.get("limit"), "limit", 20, 100)?;
     let status = match q.get("status") {
         None => None,
         Some(v) if ["PENDING", "RESERVED", "CHARGED", "CONFIRMED", "COMPENSATING", "FAILED"].contains(&v.as_str()) => Some(v.clone()),

@@ -396,14 +396,7 @@ async fn get_service(AxumState(r): AxumState<Arc<Registry>>, Path(name): Path<St
 }
 
 async fn events(AxumState(r): AxumState<Arc<Registry>>, Query(q): Query<HashMap<String, String>>) -> Result<Response, ApiError> {
-    let limit = match q.get("limit") {
-        None => 100,
-        Some(v) => v
-            .parse::<i64>()
-            .ok()
-            .filter(|n| (1..=1000).contains(n))
-            .ok_or_else(|| ApiError::bad_field("limit", format!("limit must be an integer from 1 to 1000, got {v:?}")))?,
-    };
+    let limit = common::error::int_param(q.get("limit"), "limit", 100, 1000)?;
     let events = r.store.events(limit).await.map_err(ApiError::internal)?;
     Ok(axum::Json(serde_json::json!({ "events": events })).into_response())
 }
