@@ -19,7 +19,7 @@ if [ "$have" != "$want" ]; then
   cargo install -q wasm-bindgen-cli --version "=$want"
 fi
 
-cargo build -q --locked -p ui --lib --target wasm32-unknown-unknown --no-default-features --features hydrate --profile "$profile"
+cargo rustc -q --locked -p ui --lib --crate-type cdylib --target wasm32-unknown-unknown --no-default-features --features hydrate --profile "$profile"
 site=target/site
 mkdir -p "$site/pkg"
 wasm-bindgen --target web --no-typescript --out-dir "$site/pkg" --out-name ui "target/wasm32-unknown-unknown/$dir/ui.wasm"
