@@ -32,10 +32,12 @@ def wait_until(check, timeout=30.0, interval=0.05, what="condition"):
 
 
 class Collector:
-    def __init__(self, db: Path, extra_args=(), max_fds=None):
+    def __init__(self, db: Path, extra_args=(), max_fds=None, log_path=None):
         self.db = db
         self.extra_args = list(extra_args)
         self.max_fds = max_fds
+        # Where stderr goes: a pipe read here by default, or this file (as `./run` lays it out).
+        self.log_path = log_path
         self.proc = None
         self.log = []
 
@@ -53,13 +55,28 @@ class Collector:
         if self.max_fds:
             import resource
             limit = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (self.max_fds, self.max_fds))  # noqa: E731 - `ulimit -n`
-        self.proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, preexec_fn=limit)
+        stderr = open(self.log_path, "a") if self.log_path else subprocess.PIPE  # noqa: SIM115 - the child owns it
+        self.proc = subprocess.Popen(args, stderr=stderr, stdout=subprocess.DEVNULL, text=True, env=env, preexec_fn=limit)
         self.log = []
         addrs = {}
         found = threading.Event()
 
+        def lines():
+            if not self.log_path:
+                yield from self.proc.stderr
+                return
+            with open(self.log_path, errors="replace") as f:
+                while True:
+                    line = f.readline()
+                    if line:
+                        yield line
+                    elif self.proc.poll() is not None:
+                        return
+                    else:
+                        time.sleep(0.02)
+
         def reader():
-            for line in self.proc.stderr:
+            for line in lines():
                 self.log.append(line)
                 if os.environ.get("TEST_LOG"):
                     print(line, end="")

@@ -63,7 +63,7 @@ impl App {
     }
 
     /// Serves until `shutdown` completes, then stops gracefully.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let ingest = Arc::new(Ingest::new(self.store.clone(), self.metrics.clone()));
         let max = self.cfg.max_message_size;
         let grpc_router = otlp::grpc::router(ingest.clone(), max);
@@ -81,7 +81,15 @@ impl App {
         };
         let servers = [serve(self.grpc, grpc_router), serve(self.otlp_http, otlp_http_router), serve(self.http, http_router)];
         tracing::info!("collector ready");
-        shutdown.await;
+        // A writer that stops on its own (it panicked) takes the process down with a non-zero
+        // exit: serving exports nobody can store would be worse.
+        tokio::select! {
+            () = shutdown => {}
+            reason = self.writer.stopped() => {
+                tracing::error!(reason, "the writer stopped: exiting");
+                anyhow::bail!("{reason}");
+            }
+        }
         tracing::info!("shutting down: finishing in-flight requests");
         let _ = stop_tx.send(true);
         let grace = self.cfg.shutdown_grace;
@@ -111,12 +119,20 @@ fn dashboard(cfg: &Config, http_addr: SocketAddr) -> Router {
 fn http_router(store: Store, metrics: Arc<Metrics>, registry: RegistryProxy) -> Router {
     let api = query::jaeger::router().merge(query::native::router()).with_state(store.clone()).merge(registry.router());
     Router::new()
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/metrics", get(prometheus_metrics))
         .with_state((store, metrics))
         .merge(api)
         .fallback(|uri: axum::http::Uri| async move { query::ApiError::NotFound(format!("no such endpoint: {}", uri.path())) })
         .layer(CorsLayer::permissive())
+}
+
+/// 200 `ok` while exports can be stored; 503 with the reason while they cannot.
+async fn healthz(State((store, _)): State<(Store, Arc<Metrics>)>) -> axum::response::Response {
+    match store.health() {
+        Ok(()) => "ok".into_response(),
+        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, reason).into_response(),
+    }
 }
 
 async fn prometheus_metrics(State((store, metrics)): State<(Store, Arc<Metrics>)>) -> impl IntoResponse {

@@ -14,6 +14,9 @@ async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,h2=warn,hyper=warn")))
         .with_writer(std::io::stderr)
+        // A log line that cannot be written (stderr on a full disk) is dropped: reporting it
+        // would write to stderr again, and a failed eprintln! panics.
+        .log_internal_errors(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let app = App::build(cfg).await?;

@@ -81,8 +81,8 @@ async fn handle(s: HttpState, signal: Signal, headers: HeaderMap, body: Body) ->
     match result {
         Ok(p) => success_response(signal, p, encoding),
         Err(e) => {
-            if matches!(e, IngestError::Storage) {
-                tracing::error!(signal = signal.label(), "export refused: storage failed");
+            if let IngestError::Storage(reason) = &e {
+                tracing::error!(signal = signal.label(), reason, "export refused: storage failed");
             }
             error_response(&e, encoding)
         }
@@ -109,7 +109,7 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
         return Ok(raw);
     }
     if raw.len() > 64 * 1024 {
-        tokio::task::spawn_blocking(move || decode::gunzip(&raw, limit)).await.map_err(|_| IngestError::Storage)?.map(Bytes::from)
+        tokio::task::spawn_blocking(move || decode::gunzip(&raw, limit)).await.map_err(|e| IngestError::Storage(format!("decompressing failed: {e}")))?.map(Bytes::from)
     } else {
         decode::gunzip(&raw, limit).map(Bytes::from)
     }

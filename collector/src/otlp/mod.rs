@@ -114,7 +114,7 @@ impl Ingest {
             ExportRequest::Logs(r) => convert::logs(r, &dicts),
         };
         let converted: Converted =
-            if total >= BLOCKING_THRESHOLD { tokio::task::spawn_blocking(convert).await.map_err(|_| IngestError::Storage)? } else { convert() };
+            if total >= BLOCKING_THRESHOLD { tokio::task::spawn_blocking(convert).await.map_err(|e| IngestError::Storage(format!("converting failed: {e}")))? } else { convert() };
         let partial = PartialSuccess { rejected: converted.rejected as i64, message: converted.message() };
         let accepted = converted.rows.len();
         self.store.write(converted.rows).await?;

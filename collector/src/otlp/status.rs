@@ -20,8 +20,8 @@ pub enum IngestError {
     Overloaded,
     #[error("the collector is shutting down: retry later")]
     ShuttingDown,
-    #[error("the collector could not store the data: retry later")]
-    Storage,
+    #[error("the collector could not store the data ({0}): retry later")]
+    Storage(String),
 }
 
 impl From<StoreError> for IngestError {
@@ -29,7 +29,7 @@ impl From<StoreError> for IngestError {
         match e {
             StoreError::Overloaded => Self::Overloaded,
             StoreError::Closed => Self::ShuttingDown,
-            _ => Self::Storage,
+            e => Self::Storage(e.to_string()),
         }
     }
 }
@@ -42,14 +42,14 @@ impl IngestError {
             Self::UnsupportedContentType(_) | Self::UnsupportedEncoding(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, Code::InvalidArgument),
             Self::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, Code::ResourceExhausted),
             Self::Overloaded | Self::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable),
-            Self::Storage => (StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable),
+            Self::Storage(_) => (StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable),
         }
     }
 
     /// Seconds a client should wait before retrying, where retrying makes sense.
     pub fn retry_after(&self) -> Option<u32> {
         match self {
-            Self::Overloaded | Self::ShuttingDown | Self::Storage => Some(1),
+            Self::Overloaded | Self::ShuttingDown | Self::Storage(_) => Some(1),
             _ => None,
         }
     }
@@ -62,7 +62,7 @@ impl IngestError {
             Self::TooLarge { .. } => "too_large",
             Self::Overloaded => "overloaded",
             Self::ShuttingDown => "shutting_down",
-            Self::Storage => "storage_error",
+            Self::Storage(_) => "storage_error",
         }
     }
 }

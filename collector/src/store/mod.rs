@@ -32,8 +32,8 @@ pub enum StoreError {
     Overloaded,
     #[error("the store is shutting down")]
     Closed,
-    #[error("writing to the database failed")]
-    Write,
+    #[error("writing to the database failed: {0}")]
+    Write(String),
     #[error("database error: {0}")]
     Database(Arc<sqlx::Error>),
     #[error("cannot prepare the database folder {path}: {source}")]
@@ -47,6 +47,22 @@ pub enum StoreError {
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
         Self::Database(Arc::new(e))
+    }
+}
+
+/// Whether exports can be stored right now; `/healthz` answers from it.
+#[derive(Debug, Default)]
+pub struct Health {
+    problem: std::sync::Mutex<Option<String>>,
+}
+
+impl Health {
+    pub fn problem(&self) -> Option<String> {
+        self.problem.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    fn set_problem(&self, problem: Option<String>) {
+        *self.problem.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = problem;
     }
 }
 
@@ -99,6 +115,7 @@ pub struct Store {
     metrics: Arc<Metrics>,
     path: PathBuf,
     retention: Duration,
+    health: Arc<Health>,
 }
 
 /// Owns the writer task; [`WriterHandle::shutdown`] writes what is queued and closes the database.
@@ -112,6 +129,15 @@ impl WriterHandle {
         let _ = self.tx.send(Command::Shutdown);
         if let Err(e) = self.task.await {
             tracing::error!(error = %e, "the writer task failed");
+        }
+    }
+
+    /// Completes only if the writer stops before [`WriterHandle::shutdown`] asked it to (it
+    /// panicked): nothing could be stored any more, so the process must not go on serving.
+    pub async fn stopped(&mut self) -> String {
+        match (&mut self.task).await {
+            Ok(()) => "the writer task ended".to_owned(),
+            Err(e) => format!("the writer task failed: {e}"),
         }
     }
 }
@@ -140,13 +166,16 @@ impl Store {
             .pragma("wal_autocheckpoint", "16000")
             .pragma("journal_size_limit", (64 * 1024 * 1024).to_string());
         let mut conn = SqliteConnection::connect_with(&write_options).await?;
+
         sqlx::migrate!("../migrations").run(&mut conn).await.map_err(|e| StoreError::Migrate(Arc::new(e)))?;
         let dicts = Arc::new(load_dicts(&mut conn, cfg.trace_cache).await?);
 
         let read = SqlitePoolOptions::new().max_connections(4).connect_with(connect_options(&cfg.path).read_only(true)).await?;
 
         let (tx, rx) = mpsc::unbounded_channel();
-        let writer = writer::Writer::new(conn, dicts.clone(), metrics.clone(), cfg.max_batch_items, cfg.retention_check_interval);
+        let health = Arc::new(Health::default());
+        let writer =
+            writer::Writer::new(conn, write_options, health.clone(), dicts.clone(), metrics.clone(), cfg.max_batch_items, cfg.retention_check_interval);
         let task = tokio::spawn(writer.run(rx));
         metrics.queue_capacity.set(cfg.queue_capacity as i64);
         let store = Store {
@@ -158,6 +187,7 @@ impl Store {
             metrics,
             path: cfg.path.clone(),
             retention: cfg.retention,
+            health,
         };
         Ok((store, WriterHandle { tx, task }))
     }
@@ -179,6 +209,15 @@ impl Store {
             return Err(StoreError::Closed);
         }
         done.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// `Err` with the reason while exports cannot be stored: the last write transaction failed
+    /// (until one succeeds), or the writer is gone.
+    pub fn health(&self) -> Result<(), String> {
+        if self.tx.is_closed() {
+            return Err("the writer has stopped: exports cannot be stored".to_owned());
+        }
+        self.health.problem().map_or(Ok(()), Err)
     }
 
     /// Asks the writer to remove everything older than `cutoff_ns`, in small steps.

@@ -3,16 +3,22 @@
 //! small chunks between ingest transactions, so it never holds the write lock for long: whenever
 //! the queue is empty, and under load on a time share (see [`Writer::run`]), so a steady stream of
 //! exports cannot starve it.
+//!
+//! A failed transaction never leaves state behind: the writer closes its connection (whatever
+//! SQLite or sqlx still holds of the transaction goes with it), answers the batch with a
+//! retryable error, marks the store unhealthy and opens a fresh connection for the next batch.
+//! Acknowledgements are only ever sent after a `COMMIT` that succeeded.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{AssertSqlSafe, Connection, SqliteConnection};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 
 use super::rows::{Insert, MetricRow, OperationKey, OperationRow, Rows, SeriesRow};
-use super::{Dicts, StoreError};
+use super::{Dicts, Health, StoreError};
 use crate::metrics::Metrics;
 
 pub enum Command {
@@ -39,7 +45,10 @@ const PRUNE_CHUNK: i64 = 5_000;
 const INGEST_SHARE: u32 = 4;
 
 pub struct Writer {
-    conn: SqliteConnection,
+    /// `None` after a failure: the next transaction opens a fresh connection.
+    conn: Option<SqliteConnection>,
+    options: SqliteConnectOptions,
+    health: Arc<Health>,
     dicts: Arc<Dicts>,
     metrics: Arc<Metrics>,
     max_batch_items: usize,
@@ -59,8 +68,35 @@ struct Prune {
 type Pending = (Rows, OwnedSemaphorePermit, oneshot::Sender<Result<(), StoreError>>);
 
 impl Writer {
-    pub fn new(conn: SqliteConnection, dicts: Arc<Dicts>, metrics: Arc<Metrics>, max_batch_items: usize, prune_every: Duration) -> Self {
-        Self { conn, dicts, metrics, max_batch_items, sql: HashMap::new(), prune: None, prune_every }
+    pub fn new(
+        conn: SqliteConnection,
+        options: SqliteConnectOptions,
+        health: Arc<Health>,
+        dicts: Arc<Dicts>,
+        metrics: Arc<Metrics>,
+        max_batch_items: usize,
+        prune_every: Duration,
+    ) -> Self {
+        Self { conn: Some(conn), options, health, dicts, metrics, max_batch_items, sql: HashMap::new(), prune: None, prune_every }
+    }
+
+    /// The open connection, or a fresh one after a failure.
+    async fn connection<'a>(conn: &'a mut Option<SqliteConnection>, options: &SqliteConnectOptions) -> Result<&'a mut SqliteConnection, sqlx::Error> {
+        if conn.is_none() {
+            *conn = Some(SqliteConnection::connect_with(options).await?);
+            tracing::info!("write connection reopened");
+        }
+        Ok(conn.as_mut().expect("opened above"))
+    }
+
+    /// Forgets the connection and everything it holds (an unfinished transaction, cached
+    /// statements); the next write opens a new one.
+    async fn discard_connection(&mut self) {
+        if let Some(conn) = self.conn.take()
+            && let Err(e) = conn.close_hard().await
+        {
+            tracing::warn!(error = %e, "closing the failed write connection");
+        }
     }
 
     /// Runs until every sender is gone and the queue is drained, then closes the connection.
@@ -115,12 +151,15 @@ impl Writer {
         }
         // Everything is in the database file now, and the WAL is emptied (readers are closed
         // first, so nothing holds it): a clean stop leaves no large WAL behind.
-        match sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(TRUNCATE)").fetch_one(&mut self.conn).await {
+        let Ok(conn) = Self::connection(&mut self.conn, &self.options).await else { return };
+        match sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(TRUNCATE)").fetch_one(&mut *conn).await {
             Ok((0, _, _)) => {}
             Ok((busy, log, done)) => tracing::warn!(busy, log, done, "the last checkpoint could not finish"),
             Err(e) => tracing::warn!(error = %e, "the last checkpoint failed"),
         }
-        if let Err(e) = self.conn.close().await {
+        if let Some(conn) = self.conn.take()
+            && let Err(e) = conn.close().await
+        {
             tracing::warn!(error = %e, "closing the write connection failed");
         }
     }
@@ -159,18 +198,20 @@ impl Writer {
         }
         let operations: Vec<OperationRow> = operations.into_iter().map(|(key, last_seen_ns)| OperationRow { key, last_seen_ns }).collect();
 
+        let (sql, options) = (&mut self.sql, &self.options);
         let result: Result<(), sqlx::Error> = async {
-            let mut tx = self.conn.begin().await?;
-            insert(&mut self.sql, &mut tx, strings.clone()).await?;
-            insert(&mut self.sql, &mut tx, resources.clone()).await?;
-            insert(&mut self.sql, &mut tx, scopes.clone()).await?;
-            insert(&mut self.sql, &mut tx, traces.clone()).await?;
-            insert(&mut self.sql, &mut tx, operations).await?;
-            insert(&mut self.sql, &mut tx, metric_defs.into_values().collect()).await?;
-            insert(&mut self.sql, &mut tx, series.into_values().collect()).await?;
-            insert(&mut self.sql, &mut tx, all.spans).await?;
-            insert(&mut self.sql, &mut tx, all.points).await?;
-            insert(&mut self.sql, &mut tx, all.logs).await?;
+            let conn = Self::connection(&mut self.conn, options).await?;
+            let mut tx = conn.begin().await?;
+            insert(sql, &mut tx, strings.clone()).await?;
+            insert(sql, &mut tx, resources.clone()).await?;
+            insert(sql, &mut tx, scopes.clone()).await?;
+            insert(sql, &mut tx, traces.clone()).await?;
+            insert(sql, &mut tx, operations).await?;
+            insert(sql, &mut tx, metric_defs.into_values().collect()).await?;
+            insert(sql, &mut tx, series.into_values().collect()).await?;
+            insert(sql, &mut tx, all.spans).await?;
+            insert(sql, &mut tx, all.points).await?;
+            insert(sql, &mut tx, all.logs).await?;
             tx.commit().await
         }
         .await;
@@ -180,6 +221,7 @@ impl Writer {
                 self.metrics.write_batch_items.observe(items as f64);
                 self.metrics.write_batch_requests.observe(n_requests as f64);
                 self.metrics.commit_duration.observe(started.elapsed().as_secs_f64());
+                self.health.set_problem(None);
                 Ok(())
             }
             Err(e) => {
@@ -189,7 +231,10 @@ impl Writer {
                 d.resources.restore_pending(resources);
                 d.scopes.restore_pending(scopes);
                 d.traces.restore_pending(traces);
-                Err(StoreError::Write)
+                self.discard_connection().await;
+                let reason = e.to_string();
+                self.health.set_problem(Some(format!("exports cannot be stored: {reason}")));
+                Err(StoreError::Write(reason))
             }
         };
         for (permit, ack) in acks {
@@ -282,7 +327,11 @@ impl Writer {
             for a in args {
                 q = q.bind(a);
             }
-            match q.execute(&mut self.conn).await {
+            let result = match Self::connection(&mut self.conn, &self.options).await {
+                Ok(conn) => q.execute(conn).await,
+                Err(e) => Err(e),
+            };
+            match result {
                 Ok(r) => {
                     total += r.rows_affected();
                     self.metrics.retention_deleted.with_label_values(&[table]).inc_by(r.rows_affected());
@@ -290,6 +339,7 @@ impl Writer {
                 Err(e) => {
                     tracing::error!(error = %e, table, "retention step failed; trying again next pass");
                     self.prune = None;
+                    self.discard_connection().await;
                     return None;
                 }
             }
@@ -369,7 +419,7 @@ mod tests {
         let dicts: Arc<Dicts> = Arc::new(load_dicts(&mut conn, 1000).await.expect("dicts"));
         let metrics = Arc::new(Metrics::new());
         // Due at every turn, so the test does not depend on how long steps take.
-        let writer = Writer::new(conn, dicts.clone(), metrics.clone(), 1, Duration::ZERO);
+        let writer = Writer::new(conn, connect_options(&path), Arc::default(), dicts.clone(), metrics.clone(), 1, Duration::ZERO);
 
         let (tx, rx) = mpsc::unbounded_channel();
         let queue = Arc::new(Semaphore::new(1 << 20));
@@ -401,6 +451,70 @@ mod tests {
         assert_eq!((old_left, new_kept), (0, 20));
         assert_eq!(metrics.retention_deleted.with_label_values(&["spans"]).get(), old);
         assert_eq!(metrics.retention_runs.get(), 1, "the pass ended while exports were still queued");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The database fills up (SQLite's `max_page_count` stands in for a full disk): every batch
+    /// the writer acknowledged is stored, every failed one is answered with an error and marks
+    /// the store unhealthy, and once space returns (another connection drops a filler table)
+    /// writes succeed again and the store is healthy.
+    #[tokio::test]
+    async fn a_full_database_never_gets_a_false_acknowledgement() {
+        let dir = std::env::temp_dir().join(format!("collector-full-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("full.db");
+        let mut setup = SqliteConnection::connect_with(&connect_options(&path).create_if_missing(true)).await.expect("open");
+        sqlx::migrate!("../migrations").run(&mut setup).await.expect("migrate");
+        sqlx::query("CREATE TABLE filler (b BLOB)").execute(&mut setup).await.expect("filler table");
+        sqlx::query("INSERT INTO filler VALUES (zeroblob(2000000))").execute(&mut setup).await.expect("filler");
+        let pages: i64 = sqlx::query("PRAGMA page_count").fetch_one(&mut setup).await.expect("pages").get(0);
+        let dicts: Arc<Dicts> = Arc::new(load_dicts(&mut setup, 1000).await.expect("dicts"));
+        // Room for a few hundred KiB of spans beyond what is there now.
+        let options = connect_options(&path).pragma("max_page_count", (pages + 100).to_string());
+        let conn = SqliteConnection::connect_with(&options).await.expect("open limited");
+        let metrics = Arc::new(Metrics::new());
+        let health = Arc::new(crate::store::Health::default());
+        let writer = Writer::new(conn, options, health.clone(), dicts.clone(), metrics.clone(), 1 << 20, Duration::from_secs(3600));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(writer.run(rx));
+        let queue = Arc::new(Semaphore::new(1 << 20));
+        let write = |first: u64| {
+            let mut req = spans(first, 200, 1_000_000);
+            for s in &mut req.resource_spans[0].scope_spans[0].spans {
+                s.name = format!("span {} {}", s.name, "x".repeat(200));
+            }
+            let rows = convert::traces(req, &dicts).rows;
+            let permit = queue.clone().try_acquire_many_owned(rows.len() as u32).expect("permit");
+            let (ack, done) = oneshot::channel();
+            tx.send(Command::Write { rows, permit, ack }).map_err(|_| "send").expect("queued");
+            done
+        };
+        let (mut acked, mut failures, mut next) = (0, 0, 0);
+        while failures < 3 {
+            assert!(next < 200_000, "the limit was never reached");
+            match write(next).await.expect("answered") {
+                Ok(()) => acked += 200,
+                Err(e) => {
+                    failures += 1;
+                    assert!(e.to_string().contains("full"), "{e}");
+                    let problem = health.problem().expect("unhealthy after a failed write");
+                    assert!(problem.contains("full"), "{problem}");
+                }
+            }
+            next += 200;
+        }
+        assert!(acked > 0, "some writes fit before the limit");
+
+        sqlx::query("DROP TABLE filler").execute(&mut setup).await.expect("space returns");
+        write(next).await.expect("answered").expect("a write succeeds once space returns");
+        acked += 200;
+        assert_eq!(health.problem(), None, "healthy again");
+
+        tx.send(Command::Shutdown).map_err(|_| "send").expect("queued");
+        task.await.expect("writer ends");
+        let stored: i64 = sqlx::query("SELECT COUNT(*) FROM spans").fetch_one(&mut setup).await.expect("count").get(0);
+        assert_eq!(stored, acked, "exactly the acknowledged spans are stored");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

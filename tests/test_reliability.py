@@ -1,0 +1,103 @@
+"""Storage failures: a full disk never produces a false acknowledgement, the collector's own log
+on that same disk cannot stop it, and exports succeed again as soon as space returns."""
+
+import os
+import sqlite3
+import subprocess
+import time
+
+import pytest
+import requests
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
+
+from conftest import Collector, wait_until
+
+SPANS_PER_EXPORT = 200
+
+
+def export(c, n):
+    """Export `n`: one trace of 200 spans, each with 2 KB of incompressible attribute."""
+    now = time.time_ns()
+    trace_id = (n + 1).to_bytes(16, "big")
+    spans = [
+        Span(
+            trace_id=trace_id,
+            span_id=(i + 1).to_bytes(8, "big"),
+            name=f"op {i}",
+            start_time_unix_nano=now,
+            end_time_unix_nano=now + 1000,
+            attributes=[KeyValue(key="pad", value=AnyValue(string_value=os.urandom(1024).hex()))],
+        )
+        for i in range(SPANS_PER_EXPORT)
+    ]
+    resource = Resource(attributes=[KeyValue(key="service.name", value=AnyValue(string_value="filler"))])
+    body = ExportTraceServiceRequest(resource_spans=[ResourceSpans(resource=resource, scope_spans=[ScopeSpans(spans=spans)])]).SerializeToString()
+    return requests.post(f"{c.otlp_http}/v1/traces", data=body, headers={"Content-Type": "application/x-protobuf"}, timeout=60)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 32 MiB filesystem (tmpfs), mounted for the test; needs root, as CI has."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_disk_never_gets_a_false_acknowledgement_and_exports_resume_when_space_returns(small_disk):
+    # 8 MiB of the disk are taken by a file the test removes later: that is the space returning.
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * (8 << 20))
+    c = Collector(small_disk / "collector.db", log_path=small_disk / "collector.log").start()
+    acked, refused, n = [], [], 0
+    try:
+        # Fill the disk: database, WAL and the collector's own log share it.
+        while len(refused) < 5:
+            assert n < 400, "the disk never filled up"
+            r = export(c, n)
+            if r.status_code == 200:
+                acked.append(n)
+            else:
+                assert r.status_code == 503 and r.headers.get("Retry-After"), (r.status_code, r.text)
+                refused.append(n)
+            n += 1
+        health = c.get("/healthz")
+        assert health.status_code == 503 and "full" in health.text, (health.status_code, health.text)
+        assert c.proc.poll() is None, "the collector keeps running"
+
+        filler.unlink()
+        started = time.monotonic()
+
+        def resumed():
+            nonlocal n
+            r = export(c, n)
+            n += 1
+            if r.status_code == 200:
+                acked.append(n - 1)
+            return r.status_code == 200
+
+        wait_until(resumed, what="an export accepted once space returned")
+        recovered = time.monotonic() - started
+        assert c.get("/healthz").status_code == 200
+        # Each acknowledged trace can be read back whole, through the API ...
+        for t in acked[-3:]:
+            r = c.get(f"/api/v1/traces/{(t + 1).to_bytes(16, 'big').hex()}")
+            assert r.status_code == 200 and r.json()["spanCount"] == SPANS_PER_EXPORT, (t, r.status_code)
+    finally:
+        code = c.stop()
+    assert code == 0, "".join(c.log[-20:])
+    # ... and all of them are in the database once the collector has stopped.
+    db = sqlite3.connect(f"file:{small_disk / 'collector.db'}?mode=ro", uri=True)
+    stored = dict(db.execute("SELECT t.trace_id, COUNT(*) FROM spans s JOIN traces t ON t.id = s.trace GROUP BY t.trace_id").fetchall())
+    missing = [t for t in acked if stored.get((t + 1).to_bytes(16, "big")) != SPANS_PER_EXPORT]
+    assert not missing, f"{len(missing)} of {len(acked)} acknowledged exports are not stored whole"
+    print(f"full disk: {len(acked) * SPANS_PER_EXPORT} spans acknowledged, "
+          f"{sum(stored.values())} stored, {len(refused)} exports refused; recovered {recovered:.2f} s after space returned")
