@@ -44,6 +44,12 @@ pub struct Addrs {
 
 impl App {
     pub async fn build(cfg: Config) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            cfg.max_inflight_bytes >= cfg.max_message_size,
+            "--max-inflight-bytes ({}) must be at least --max-message-size ({}): a largest message could never be accepted",
+            cfg.max_inflight_bytes,
+            cfg.max_message_size
+        );
         let metrics = Arc::new(Metrics::new());
         let registry = RegistryProxy::new(&cfg.registry_url)?;
         let mut store_cfg = StoreConfig::new(&cfg.db);
@@ -66,8 +72,9 @@ impl App {
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let ingest = Arc::new(Ingest::new(self.store.clone(), self.metrics.clone()));
         let max = self.cfg.max_message_size;
-        let grpc_router = otlp::grpc::router(ingest.clone(), max);
-        let otlp_http_router = otlp::http::router(ingest, max);
+        let budget = otlp::inflight::Budget::new(self.cfg.max_inflight_bytes, self.metrics.inflight_bytes.clone());
+        let grpc_router = otlp::grpc::router(ingest.clone(), max, budget.clone());
+        let otlp_http_router = otlp::http::router(ingest, max, budget);
         let http_addr = self.http.local_addr()?;
         let http_router = http_router(self.store.clone(), self.metrics.clone(), self.registry).merge(dashboard(&self.cfg, http_addr));
 

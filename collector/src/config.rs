@@ -42,6 +42,12 @@ pub struct Config {
     #[arg(long, env = "COLLECTOR_MAX_MESSAGE_SIZE", default_value = "16MiB", value_parser = parse_size)]
     pub max_message_size: usize,
 
+    /// Bytes of export requests (bodies as received, plus what decompression produces) held in
+    /// memory at once over both OTLP listeners; past it, exports are refused with 503 / UNAVAILABLE
+    /// and a retry hint. Must be at least --max-message-size. E.g. 64MiB, 1GiB.
+    #[arg(long, env = "COLLECTOR_MAX_INFLIGHT_BYTES", default_value = "64MiB", value_parser = parse_size)]
+    pub max_inflight_bytes: usize,
+
     /// Items (spans, metric points, log records) waiting to be written before exports are
     /// refused with 503 / UNAVAILABLE.
     #[arg(long, env = "COLLECTOR_QUEUE_CAPACITY", default_value_t = 262_144, value_parser = clap::value_parser!(u32).range(1..))]

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Extension, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -18,6 +18,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{ExportTracePartialSuccess
 use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 
 use super::decode::{self, Encoding};
+use super::inflight::{self, Budget, Ticket};
 use super::status::IngestError;
 use super::{Ingest, PartialSuccess, Signal};
 
@@ -27,7 +28,7 @@ struct HttpState {
     max_message_size: usize,
 }
 
-pub fn router(ingest: Arc<Ingest>, max_message_size: usize) -> Router {
+pub fn router(ingest: Arc<Ingest>, max_message_size: usize, budget: Arc<Budget>) -> Router {
     let cors = CorsLayer::new()
         .allow_origin(AllowOrigin::mirror_request())
         .allow_methods([Method::POST, Method::OPTIONS])
@@ -38,6 +39,7 @@ pub fn router(ingest: Arc<Ingest>, max_message_size: usize) -> Router {
         .route("/v1/metrics", post(metrics))
         .route("/v1/logs", post(logs))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state((budget, inflight::Protocol::Http), inflight::limit))
         .layer(cors)
         // The body limit is enforced by `read_body` (with a clear message), not axum's default.
         .layer(DefaultBodyLimit::disable())
@@ -49,19 +51,21 @@ async fn not_found(method: Method, uri: axum::http::Uri) -> Response {
     (StatusCode::NOT_FOUND, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], msg).into_response()
 }
 
-async fn traces(State(s): State<HttpState>, headers: HeaderMap, body: Body) -> Response {
-    handle(s, Signal::Traces, headers, body).await
+type TicketExt = Option<Extension<Arc<Ticket>>>;
+
+async fn traces(State(s): State<HttpState>, headers: HeaderMap, ticket: TicketExt, body: Body) -> Response {
+    handle(s, Signal::Traces, headers, ticket, body).await
 }
 
-async fn metrics(State(s): State<HttpState>, headers: HeaderMap, body: Body) -> Response {
-    handle(s, Signal::Metrics, headers, body).await
+async fn metrics(State(s): State<HttpState>, headers: HeaderMap, ticket: TicketExt, body: Body) -> Response {
+    handle(s, Signal::Metrics, headers, ticket, body).await
 }
 
-async fn logs(State(s): State<HttpState>, headers: HeaderMap, body: Body) -> Response {
-    handle(s, Signal::Logs, headers, body).await
+async fn logs(State(s): State<HttpState>, headers: HeaderMap, ticket: TicketExt, body: Body) -> Response {
+    handle(s, Signal::Logs, headers, ticket, body).await
 }
 
-async fn handle(s: HttpState, signal: Signal, headers: HeaderMap, body: Body) -> Response {
+async fn handle(s: HttpState, signal: Signal, headers: HeaderMap, ticket: Option<Extension<Arc<Ticket>>>, body: Body) -> Response {
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let encoding = match Encoding::from_content_type(content_type) {
         Ok(e) => e,
@@ -71,7 +75,7 @@ async fn handle(s: HttpState, signal: Signal, headers: HeaderMap, body: Body) ->
             return error_response(&e, Encoding::Json);
         }
     };
-    let result = match read_body(&headers, body, s.max_message_size).await {
+    let result = match read_body(&headers, body, s.max_message_size, ticket.as_deref().map(Arc::as_ref)).await {
         Ok(bytes) => s.ingest.export_body(bytes, signal, encoding, "http").await,
         Err(e) => {
             s.ingest.count_refused(signal, "http", encoding.label(), &e);
@@ -89,8 +93,9 @@ async fn handle(s: HttpState, signal: Signal, headers: HeaderMap, body: Body) ->
     }
 }
 
-/// Reads the body up to the limit, then decompresses it (gzip) up to the same limit.
-async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, IngestError> {
+/// Reads the body up to the limit, then decompresses it (gzip) up to the same limit; what
+/// decompression produces is reserved on the request's in-flight ticket too.
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize, ticket: Option<&Ticket>) -> Result<Bytes, IngestError> {
     let gzip = match headers.get(header::CONTENT_ENCODING).map(|v| v.to_str().unwrap_or("?").trim().to_ascii_lowercase()) {
         None => false,
         Some(e) if e.is_empty() || e == "identity" => false,
@@ -100,6 +105,8 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
     let raw = Limited::new(body, limit).collect().await.map_err(|e| {
         if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
             IngestError::TooLarge { limit, decompressed: false }
+        } else if let Some(busy) = inflight::is_busy(e.as_ref()) {
+            busy
         } else {
             IngestError::Malformed(format!("reading the request body failed: {e}"))
         }
@@ -108,11 +115,15 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
     if !gzip {
         return Ok(raw);
     }
-    if raw.len() > 64 * 1024 {
-        tokio::task::spawn_blocking(move || decode::gunzip(&raw, limit)).await.map_err(|e| IngestError::Storage(format!("decompressing failed: {e}")))?.map(Bytes::from)
+    let plain = if raw.len() > 64 * 1024 {
+        tokio::task::spawn_blocking(move || decode::gunzip(&raw, limit)).await.map_err(|e| IngestError::Storage(format!("decompressing failed: {e}")))??
     } else {
-        decode::gunzip(&raw, limit).map(Bytes::from)
+        decode::gunzip(&raw, limit)?
+    };
+    if let Some(t) = ticket {
+        t.reserve(plain.len())?;
     }
+    Ok(Bytes::from(plain))
 }
 
 fn success_response(signal: Signal, p: PartialSuccess, encoding: Encoding) -> Response {
@@ -140,7 +151,7 @@ fn success_response(signal: Signal, p: PartialSuccess, encoding: Encoding) -> Re
     (StatusCode::OK, [(header::CONTENT_TYPE, encoding.content_type())], body).into_response()
 }
 
-fn error_response(e: &IngestError, encoding: Encoding) -> Response {
+pub(crate) fn error_response(e: &IngestError, encoding: Encoding) -> Response {
     let (status, code) = e.codes();
     let body = decode::encode_status(code, &e.to_string(), encoding);
     let mut resp = (status, [(header::CONTENT_TYPE, encoding.content_type())], body).into_response();

@@ -4,6 +4,7 @@
 pub mod decode;
 pub mod grpc;
 pub mod http;
+pub mod inflight;
 pub mod status;
 
 use std::sync::Arc;
@@ -21,6 +22,8 @@ pub use status::IngestError;
 
 /// Requests with at least this many items are converted on the blocking pool, off the runtime.
 const BLOCKING_THRESHOLD: usize = 256;
+/// Bodies of at least this many bytes are decoded on the blocking pool.
+const BLOCKING_BODY: usize = 64 * 1024;
 
 #[derive(Debug)]
 pub enum ExportRequest {
@@ -113,16 +116,19 @@ impl Ingest {
             ExportRequest::Metrics(r) => convert::metrics(r, &dicts),
             ExportRequest::Logs(r) => convert::logs(r, &dicts),
         };
-        let converted: Converted =
-            if total >= BLOCKING_THRESHOLD { tokio::task::spawn_blocking(convert).await.map_err(|e| IngestError::Storage(format!("converting failed: {e}")))? } else { convert() };
+        let converted: Converted = if total >= BLOCKING_THRESHOLD {
+            tokio::task::spawn_blocking(convert).await.map_err(|e| IngestError::Storage(format!("converting failed: {e}")))?
+        } else {
+            convert()
+        };
         let partial = PartialSuccess { rejected: converted.rejected as i64, message: converted.message() };
         let accepted = converted.rows.len();
         self.store.write(converted.rows).await?;
         Ok((partial, accepted))
     }
 
-    /// Like [`Ingest::export`], for bodies that still need decoding: decoding large bodies is CPU
-    /// work, so it runs on the blocking pool together with the conversion.
+    /// Like [`Ingest::export`], for bodies that still need decoding: decoding a large body is CPU
+    /// work, so it runs on the blocking pool (and so does converting a request of many items).
     pub async fn export_body(
         self: &Arc<Self>,
         body: bytes::Bytes,
@@ -130,6 +136,7 @@ impl Ingest {
         encoding: decode::Encoding,
         protocol: &'static str,
     ) -> Result<PartialSuccess, IngestError> {
+        let body_len = body.len();
         let decode = move || -> Result<ExportRequest, IngestError> {
             Ok(match signal {
                 Signal::Traces => ExportRequest::Traces(decode::decode(&body, encoding)?),
@@ -137,7 +144,12 @@ impl Ingest {
                 Signal::Logs => ExportRequest::Logs(decode::decode(&body, encoding)?),
             })
         };
-        let req = match decode() {
+        let decoded = if body_len >= BLOCKING_BODY {
+            tokio::task::spawn_blocking(decode).await.map_err(|e| IngestError::Storage(format!("decoding failed: {e}")))?
+        } else {
+            decode()
+        };
+        let req = match decoded {
             Ok(r) => r,
             Err(e) => {
                 self.count_refused(signal, protocol, encoding.label(), &e);

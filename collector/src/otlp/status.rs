@@ -18,6 +18,9 @@ pub enum IngestError {
     TooLarge { limit: usize, decompressed: bool },
     #[error("the collector is overloaded: retry later")]
     Overloaded,
+    /// The in-flight byte budget (`--max-inflight-bytes`) is spent.
+    #[error("the collector holds its limit of {limit} bytes of export requests in flight: retry later")]
+    Busy { limit: usize },
     #[error("the collector is shutting down: retry later")]
     ShuttingDown,
     #[error("the collector could not store the data ({0}): retry later")]
@@ -41,7 +44,7 @@ impl IngestError {
             Self::Malformed(_) => (StatusCode::BAD_REQUEST, Code::InvalidArgument),
             Self::UnsupportedContentType(_) | Self::UnsupportedEncoding(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, Code::InvalidArgument),
             Self::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, Code::ResourceExhausted),
-            Self::Overloaded | Self::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable),
+            Self::Overloaded | Self::Busy { .. } | Self::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable),
             Self::Storage(_) => (StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable),
         }
     }
@@ -49,7 +52,7 @@ impl IngestError {
     /// Seconds a client should wait before retrying, where retrying makes sense.
     pub fn retry_after(&self) -> Option<u32> {
         match self {
-            Self::Overloaded | Self::ShuttingDown | Self::Storage(_) => Some(1),
+            Self::Overloaded | Self::Busy { .. } | Self::ShuttingDown | Self::Storage(_) => Some(1),
             _ => None,
         }
     }
@@ -60,7 +63,7 @@ impl IngestError {
             Self::Malformed(_) => "malformed",
             Self::UnsupportedContentType(_) | Self::UnsupportedEncoding(_) => "unsupported",
             Self::TooLarge { .. } => "too_large",
-            Self::Overloaded => "overloaded",
+            Self::Overloaded | Self::Busy { .. } => "overloaded",
             Self::ShuttingDown => "shutting_down",
             Self::Storage(_) => "storage_error",
         }
@@ -69,6 +72,11 @@ impl IngestError {
 
 impl From<IngestError> for tonic::Status {
     fn from(e: IngestError) -> Self {
-        tonic::Status::new(e.codes().1, e.to_string())
+        let mut status = tonic::Status::new(e.codes().1, e.to_string());
+        if let IngestError::Busy { limit } = e {
+            // Lets the HTTP side tell this refusal from other body errors (see `inflight`).
+            status.metadata_mut().insert(super::inflight::LIMIT_KEY, limit.into());
+        }
+        status
     }
 }
