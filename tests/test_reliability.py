@@ -166,3 +166,82 @@ def test_32_clients_sending_15_mib_exports_are_bounded_by_the_inflight_byte_budg
     finally:
         channel.close()
         c.stop()
+
+
+def batch(trace_id, n_spans, events_per_span=0, service="huge"):
+    now = time.time_ns()
+    spans = [
+        Span(trace_id=trace_id, span_id=(i + 1).to_bytes(8, "big"), parent_span_id=(1).to_bytes(8, "big") if i else b"",
+             name=f"step {i % 50}", start_time_unix_nano=now + i, end_time_unix_nano=now + i + 1000,
+             attributes=[KeyValue(key="i", value=AnyValue(int_value=i))],
+             events=[Span.Event(name="tick", time_unix_nano=now + i + e) for e in range(events_per_span)])
+        for i in range(n_spans)
+    ]
+    resource = Resource(attributes=[KeyValue(key="service.name", value=AnyValue(string_value=service))])
+    return ExportTraceServiceRequest(resource_spans=[ResourceSpans(resource=resource, scope_spans=[ScopeSpans(spans=spans)])]).SerializeToString()
+
+
+def post_all(c, body, times):
+    for _ in range(times):
+        r = requests.post(f"{c.otlp_http}/v1/traces", data=body, headers={"Content-Type": "application/x-protobuf"}, timeout=120)
+        assert r.status_code == 200, r.text
+
+
+def slow_api(c, path, **params):
+    """Like `Collector.api`, with room for a debug build reading a million spans."""
+    r = requests.get(f"{c.http}{path}", params=params, timeout=300)
+    assert r.status_code == 200, f"{path}: {r.status_code} {r.text[:500]}"
+    return r.json()
+
+
+def test_a_million_span_trace_and_a_trace_of_300k_events_are_answered_in_bounded_memory(tmp_path):
+    db = tmp_path / "collector.db"
+    spans_tid, events_tid = b"\x0b" * 16, b"\x0e" * 16
+    big, eventful = spans_tid.hex(), events_tid.hex()
+    c = Collector(db).start()
+    try:
+        post_all(c, batch(spans_tid, 50_000), 20)  # the same 50,000 spans 20 times: 1,000,000 in one trace
+        post_all(c, batch(events_tid, 1_000, events_per_span=300, service="eventful"), 1)
+    finally:
+        c.stop()
+
+    def check_trace(t):
+        assert t["spanCount"] == 1_000_000 and t["truncated"] and len(t["spans"]) == 10_000, (t["spanCount"], len(t["spans"]))
+        assert "outline" in t["warnings"][0] and "10000 of its 1000000 spans" in t["warnings"][0], t["warnings"]
+        starts = [int(s["startTimeUnixNano"]) for s in t["spans"]]
+        assert starts == sorted(starts), "the earliest spans, in start order"
+
+    def check_jaeger(data):
+        assert len(data) == 1 and len(data[0]["spans"]) == 10_000 and "1000000 spans" in data[0]["warnings"][0], data[0]["warnings"]
+
+    def check_outline(o):
+        assert o["spanCount"] == 1_000_000 and len(o["spanIds"]) == 250_000 and o["truncated"], o["spanCount"]
+
+    def check_events(e):
+        n_events = sum(len(s["events"]) for s in e["spans"])
+        assert e["spanCount"] == 1_000 and e["truncated"] and 0 < n_events < 300_000 and e["warnings"], (e["spanCount"], n_events)
+
+    endpoints = [
+        (f"/api/v1/traces/{big}", {}, check_trace),
+        (f"/api/traces/{big}", {}, lambda j: check_jaeger(j["data"])),
+        ("/api/traces", dict(service="huge", lookback="1h", limit=20), lambda j: check_jaeger(j["data"])),
+        ("/api/v1/traces", dict(service="huge"), lambda j: j["traces"][0]["spanCount"] == 1_000_000 or pytest.fail(str(j["traces"][0]))),
+        (f"/api/v1/traces/{big}/outline", {}, check_outline),
+        (f"/traces/{big}", {}, None),  # the dashboard's page; the browser then fetches the outline, above
+        (f"/api/v1/traces/{eventful}", {}, check_events),
+        (f"/api/traces/{eventful}", {}, lambda j: j["data"][0]["warnings"] or pytest.fail("no warning")),
+    ]
+    peaks = {}
+    # Each endpoint on a collector of its own over the same database: its peak is its answer's.
+    for path, params, check in endpoints:
+        c = Collector(db).start()
+        try:
+            r = requests.get(f"{c.http}{path}", params=params, timeout=300)
+            assert r.status_code == 200, f"{path}: {r.status_code} {r.text[:300]}"
+            if check:
+                check(r.json())
+            peaks[path] = peak_rss_mib(c.proc.pid)
+        finally:
+            c.stop()
+    print("peak RSS (MiB) per endpoint, 1,000,000-span trace / 300,000-event trace:", {k: round(v) for k, v in peaks.items()})
+    assert all(p < 512 for p in peaks.values()), peaks

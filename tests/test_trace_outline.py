@@ -61,7 +61,7 @@ def test_outline_of_a_small_trace_field_by_field(make_collector):
     r = c.get(f"/api/v1/traces/{tid}/outline")
     assert r.status_code == 200 and r.headers["content-type"] == "application/json"
     assert r.json() == {
-        "traceId": tid, "startTimeUnixNano": str(T0), "durationNanos": 7 * MS, "spanCount": 3,
+        "traceId": tid, "startTimeUnixNano": str(T0), "durationNanos": 7 * MS, "spanCount": 3, "truncated": False,
         "services": ["checkout", "frontend"],
         "names": ["POST /api/orders", "charge"],
         "spanIds": [sid(0xA1).hex(), sid(0xB2).hex(), sid(0xC3).hex()],

@@ -227,6 +227,9 @@ pub struct Trace {
     pub start_time_unix_nano: String,
     pub duration_nanos: i64,
     pub span_count: u64,
+    /// Why only part of the trace is here, when it is (see docs/API.md, "Limits").
+    #[serde(default)]
+    pub warnings: Vec<String>,
     pub resources: Vec<Resource>,
     #[serde(default)]
     pub scopes: Vec<Scope>,
@@ -474,6 +477,9 @@ pub struct Outline {
     pub start_time_unix_nano: String,
     pub duration_nanos: i64,
     pub span_count: u64,
+    /// The trace has more spans than an outline lists (`span_count` counts them all).
+    #[serde(default)]
+    pub truncated: bool,
     pub services: Vec<String>,
     pub names: Vec<String>,
     pub span_ids: Vec<String>,

@@ -130,6 +130,7 @@ mod tests {
             start_time_unix_nano: "0".into(),
             duration_nanos: spans.iter().map(|s| s.3).max().unwrap_or(0),
             span_count: n as u64,
+            truncated: false,
             services: vec!["svc".into()],
             names: vec!["op".into()],
             span_ids: spans.iter().map(|s| s.0.to_owned()).collect(),

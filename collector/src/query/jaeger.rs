@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 
 use super::ApiError;
 use super::params::{Params, now_ns};
-use crate::store::read::{SearchQuery, SpanRecord, TraceData, kind_name, status_name, value_text};
+use crate::store::read::{SearchQuery, SpanBudget, SpanRecord, TraceData, kind_name, status_name, value_text};
 use crate::store::{Store, parse_trace_id};
 
 pub fn router() -> Router<Store> {
@@ -165,7 +165,8 @@ async fn search(State(store): State<Store>, RawQuery(q): RawQuery) -> JResult {
     let ids: Vec<[u8; 16]> =
         p.all("traceID").map(|s| parse_trace_id(s).ok_or_else(|| ApiError::bad("traceID", format!("not a hex trace id: {s:?}")))).collect::<Result<_, _>>()?;
     let ids = if ids.is_empty() { store.search(&search_query(&p)?).await? } else { ids };
-    let traces: Vec<Value> = store.traces(&ids).await?.iter().map(trace_json).collect();
+    // A search answer shares one span budget among its traces, as a single trace's answer has.
+    let traces: Vec<Value> = store.traces(&ids, SpanBudget::ANSWER).await?.iter().map(trace_json).collect();
     let n = traces.len();
     Ok(envelope(Value::Array(traces), n))
 }
@@ -238,7 +239,8 @@ pub fn trace_json(t: &TraceData) -> Value {
         process_ids.insert(s.resource, pid);
     }
     let spans: Vec<Value> = t.spans.iter().map(|s| span_json(s, &trace_id, t, &process_ids)).collect();
-    json!({ "traceID": trace_id, "spans": spans, "processes": processes, "warnings": null })
+    let warnings = t.warning().map_or(Value::Null, |w| json!([w]));
+    json!({ "traceID": trace_id, "spans": spans, "processes": processes, "warnings": warnings })
 }
 
 fn span_json(s: &SpanRecord, trace_id: &str, t: &TraceData, pids: &HashMap<i64, String>) -> Value {

@@ -170,7 +170,10 @@ impl Store {
         sqlx::migrate!("../migrations").run(&mut conn).await.map_err(|e| StoreError::Migrate(Arc::new(e)))?;
         let dicts = Arc::new(load_dicts(&mut conn, cfg.trace_cache).await?);
 
-        let read = SqlitePoolOptions::new().max_connections(4).connect_with(connect_options(&cfg.path).read_only(true)).await?;
+        // Readers get a smaller page cache than the writer: four of them reading large traces at
+        // once would otherwise hold 256 MiB of cache between them.
+        let read_options = connect_options(&cfg.path).read_only(true).pragma("cache_size", "-16384");
+        let read = SqlitePoolOptions::new().max_connections(4).connect_with(read_options).await?;
 
         let (tx, rx) = mpsc::unbounded_channel();
         let health = Arc::new(Health::default());

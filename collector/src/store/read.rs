@@ -12,7 +12,7 @@ use std::sync::Arc;
 use futures::TryStreamExt;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use opentelemetry_proto::tonic::trace::v1::span::{Event, Link};
-use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
+use sqlx::{AssertSqlSafe, QueryBuilder, Row, Sqlite, SqliteConnection};
 
 use super::codec::{Reader, decode_attributes};
 use super::dict::StringsSnapshot;
@@ -42,6 +42,55 @@ pub struct SpanRecord {
     pub scope: i64,
 }
 
+impl TraceData {
+    pub fn truncated(&self) -> bool {
+        self.total_spans > self.spans.len()
+    }
+
+    /// Why the answer holds only part of the trace, if it does.
+    pub fn warning(&self) -> Option<String> {
+        self.truncated().then(|| {
+            format!(
+                "trace truncated: {} of its {} spans are returned (the earliest by start time; an answer holds at most {} spans, {} spans, \
+                 attributes, events and links together, or {} MiB of stored span data); the outline (/api/v1/traces/{}/outline) lists every span",
+                self.spans.len(),
+                self.total_spans,
+                SpanBudget::ANSWER.spans,
+                SpanBudget::ANSWER.items,
+                SpanBudget::ANSWER.bytes >> 20,
+                hex::encode(self.trace_id)
+            )
+        })
+    }
+}
+
+/// How much of its traces' full spans one answer holds: spans are taken in start order until
+/// either bound is reached (the first span of a trace always), the rest only counted. Bounds the
+/// memory a query takes whatever the size of the trace (see docs/API.md, "Limits").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpanBudget {
+    pub spans: usize,
+    /// Stored bytes of attributes, events and links (decoded, they take several times more).
+    pub bytes: usize,
+    /// Spans, attributes, events and links (with their attributes) together: the stored form
+    /// of an event is a few bytes, its decoded and JSON forms some hundreds.
+    pub items: usize,
+}
+
+impl SpanBudget {
+    pub const ANSWER: SpanBudget = SpanBudget { spans: 10_000, bytes: 8 << 20, items: 50_000 };
+
+    /// An equal share for each of `n` traces.
+    fn share(self, n: usize) -> SpanBudget {
+        let n = n.max(1);
+        SpanBudget { spans: (self.spans / n).max(1), bytes: (self.bytes / n).max(1), items: (self.items / n).max(1) }
+    }
+}
+
+/// Spans an outline lists at most (a waterfall of more is of no use in a browser); a larger
+/// trace's outline holds its earliest spans and says so.
+pub const MAX_OUTLINE_SPANS: usize = 250_000;
+
 impl SpanRecord {
     pub fn duration_ns(&self) -> u64 {
         self.end_ns.saturating_sub(self.start_ns)
@@ -65,11 +114,14 @@ pub struct ScopeRecord {
     pub schema_url: String,
 }
 
-/// One trace with the resources and scopes its spans refer to. Spans are ordered by start time.
+/// One trace with the resources and scopes its spans refer to. Spans are ordered by start time;
+/// when the trace is larger than the answer's [`SpanBudget`], only its earliest spans are here.
 #[derive(Debug, Clone)]
 pub struct TraceData {
     pub trace_id: [u8; 16],
     pub spans: Vec<SpanRecord>,
+    /// Spans the trace has in all (more than `spans.len()` when it was cut).
+    pub total_spans: usize,
     pub resources: BTreeMap<i64, ResourceRecord>,
     pub scopes: BTreeMap<i64, ScopeRecord>,
 }
@@ -88,6 +140,8 @@ pub struct TraceOutline {
     /// Span names, sorted, each once; `name` indexes into it.
     pub names: Vec<String>,
     pub span_ids: Vec<[u8; 8]>,
+    /// Spans the trace has in all (more than `span_ids.len()` past [`MAX_OUTLINE_SPANS`]).
+    pub total_spans: usize,
     /// Index of the parent span, -1 when the parent is not in the trace (a root or an orphan).
     pub parents: Vec<i64>,
     pub service: Vec<u32>,
@@ -466,46 +520,62 @@ impl Store {
     }
 
     pub async fn trace(&self, trace_id: [u8; 16]) -> Result<Option<TraceData>, StoreError> {
-        Ok(self.traces(&[trace_id]).await?.pop())
+        Ok(self.traces(&[trace_id], SpanBudget::ANSWER).await?.pop())
     }
 
-    /// Full traces for these ids, in the order given; ids with no spans are left out.
-    pub async fn traces(&self, ids: &[[u8; 16]]) -> Result<Vec<TraceData>, StoreError> {
+    /// Traces for these ids, in the order given, sharing `budget` equally; ids with no spans are
+    /// left out. Each trace's spans stream in start order from the `(trace, start_ns)` index and
+    /// the read stops at the trace's share, so memory is bounded whatever the trace's size.
+    pub async fn traces(&self, ids: &[[u8; 16]], budget: SpanBudget) -> Result<Vec<TraceData>, StoreError> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let mut qb: QueryBuilder<Sqlite> =
-            QueryBuilder::new(format!("SELECT {SPAN_COLUMNS} FROM traces t JOIN spans s ON s.trace = t.id WHERE t.trace_id IN ("));
-        let mut sep = qb.separated(", ");
-        for id in ids {
-            sep.push_bind(id.to_vec());
-        }
-        qb.push(") ORDER BY s.start_ns, s.rowid");
-        // One connection for the spans, their resources and scopes: no call holds two.
-        let mut conn = self.read.acquire().await?;
-        let rows = qb.build().fetch_all(&mut *conn).await?;
-        // Taken after the read: it then knows every string id the rows (and their resources
-        // and scopes, committed no later) refer to.
+        let share = budget.share(ids.len());
+        // One read transaction (one snapshot) for the spans, their resources and scopes.
+        let mut tx = self.read.begin().await?;
+        // The first read fixes the snapshot; the dictionary's, taken after, knows every id.
+        sqlx::query("SELECT 1 FROM traces LIMIT 1").fetch_optional(&mut *tx).await?;
         let dict = self.dicts.strings.snapshot();
-        let mut by_trace: HashMap<[u8; 16], Vec<SpanRecord>> = HashMap::new();
-        for r in &rows {
-            let span = span_from_row(r, &dict)?;
-            by_trace.entry(span.trace_id).or_default().push(span);
-        }
+        let sql = format!(
+            "SELECT {SPAN_COLUMNS}, COALESCE(length(s.attributes), 0) + COALESCE(length(s.events), 0) + COALESCE(length(s.links), 0) \
+             FROM spans s JOIN traces t ON t.id = s.trace WHERE s.trace IN (SELECT id FROM traces WHERE trace_id = ?) ORDER BY s.start_ns, s.rowid"
+        );
         let mut out = Vec::new();
-        let mut resources = BTreeMap::new();
-        let mut scopes = BTreeMap::new();
-        let need_res: HashSet<i64> = by_trace.values().flatten().map(|s| s.resource).collect();
-        let need_scope: HashSet<i64> = by_trace.values().flatten().map(|s| s.scope).collect();
-        Self::load_resources(&mut conn, need_res, &dict, &mut resources).await?;
-        Self::load_scopes(&mut conn, need_scope, &dict, &mut scopes).await?;
-        drop(conn);
         for id in ids {
-            if let Some(spans) = by_trace.remove(id) {
-                let res = spans.iter().filter_map(|s| Some((s.resource, resources.get(&s.resource)?.clone()))).collect();
-                let sc = spans.iter().filter_map(|s| Some((s.scope, scopes.get(&s.scope)?.clone()))).collect();
-                out.push(TraceData { trace_id: *id, spans, resources: res, scopes: sc });
+            let mut rows = sqlx::query(AssertSqlSafe(sql.clone())).bind(id.to_vec()).fetch(&mut *tx);
+            let (mut spans, mut bytes, mut items, mut cut) = (Vec::new(), 0usize, 0usize, false);
+            while let Some(r) = rows.try_next().await? {
+                let size = r.try_get::<i64, _>(20)?.max(0) as usize;
+                if !spans.is_empty() && (spans.len() >= share.spans || bytes + size > share.bytes || items >= share.items) {
+                    cut = true;
+                    break;
+                }
+                bytes += size;
+                let span = span_from_row(&r, &dict)?;
+                items += 1
+                    + span.attributes.len()
+                    + span.events.iter().map(|e| 1 + e.attributes.len()).sum::<usize>()
+                    + span.links.iter().map(|l| 1 + l.attributes.len()).sum::<usize>();
+                spans.push(span);
             }
+            drop(rows);
+            if spans.is_empty() {
+                continue;
+            }
+            let total_spans = if cut {
+                let n: i64 = sqlx::query("SELECT COUNT(*) FROM spans WHERE trace IN (SELECT id FROM traces WHERE trace_id = ?)")
+                    .bind(id.to_vec())
+                    .fetch_one(&mut *tx)
+                    .await?
+                    .try_get(0)?;
+                n as usize
+            } else {
+                spans.len()
+            };
+            let (mut resources, mut scopes) = (BTreeMap::new(), BTreeMap::new());
+            Self::load_resources(&mut tx, spans.iter().map(|s| s.resource).collect(), &dict, &mut resources).await?;
+            Self::load_scopes(&mut tx, spans.iter().map(|s| s.scope).collect(), &dict, &mut scopes).await?;
+            out.push(TraceData { trace_id: *id, spans, total_spans, resources, scopes });
         }
         Ok(out)
     }
@@ -582,7 +652,7 @@ impl Store {
         let dict = self.dicts.strings.snapshot();
         let mut rows = sqlx::query(
             "SELECT s.span_id, s.parent_span_id, s.service, s.name, s.kind, s.start_ns, s.duration_ns, s.status_code, \
-             s.events FROM traces t JOIN spans s ON s.trace = t.id WHERE t.trace_id = ? ORDER BY s.start_ns, s.rowid",
+             s.events FROM spans s WHERE s.trace IN (SELECT id FROM traces WHERE trace_id = ?) ORDER BY s.start_ns, s.rowid",
         )
         .bind(trace_id.to_vec())
         .fetch(&mut *tx);
@@ -590,7 +660,12 @@ impl Store {
         let (mut ids, mut parent_ids, mut service_ids, mut name_ids) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut starts: Vec<u64> = Vec::new();
         let mut event_times: Vec<Vec<u64>> = Vec::new();
+        let mut cut = false;
         while let Some(r) = rows.try_next().await? {
+            if ids.len() >= MAX_OUTLINE_SPANS {
+                cut = true;
+                break;
+            }
             let start = r.try_get::<i64, _>(5)? as u64;
             ids.push(r.try_get::<i64, _>(0)?);
             parent_ids.push(r.try_get::<Option<i64>, _>(1)?);
@@ -610,6 +685,16 @@ impl Store {
         if ids.is_empty() {
             return Ok(None);
         }
+        o.total_spans = if cut {
+            let n: i64 = sqlx::query("SELECT COUNT(*) FROM spans WHERE trace IN (SELECT id FROM traces WHERE trace_id = ?)")
+                .bind(trace_id.to_vec())
+                .fetch_one(&mut *tx)
+                .await?
+                .try_get(0)?;
+            n as usize
+        } else {
+            ids.len()
+        };
         o.start_ns = starts.iter().copied().min().unwrap_or(0);
         let end = starts.iter().zip(&o.duration).map(|(s, d)| s.saturating_add(*d)).max().unwrap_or(o.start_ns);
         o.duration_ns = end - o.start_ns;
@@ -799,63 +884,68 @@ impl Store {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
-            "SELECT t.trace_id, s.span_id, s.parent_span_id, s.service, s.name, s.start_ns, s.duration_ns, s.status_code \
-             FROM traces t JOIN spans s ON s.trace = t.id WHERE t.trace_id IN (",
-        );
-        let mut sep = qb.separated(", ");
-        for id in ids {
-            sep.push_bind(id.to_vec());
-        }
-        qb.push(")");
-        struct Light {
-            span_id: i64,
-            parent: Option<i64>,
-            service: i64,
-            name: i64,
-            start: u64,
-            end: u64,
-            error: bool,
-        }
-        let mut by_trace: HashMap<[u8; 16], Vec<Light>> = HashMap::new();
-        for r in qb.build().fetch_all(&self.read).await? {
-            let tid: [u8; 16] = r.try_get::<Vec<u8>, _>(0)?.try_into().unwrap_or([0; 16]);
-            let start = r.try_get::<i64, _>(5)? as u64;
-            by_trace.entry(tid).or_default().push(Light {
-                span_id: r.try_get(1)?,
-                parent: r.try_get(2)?,
-                service: r.try_get(3)?,
-                name: r.try_get(4)?,
-                start,
-                end: start.wrapping_add(r.try_get::<i64, _>(6)? as u64),
-                error: r.try_get::<i32, _>(7)? == 2,
-            });
-        }
+        // Aggregated in SQLite, trace by trace: a summary takes the same memory for a trace of a
+        // million spans as for one of ten.
+        let mut tx = self.read.begin().await?;
+        sqlx::query("SELECT 1 FROM traces LIMIT 1").fetch_optional(&mut *tx).await?;
         let dict = self.dicts.strings.snapshot();
+        const SPANS_OF: &str = "s.trace IN (SELECT id FROM traces WHERE trace_id = ?)";
         let mut out = Vec::new();
         for id in ids {
-            let Some(spans) = by_trace.get(id) else { continue };
-            let ids_in: HashSet<i64> = spans.iter().map(|s| s.span_id).collect();
-            // The root: a span without a parent, else the earliest whose parent is missing.
-            let root = spans
-                .iter()
-                .filter(|s| s.parent.is_none())
-                .min_by_key(|s| s.start)
-                .or_else(|| spans.iter().filter(|s| s.parent.is_some_and(|p| !ids_in.contains(&p))).min_by_key(|s| s.start));
-            let start = spans.iter().map(|s| s.start).min().unwrap_or(0);
-            let end = spans.iter().map(|s| s.end.max(s.start)).max().unwrap_or(start);
+            let rows = sqlx::query(AssertSqlSafe(format!(
+                "SELECT s.service, COUNT(*), MIN(s.start_ns), MAX(s.start_ns + MAX(s.duration_ns, 0)), SUM(s.status_code = 2) \
+                 FROM spans s WHERE {SPANS_OF} GROUP BY s.service"
+            )))
+            .bind(id.to_vec())
+            .fetch_all(&mut *tx)
+            .await?;
+            if rows.is_empty() {
+                continue;
+            }
             let mut services = BTreeMap::new();
-            for s in spans {
-                *services.entry(dict.get(s.service).to_owned()).or_insert(0) += 1;
+            let (mut span_count, mut error_count, mut start, mut end) = (0u64, 0u64, u64::MAX, 0u64);
+            for r in &rows {
+                let n = r.try_get::<i64, _>(1)? as u64;
+                *services.entry(dict.get(r.try_get(0)?).to_owned()).or_insert(0) += n;
+                span_count += n;
+                start = start.min(r.try_get::<i64, _>(2)? as u64);
+                end = end.max(r.try_get::<i64, _>(3)? as u64);
+                error_count += r.try_get::<i64, _>(4)? as u64;
+            }
+            // The root: the earliest span without a parent, else the earliest whose parent is
+            // not in the trace.
+            let mut root: Option<(i64, i64)> = sqlx::query_as(AssertSqlSafe(format!(
+                "SELECT s.service, s.name FROM spans s WHERE {SPANS_OF} AND s.parent_span_id IS NULL ORDER BY s.start_ns, s.rowid LIMIT 1"
+            )))
+            .bind(id.to_vec())
+            .fetch_optional(&mut *tx)
+            .await?;
+            if root.is_none() {
+                let span_ids: HashSet<i64> = sqlx::query_scalar::<_, i64>(AssertSqlSafe(format!("SELECT s.span_id FROM spans s WHERE {SPANS_OF}")))
+                    .bind(id.to_vec())
+                    .fetch(&mut *tx)
+                    .try_collect()
+                    .await?;
+                let mut rows = sqlx::query_as::<_, (i64, i64, i64)>(AssertSqlSafe(format!(
+                    "SELECT s.service, s.name, s.parent_span_id FROM spans s WHERE {SPANS_OF} ORDER BY s.start_ns, s.rowid"
+                )))
+                .bind(id.to_vec())
+                .fetch(&mut *tx);
+                while let Some((service, name, parent)) = rows.try_next().await? {
+                    if !span_ids.contains(&parent) {
+                        root = Some((service, name));
+                        break;
+                    }
+                }
             }
             out.push(TraceSummary {
                 trace_id: *id,
-                root_service: root.map(|r| dict.get(r.service).to_owned()).unwrap_or_default(),
-                root_operation: root.map(|r| dict.get(r.name).to_owned()).unwrap_or_default(),
+                root_service: root.map(|r| dict.get(r.0).to_owned()).unwrap_or_default(),
+                root_operation: root.map(|r| dict.get(r.1).to_owned()).unwrap_or_default(),
                 start_ns: start,
-                duration_ns: end - start,
-                span_count: spans.len() as u64,
-                error_count: spans.iter().filter(|s| s.error).count() as u64,
+                duration_ns: end.saturating_sub(start),
+                span_count,
+                error_count,
                 services,
             });
         }

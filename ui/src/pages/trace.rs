@@ -334,6 +334,11 @@ fn TraceView(trace: Arc<Outline>) -> impl IntoView {
                     <button on:click=download data-testid="download">"Download OTLP JSON"</button>
                     {move || download_error.get().map(|e| view! { <span class="error">{e}</span> })}
                 </p>
+                {trace.truncated.then(|| view! {
+                    <p class="notice" data-testid="truncated">
+                        {format!("This trace has {} spans; the waterfall shows the earliest {} by start time.", trace.span_count, trace.len())}
+                    </p>
+                })}
                 <p class="find">
                     <input type="search" placeholder="Find in trace: name, service, attribute…" prop:value=move || q.get() on:change=on_search data-testid="find"/>
                     <span data-testid="match-count">{match_count}</span>
@@ -378,7 +383,13 @@ fn download_otlp(trace_id: String, error: RwSignal<Option<String>>) {
     leptos::task::spawn_local(async move {
         let base = api::base();
         match api::get::<Trace>(&base, &format!("/api/v1/traces/{}", enc(&trace_id))).await {
-            Ok(t) => save(&t.trace_id, &otlp_json(&t)),
+            Ok(t) => {
+                save(&t.trace_id, &otlp_json(&t));
+                // A trace larger than an answer is saved in part: say so.
+                if let Some(w) = t.warnings.first() {
+                    error.set(Some(format!("Saved in part: {w}")));
+                }
+            }
             Err(e) => error.set(Some(format!("The download failed: {e}"))),
         }
     });
