@@ -256,3 +256,36 @@ def test_overload_answers_503_with_retry_after(make_collector):
     assert 200 in statuses and 503 in statuses, statuses
     assert set(statuses) <= {200, 503}
     assert c.get("/healthz").status_code == 200
+
+
+def test_values_nested_deeper_than_the_codec_keeps_are_reported_as_a_partial_success_warning(collector):
+    """A value nested 40 levels deep is stored with its deepest levels empty, and the answer says
+    so (an OTLP warning: a message with nothing rejected), over HTTP and gRPC."""
+    deep = common_pb2.AnyValue(string_value="bottom")
+    for _ in range(40):
+        deep = common_pb2.AnyValue(array_value=common_pb2.ArrayValue(values=[deep]))
+    req = one_span_request(name="deep", trace_id=b"\x0d" * 16)
+    req.resource_spans[0].scope_spans[0].spans[0].attributes.append(common_pb2.KeyValue(key="deep", value=deep))
+
+    r = post(collector, "/v1/traces", req.SerializeToString())
+    assert r.status_code == 200, r.text
+    answer = trace_service_pb2.ExportTraceServiceResponse.FromString(r.content)
+    assert answer.partial_success.rejected_spans == 0
+    assert answer.partial_success.error_message == "1 attribute values nested deeper than 32 levels were stored empty"
+
+    channel = grpc.insecure_channel(collector.grpc_endpoint)
+    try:
+        answer = trace_service_pb2_grpc.TraceServiceStub(channel).Export(req, timeout=10)
+    finally:
+        channel.close()
+    assert answer.partial_success.rejected_spans == 0 and "nested deeper than 32 levels" in answer.partial_success.error_message
+
+    # Stored: the span, with the value kept to 32 levels.
+    span = collector.api("/api/v1/traces/" + (b"\x0d" * 16).hex())["spans"][0]
+    value, depth = next(a["value"] for a in span["attributes"] if a["key"] == "deep"), 0
+    while "arrayValue" in value and value["arrayValue"].get("values"):
+        value, depth = value["arrayValue"]["values"][0], depth + 1
+    assert depth == 32, depth
+    # A plain span gets no partial success at all.
+    r = post(collector, "/v1/traces", one_span_request(name="flat").SerializeToString())
+    assert not trace_service_pb2.ExportTraceServiceResponse.FromString(r.content).HasField("partial_success")

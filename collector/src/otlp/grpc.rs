@@ -81,7 +81,8 @@ impl tonic::server::UnaryService<Bytes> for Export {
                 t.reserve(body.len())?;
             }
             let p = ingest.export_body(body, signal, Encoding::Protobuf, "grpc").await?;
-            let partial = p.rejected > 0;
+            // A message with nothing rejected is an OTLP warning (values stored in part).
+            let partial = p.rejected > 0 || !p.message.is_empty();
             let answer = match signal {
                 Signal::Traces => ExportTraceServiceResponse {
                     partial_success: partial.then_some(ExportTracePartialSuccess { rejected_spans: p.rejected, error_message: p.message }),

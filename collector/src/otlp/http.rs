@@ -127,7 +127,8 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize, ticket: Option
 }
 
 fn success_response(signal: Signal, p: PartialSuccess, encoding: Encoding) -> Response {
-    let partial = p.rejected > 0;
+    // A message with nothing rejected is an OTLP warning (values stored in part).
+    let partial = p.rejected > 0 || !p.message.is_empty();
     let body = match signal {
         Signal::Traces => decode::encode(
             &ExportTraceServiceResponse {

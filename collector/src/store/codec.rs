@@ -52,9 +52,21 @@ pub enum CodecError {
     TooDeep,
 }
 
-/// Deepest nesting of arrays and key-value lists that is encoded; deeper values are cut to empty.
-/// Decoding refuses deeper input, so a corrupt row cannot recurse without bound.
-const MAX_DEPTH: usize = 32;
+/// Deepest nesting of arrays and key-value lists that is encoded; deeper values are stored empty
+/// and counted ([`take_cut_values`]), so the export's answer can say so. Decoding refuses deeper
+/// input, so a corrupt row cannot recurse without bound.
+pub const MAX_DEPTH: usize = 32;
+
+thread_local! {
+    /// Values this thread stored empty for being nested too deeply, since the last take.
+    static CUT_VALUES: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Values stored empty (nested deeper than [`MAX_DEPTH`]) by this thread since the last call.
+/// A request is converted on one thread, so taking before and after converting it counts its own.
+pub fn take_cut_values() -> u64 {
+    CUT_VALUES.with(|c| c.replace(0))
+}
 
 pub fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
@@ -129,7 +141,10 @@ fn encode_value(out: &mut Vec<u8>, v: Option<&AnyValue>, dict: &mut impl Intern,
             out.push(8);
             encode_kvs(out, &l.values, dict, depth + 1);
         }
-        Some(Value::ArrayValue(_) | Value::KvlistValue(_)) => out.push(0),
+        Some(Value::ArrayValue(_) | Value::KvlistValue(_)) => {
+            CUT_VALUES.with(|c| c.set(c.get() + 1));
+            out.push(0);
+        }
         // An index into a profiles string table; kept as the number it is.
         Some(Value::StringValueStrindex(i)) => {
             out.push(9);

@@ -25,6 +25,8 @@ pub struct Converted {
     pub rows: Rows,
     pub rejected: u64,
     pub first_error: Option<String>,
+    /// Attribute values stored empty for being nested deeper than the codec keeps.
+    pub cut_values: u64,
 }
 
 impl Converted {
@@ -35,13 +37,25 @@ impl Converted {
         }
     }
 
-    /// The partial-success message: how many were refused and why (the first reason).
+    /// The partial-success message: how many were refused and why (the first reason), and a
+    /// warning for values stored in part (an OTLP warning: a message with nothing rejected).
     pub fn message(&self) -> String {
-        match &self.first_error {
+        let rejected = match &self.first_error {
             Some(e) if self.rejected > 1 => format!("{} items rejected; first: {e}", self.rejected),
             Some(e) => e.clone(),
             None => String::new(),
+        };
+        if self.cut_values == 0 {
+            return rejected;
         }
+        let cut = format!("{} attribute values nested deeper than {} levels were stored empty", self.cut_values, codec::MAX_DEPTH);
+        if rejected.is_empty() { cut } else { format!("{rejected}; {cut}") }
+    }
+
+    /// Counts what the codec cut while this request was converted (on this thread).
+    fn finish(mut self) -> Self {
+        self.cut_values = codec::take_cut_values();
+        self
     }
 }
 
@@ -100,6 +114,7 @@ fn span_id_i64(b: &[u8]) -> Option<i64> {
 }
 
 pub fn traces(req: ExportTraceServiceRequest, dicts: &Dicts) -> Converted {
+    codec::take_cut_values();
     let mut out = Converted::default();
     let now = now_ns();
     // The request's operations with their latest span start: one row each for the writer.
@@ -174,7 +189,7 @@ pub fn traces(req: ExportTraceServiceRequest, dicts: &Dicts) -> Converted {
         }
     }
     out.rows.operations = operations.into_iter().map(|(key, last_seen_ns)| OperationRow { key, last_seen_ns }).collect();
-    out
+    out.finish()
 }
 
 /// Metric types as stored in `metrics.type`.
@@ -196,6 +211,7 @@ struct Catalog {
 }
 
 pub fn metrics(req: ExportMetricsServiceRequest, dicts: &Dicts) -> Converted {
+    codec::take_cut_values();
     let mut out = Converted::default();
     let mut catalog = Catalog::default();
     for rm in req.resource_metrics {
@@ -209,7 +225,7 @@ pub fn metrics(req: ExportMetricsServiceRequest, dicts: &Dicts) -> Converted {
     }
     out.rows.metrics = catalog.metrics.into_values().collect();
     out.rows.series = catalog.series.into_values().collect();
-    out
+    out.finish()
 }
 
 fn metric_points(m: Metric, resource: i64, scope: i64, dicts: &Dicts, out: &mut Converted, catalog: &mut Catalog) {
@@ -294,6 +310,7 @@ fn number_points(
 }
 
 pub fn logs(req: ExportLogsServiceRequest, dicts: &Dicts) -> Converted {
+    codec::take_cut_values();
     let mut out = Converted::default();
     for rl in req.resource_logs {
         let (resource, service) = resource_id(rl.resource.as_ref(), &rl.schema_url, dicts);
@@ -332,5 +349,5 @@ pub fn logs(req: ExportLogsServiceRequest, dicts: &Dicts) -> Converted {
             }
         }
     }
-    out
+    out.finish()
 }
