@@ -245,3 +245,52 @@ def test_a_million_span_trace_and_a_trace_of_300k_events_are_answered_in_bounded
             c.stop()
     print("peak RSS (MiB) per endpoint, 1,000,000-span trace / 300,000-event trace:", {k: round(v) for k, v in peaks.items()})
     assert all(p < 512 for p in peaks.values()), peaks
+
+
+def rss_mib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def test_two_million_unique_span_names_do_not_grow_the_dictionary(tmp_path):
+    """Span names that embed ids (`GET /users/93821`): past a budget per service they are stored
+    inline in their spans, so memory stays flat; they are still found, shown and searchable."""
+    c = Collector(tmp_path / "collector.db").start()
+    try:
+        now = time.time_ns()
+        resource = Resource(attributes=[KeyValue(key="service.name", value=AnyValue(string_value="ids"))])
+
+        def send(first, n=50_000):
+            trace_id = (first + 1).to_bytes(16, "big")
+            spans = [Span(trace_id=trace_id, span_id=(i + 1).to_bytes(8, "big"), name=f"GET /users/{i}", kind=Span.SPAN_KIND_SERVER,
+                          start_time_unix_nano=now + i, end_time_unix_nano=now + i + 1000) for i in range(first, first + n)]
+            body = ExportTraceServiceRequest(resource_spans=[ResourceSpans(resource=resource, scope_spans=[ScopeSpans(spans=spans)])])
+            post_all(c, body.SerializeToString(), 1)
+
+        for first in range(0, 400_000, 50_000):
+            send(first)
+        early = rss_mib(c.proc.pid)
+        for first in range(400_000, 2_000_000, 50_000):
+            send(first)
+        late = rss_mib(c.proc.pid)
+        print(f"2,000,000 unique span names: RSS {early:.0f} MiB after 400,000, {late:.0f} MiB after 2,000,000")
+        # Interned, 1,600,000 more names took about 200 MiB.
+        assert late - early < 64, (early, late)
+
+        # A name past the budget is still the span's name, searchable by itself ...
+        last = 1_950_000  # the earliest span of its trace, so in every answer of it
+        tid = (1_950_000 + 1).to_bytes(16, "big").hex()
+        found = c.api("/api/v1/traces", service="ids", operation=f"GET /users/{last}")["traces"]
+        assert [t["traceId"] for t in found] == [tid], found
+        span = next(s for s in slow_api(c, f"/api/v1/traces/{tid}")["spans"] if s["name"] == f"GET /users/{last}")
+        assert span["kind"] == "server"
+        jaeger = c.api("/api/traces", service="ids", operation=f"GET /users/{last}", lookback="1h")["data"]
+        assert len(jaeger) == 1 and any(s["operationName"] == f"GET /users/{last}" for s in jaeger[0]["spans"])
+        # ... and listed under one operation, whose search finds such spans.
+        ops = c.api("/api/services/ids/operations")["data"]
+        assert "(other operations)" in ops and "GET /users/0" in ops and len(ops) < 20_000, len(ops)
+        assert c.api("/api/traces", service="ids", operation="(other operations)", lookback="1h", limit=3)["data"]
+        outline = slow_api(c, f"/api/v1/traces/{tid}/outline")
+        assert f"GET /users/{last}" in outline["names"]
+    finally:
+        c.stop()

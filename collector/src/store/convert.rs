@@ -13,7 +13,7 @@ use opentelemetry_proto::tonic::resource::v1::Resource;
 use prost::Message;
 
 use super::codec::{self, encode_attributes};
-use super::rows::{LogRow, MetricRow, OperationKey, OperationRow, PointRow, ResourceRow, Rows, ScopeRow, SeriesRow, SpanRow};
+use super::rows::{LogRow, MetricRow, OTHER_OPERATIONS, OperationKey, OperationRow, PointRow, ResourceRow, Rows, ScopeRow, SeriesRow, SpanName, SpanRow};
 use super::{Dicts, now_ns};
 
 /// The service name OpenTelemetry SDKs report when none is configured.
@@ -148,10 +148,13 @@ pub fn traces(req: ExportTraceServiceRequest, dicts: &Dicts) -> Converted {
                 let mut trace_id = [0u8; 16];
                 trace_id.copy_from_slice(&span.trace_id);
                 let trace = dicts.traces.get_or_insert(trace_id, now);
-                let name = dicts.strings.id(&span.name);
+                let (name, operation) = match dicts.strings.span_name(service, &span.name) {
+                    Some(id) => (SpanName::Id(id), id),
+                    None => (SpanName::Inline(span.name.clone()), dicts.strings.id(OTHER_OPERATIONS)),
+                };
                 let kind = span.kind;
                 let start_ns = span.start_time_unix_nano as i64;
-                operations.entry((service, name, kind)).and_modify(|t| *t = (*t).max(start_ns)).or_insert(start_ns);
+                operations.entry((service, operation, kind)).and_modify(|t| *t = (*t).max(start_ns)).or_insert(start_ns);
                 let events = (!span.events.is_empty()).then(|| {
                     let mut b = Vec::new();
                     codec::encode_events(&mut b, &span.events, span.start_time_unix_nano, &mut &dicts.strings);

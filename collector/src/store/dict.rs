@@ -109,15 +109,62 @@ impl<K: Hash + Eq> Ids<K> {
     }
 }
 
+/// Strings by id, in chunks: a chunk once full is shared and never changes, so a snapshot copies
+/// one pointer per chunk and at most one chunk's worth of the rest.
+#[derive(Default, Clone)]
+struct Names {
+    full: Vec<Arc<[Arc<str>]>>,
+    tail: Vec<Arc<str>>,
+}
+
+const CHUNK: usize = 4096;
+
+impl Names {
+    fn len(&self) -> usize {
+        self.full.len() * CHUNK + self.tail.len()
+    }
+
+    fn push(&mut self, s: Arc<str>) {
+        self.tail.push(s);
+        if self.tail.len() == CHUNK {
+            self.full.push(Arc::from(std::mem::replace(&mut self.tail, Vec::with_capacity(CHUNK))));
+        }
+    }
+
+    /// The string at 0-based `i`.
+    fn get(&self, i: usize) -> Option<&Arc<str>> {
+        let (chunk, at) = (i / CHUNK, i % CHUNK);
+        match self.full.get(chunk) {
+            Some(c) => c.get(at),
+            None if chunk == self.full.len() => self.tail.get(at),
+            None => None,
+        }
+    }
+}
+
 /// The string dictionary: ids for attribute keys, service names, span and event names.
 /// Readers resolve ids without touching the database.
+///
+/// Its memory is bounded where cardinality comes from data: attribute values have a budget per
+/// key and in all (longer or later ones stay inline in their row), and so do span names, per
+/// service and in all (a name past the budget is stored in the span's row itself, see
+/// [`Strings::span_name`]). Attribute keys, service and event names are taken as they come.
 pub struct Strings {
     ids: RwLock<HashMap<Arc<str>, i64>>,
-    names: RwLock<Vec<Arc<str>>>,
+    names: RwLock<Names>,
     pending: Mutex<Vec<(i64, Arc<str>)>>,
     /// Values added to the dictionary so far, per attribute key, and in all.
     value_budget: Mutex<(HashMap<u64, u32>, usize)>,
+    /// Span names added to the dictionary so far, per service (since start).
+    span_name_budget: Mutex<HashMap<i64, u32>>,
 }
+
+/// Distinct span names one service adds to the dictionary (since start); later new names (ones
+/// that embed ids, like `GET /users/93821`) are stored inline in their spans.
+const SPAN_NAMES_PER_SERVICE: u32 = 10_000;
+/// Strings the dictionary holds at most before span names stop entering it (across restarts:
+/// the dictionary is loaded whole at start).
+const MAX_STRINGS_FOR_SPAN_NAMES: usize = 500_000;
 
 /// String values longer than this stay inline.
 const MAX_VALUE_LEN: usize = 64;
@@ -132,7 +179,7 @@ impl Strings {
     pub fn new(mut loaded: Vec<(i64, String)>) -> Self {
         loaded.sort_by_key(|(id, _)| *id);
         let mut ids = HashMap::with_capacity(loaded.len());
-        let mut names = Vec::with_capacity(loaded.len());
+        let mut names = Names::default();
         for (id, s) in loaded {
             let s: Arc<str> = s.into();
             // Ids are dense from 1; a gap (not written by this program) is filled with an empty name.
@@ -142,7 +189,13 @@ impl Strings {
             ids.insert(s.clone(), id);
             names.push(s);
         }
-        Self { ids: RwLock::new(ids), names: RwLock::new(names), pending: Mutex::new(Vec::new()), value_budget: Mutex::new((HashMap::new(), 0)) }
+        Self {
+            ids: RwLock::new(ids),
+            names: RwLock::new(names),
+            pending: Mutex::new(Vec::new()),
+            value_budget: Mutex::new((HashMap::new(), 0)),
+            span_name_budget: Mutex::new(HashMap::new()),
+        }
     }
 
     pub fn id(&self, s: &str) -> i64 {
@@ -172,6 +225,35 @@ impl Strings {
         names.get(usize::try_from(id).ok()?.checked_sub(1)?).cloned()
     }
 
+    /// The id of a span name of `service`, or `None` when the name is new and the budget for span
+    /// names is spent (the service's, or the dictionary's): the span then keeps its name inline.
+    pub fn span_name(&self, service: i64, name: &str) -> Option<i64> {
+        if let Some(id) = self.find(name) {
+            return Some(id);
+        }
+        if self.len() >= MAX_STRINGS_FOR_SPAN_NAMES {
+            return None;
+        }
+        {
+            let mut budget = self.span_name_budget.lock().unwrap_or_else(PoisonError::into_inner);
+            let used = budget.entry(service).or_insert(0);
+            if *used >= SPAN_NAMES_PER_SERVICE {
+                return None;
+            }
+            *used += 1;
+        }
+        Some(self.id(name))
+    }
+
+    /// Strings in the dictionary.
+    pub fn len(&self) -> usize {
+        self.names.read().unwrap_or_else(PoisonError::into_inner).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     pub fn take_pending(&self) -> Vec<(i64, Arc<str>)> {
         std::mem::take(&mut self.pending.lock().unwrap_or_else(PoisonError::into_inner))
     }
@@ -182,7 +264,8 @@ impl Strings {
         *p = rows;
     }
 
-    /// A snapshot for decoding many values without taking the lock for each.
+    /// A snapshot for decoding many values without taking the lock for each. Cheap: full chunks
+    /// are shared, so the lock is held for one pointer per 4,096 strings and the last chunk.
     pub fn snapshot(&self) -> StringsSnapshot {
         StringsSnapshot(self.names.read().unwrap_or_else(PoisonError::into_inner).clone())
     }
@@ -214,7 +297,7 @@ impl Intern for &Strings {
     }
 }
 
-pub struct StringsSnapshot(Vec<Arc<str>>);
+pub struct StringsSnapshot(Names);
 
 impl StringsSnapshot {
     pub fn get(&self, id: i64) -> &str {

@@ -76,6 +76,20 @@ pub struct Dicts {
     pub series: Ids<SeriesKey>,
 }
 
+impl Dicts {
+    /// Empty dictionaries, for converting without a database (the fuzz targets).
+    pub fn empty() -> Self {
+        Self {
+            strings: Strings::new(Vec::new()),
+            resources: Interner::new(std::iter::empty()),
+            scopes: Interner::new(std::iter::empty()),
+            traces: TraceRefs::new(1, 1024),
+            metrics: Ids::new(std::iter::empty()),
+            series: Ids::new(std::iter::empty()),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
     pub path: PathBuf,

@@ -12,10 +12,11 @@ use std::sync::Arc;
 use futures::TryStreamExt;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use opentelemetry_proto::tonic::trace::v1::span::{Event, Link};
-use sqlx::{AssertSqlSafe, QueryBuilder, Row, Sqlite, SqliteConnection};
+use sqlx::{AssertSqlSafe, QueryBuilder, Row, Sqlite, SqliteConnection, TypeInfo, ValueRef};
 
 use super::codec::{Reader, decode_attributes};
 use super::dict::StringsSnapshot;
+use super::rows::{OTHER_OPERATIONS, SpanName};
 use super::{Store, StoreError};
 
 #[derive(Debug, Clone)]
@@ -456,6 +457,27 @@ const SPAN_COLUMNS: &str = "t.trace_id, s.span_id, s.parent_span_id, s.service, 
      s.duration_ns, s.status_code, s.status_message, s.resource, s.scope, s.trace_state, s.flags, s.attributes, \
      s.events, s.links, s.dropped_attributes_count, s.dropped_events_count, s.dropped_links_count";
 
+/// `spans.name` at column `i`: an id, or a name stored inline (a BLOB).
+fn stored_name(r: &sqlx::sqlite::SqliteRow, i: usize) -> Result<SpanName, sqlx::Error> {
+    let inline = {
+        let raw = r.try_get_raw(i)?;
+        raw.type_info().name() == "BLOB"
+    };
+    if inline {
+        let bytes: Vec<u8> = r.try_get(i)?;
+        Ok(SpanName::Inline(String::from_utf8_lossy(&bytes).into_owned()))
+    } else {
+        Ok(SpanName::Id(r.try_get(i)?))
+    }
+}
+
+fn name_text(name: SpanName, dict: &StringsSnapshot) -> String {
+    match name {
+        SpanName::Id(id) => dict.get(id).to_owned(),
+        SpanName::Inline(s) => s,
+    }
+}
+
 fn span_from_row(r: &sqlx::sqlite::SqliteRow, dict: &StringsSnapshot) -> Result<SpanRecord, StoreError> {
     let trace_id: Vec<u8> = r.try_get(0)?;
     let start: i64 = r.try_get(6)?;
@@ -469,7 +491,7 @@ fn span_from_row(r: &sqlx::sqlite::SqliteRow, dict: &StringsSnapshot) -> Result<
         span_id: r.try_get::<i64, _>(1)?.to_be_bytes(),
         parent_span_id: r.try_get::<Option<i64>, _>(2)?.map(i64::to_be_bytes),
         service: Arc::from(dict.get(r.try_get(3)?)),
-        name: dict.get(r.try_get(4)?).to_owned(),
+        name: name_text(stored_name(r, 4)?, dict),
         kind: r.try_get(5)?,
         start_ns: start,
         end_ns: start.wrapping_add(duration as u64),
@@ -658,6 +680,7 @@ impl Store {
         .fetch(&mut *tx);
         let mut o = TraceOutline { trace_id, ..Default::default() };
         let (mut ids, mut parent_ids, mut service_ids, mut name_ids) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut inline_names: HashMap<String, i64> = HashMap::new();
         let mut starts: Vec<u64> = Vec::new();
         let mut event_times: Vec<Vec<u64>> = Vec::new();
         let mut cut = false;
@@ -670,7 +693,14 @@ impl Store {
             ids.push(r.try_get::<i64, _>(0)?);
             parent_ids.push(r.try_get::<Option<i64>, _>(1)?);
             service_ids.push(r.try_get::<i64, _>(2)?);
-            name_ids.push(r.try_get::<i64, _>(3)?);
+            name_ids.push(match stored_name(&r, 3)? {
+                SpanName::Id(id) => id,
+                // Inline names get negative ids, local to this outline.
+                SpanName::Inline(s) => {
+                    let next = -(inline_names.len() as i64) - 1;
+                    *inline_names.entry(s).or_insert(next)
+                }
+            });
             o.kind.push(r.try_get(4)?);
             starts.push(start);
             o.duration.push(r.try_get::<i64, _>(6)?.max(0) as u64);
@@ -700,8 +730,9 @@ impl Store {
         o.duration_ns = end - o.start_ns;
         o.start = starts.iter().map(|s| s - o.start_ns).collect();
         o.event_times = event_times.into_iter().map(|times| times.into_iter().map(|t| t.wrapping_sub(o.start_ns) as i64).collect()).collect();
-        (o.services, o.service) = dictionary(&service_ids, &dict);
-        (o.names, o.name) = dictionary(&name_ids, &dict);
+        (o.services, o.service) = dictionary(&service_ids, |id| dict.get(id));
+        let inline: HashMap<i64, &str> = inline_names.iter().map(|(s, id)| (*id, s.as_str())).collect();
+        (o.names, o.name) = dictionary(&name_ids, |id| if id < 0 { inline.get(&id).copied().unwrap_or("") } else { dict.get(id) });
         // The first span with an id is the one its children point to.
         let mut index: HashMap<i64, usize> = HashMap::with_capacity(ids.len());
         for (i, id) in ids.iter().enumerate() {
@@ -760,7 +791,13 @@ impl Store {
             let span_id = r.try_get::<i64, _>(0)?.to_be_bytes();
             let attributes: Option<Vec<u8>> = r.try_get(3)?;
             let events: Option<Vec<u8>> = r.try_get(4)?;
-            let hit = [r.try_get::<i64, _>(1)?, r.try_get(2)?].into_iter().any(|id| *string_matches.entry(id).or_insert_with(|| has(dict.get(id))))
+            let name_hit = match stored_name(&r, 2)? {
+                SpanName::Id(id) => *string_matches.entry(id).or_insert_with(|| has(dict.get(id))),
+                SpanName::Inline(s) => has(&s),
+            };
+            let service = r.try_get::<i64, _>(1)?;
+            let hit = name_hit
+                || *string_matches.entry(service).or_insert_with(|| has(dict.get(service)))
                 || hex::encode(span_id).contains(&needle)
                 || match &attributes {
                     Some(b) => decode_attributes(b, &dict)?.iter().any(|kv| has(&kv.key) || has(&value_text(kv.value.as_ref()))),
@@ -810,8 +847,11 @@ impl Store {
         qb.push(" AND s.start_ns <= ").push_bind(q.end_ns);
         if let Some(op) = &q.operation {
             match self.dicts.strings.find(op) {
+                // Spans whose names were stored inline are listed under this operation.
+                Some(_) if op == OTHER_OPERATIONS => qb.push(" AND typeof(s.name) = 'blob'"),
                 Some(id) => qb.push(" AND s.name = ").push_bind(id),
-                None => return Ok(Vec::new()),
+                // Not in the dictionary: if anywhere, the name is inline.
+                None => qb.push(" AND s.name = ").push_bind(op.as_bytes().to_vec()),
             };
         }
         if let Some(k) = q.span_kind {
@@ -914,34 +954,38 @@ impl Store {
             }
             // The root: the earliest span without a parent, else the earliest whose parent is
             // not in the trace.
-            let mut root: Option<(i64, i64)> = sqlx::query_as(AssertSqlSafe(format!(
+            let mut root: Option<(i64, SpanName)> = match sqlx::query(AssertSqlSafe(format!(
                 "SELECT s.service, s.name FROM spans s WHERE {SPANS_OF} AND s.parent_span_id IS NULL ORDER BY s.start_ns, s.rowid LIMIT 1"
             )))
             .bind(id.to_vec())
             .fetch_optional(&mut *tx)
-            .await?;
+            .await?
+            {
+                Some(r) => Some((r.try_get(0)?, stored_name(&r, 1)?)),
+                None => None,
+            };
             if root.is_none() {
                 let span_ids: HashSet<i64> = sqlx::query_scalar::<_, i64>(AssertSqlSafe(format!("SELECT s.span_id FROM spans s WHERE {SPANS_OF}")))
                     .bind(id.to_vec())
                     .fetch(&mut *tx)
                     .try_collect()
                     .await?;
-                let mut rows = sqlx::query_as::<_, (i64, i64, i64)>(AssertSqlSafe(format!(
+                let mut rows = sqlx::query(AssertSqlSafe(format!(
                     "SELECT s.service, s.name, s.parent_span_id FROM spans s WHERE {SPANS_OF} ORDER BY s.start_ns, s.rowid"
                 )))
                 .bind(id.to_vec())
                 .fetch(&mut *tx);
-                while let Some((service, name, parent)) = rows.try_next().await? {
-                    if !span_ids.contains(&parent) {
-                        root = Some((service, name));
+                while let Some(r) = rows.try_next().await? {
+                    if !span_ids.contains(&r.try_get::<i64, _>(2)?) {
+                        root = Some((r.try_get(0)?, stored_name(&r, 1)?));
                         break;
                     }
                 }
             }
             out.push(TraceSummary {
                 trace_id: *id,
-                root_service: root.map(|r| dict.get(r.0).to_owned()).unwrap_or_default(),
-                root_operation: root.map(|r| dict.get(r.1).to_owned()).unwrap_or_default(),
+                root_service: root.as_ref().map(|r| dict.get(r.0).to_owned()).unwrap_or_default(),
+                root_operation: root.map(|r| name_text(r.1, &dict)).unwrap_or_default(),
                 start_ns: start,
                 duration_ns: end.saturating_sub(start),
                 span_count,
@@ -1097,12 +1141,23 @@ impl Store {
         let mut ops: HashMap<(i64, i32), Calls> = HashMap::new();
         while let Some(r) = rows.try_next().await? {
             let duration = r.try_get::<i64, _>(2)?.max(0) as u64;
-            ops.entry((r.try_get(0)?, r.try_get(1)?)).or_default().add(duration, r.try_get::<i32, _>(3)? == 2);
+            // Spans with inline names (past the span-name budget) count under one operation.
+            let name = match stored_name(&r, 0)? {
+                SpanName::Id(id) => id,
+                SpanName::Inline(_) => -1,
+            };
+            ops.entry((name, r.try_get(1)?)).or_default().add(duration, r.try_get::<i32, _>(3)? == 2);
         }
         drop(rows);
         let dict = self.dicts.strings.snapshot();
-        let mut out: Vec<OperationStats> =
-            ops.into_iter().map(|((name, kind), calls)| OperationStats { name: dict.get(name).to_owned(), kind, stats: calls.stats() }).collect();
+        let mut out: Vec<OperationStats> = ops
+            .into_iter()
+            .map(|((name, kind), calls)| OperationStats {
+                name: if name < 0 { OTHER_OPERATIONS.to_owned() } else { dict.get(name).to_owned() },
+                kind,
+                stats: calls.stats(),
+            })
+            .collect();
         out.sort_by(|a, b| b.stats.calls.cmp(&a.stats.calls).then_with(|| (&a.name, a.kind).cmp(&(&b.name, b.kind))));
         Ok(out)
     }
@@ -1243,12 +1298,12 @@ fn metric_def(r: &sqlx::sqlite::SqliteRow) -> Result<MetricDef, StoreError> {
 }
 
 /// The distinct strings of these dictionary ids, sorted, and for each id the index of its string.
-fn dictionary(ids: &[i64], dict: &StringsSnapshot) -> (Vec<String>, Vec<u32>) {
+fn dictionary<'a>(ids: &[i64], get: impl Fn(i64) -> &'a str) -> (Vec<String>, Vec<u32>) {
     let distinct: HashSet<i64> = ids.iter().copied().collect();
-    let mut strings: Vec<&str> = distinct.iter().map(|&id| dict.get(id)).collect();
+    let mut strings: Vec<&str> = distinct.iter().map(|&id| get(id)).collect();
     strings.sort_unstable();
     strings.dedup();
-    let index: HashMap<i64, u32> = distinct.iter().map(|&id| (id, strings.binary_search(&dict.get(id)).unwrap_or(0) as u32)).collect();
+    let index: HashMap<i64, u32> = distinct.iter().map(|&id| (id, strings.binary_search(&get(id)).unwrap_or(0) as u32)).collect();
     let column = ids.iter().map(|id| index.get(id).copied().unwrap_or(0)).collect();
     (strings.into_iter().map(str::to_owned).collect(), column)
 }

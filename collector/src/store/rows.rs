@@ -25,7 +25,7 @@ pub struct SpanRow {
     pub span_id: i64,
     pub parent_span_id: Option<i64>,
     pub service: i64,
-    pub name: i64,
+    pub name: SpanName,
     pub kind: i32,
     pub start_ns: i64,
     pub duration_ns: i64,
@@ -68,12 +68,13 @@ impl Insert for SpanRow {
         "dropped_links_count",
     ];
     fn bind(self, q: Q<'_>) -> Q<'_> {
-        q.bind(self.trace)
-            .bind(self.span_id)
-            .bind(self.parent_span_id)
-            .bind(self.service)
-            .bind(self.name)
-            .bind(self.kind)
+        let q = q.bind(self.trace).bind(self.span_id).bind(self.parent_span_id).bind(self.service);
+        let q = match self.name {
+            SpanName::Id(id) => q.bind(id),
+            // A BLOB: SQLite never turns it into a number, so it cannot be taken for an id.
+            SpanName::Inline(name) => q.bind(name.into_bytes()),
+        };
+        q.bind(self.kind)
             .bind(self.start_ns)
             .bind(self.duration_ns)
             .bind(self.status_code)
@@ -161,6 +162,17 @@ impl Insert for LogRow {
             .bind(self.scope)
     }
 }
+
+/// A span's name as stored in `spans.name`: a dictionary id (INTEGER), or past the dictionary's
+/// budget for span names the name itself (a BLOB of its UTF-8).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum SpanName {
+    Id(i64),
+    Inline(String),
+}
+
+/// The operation that spans with inline names (past the span-name budget) are listed under.
+pub const OTHER_OPERATIONS: &str = "(other operations)";
 
 /// The identity of a stored resource: its encoded attributes, dropped count and schema URL.
 pub type ResourceKey = (Vec<u8>, u32, String);
