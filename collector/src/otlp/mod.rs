@@ -88,11 +88,77 @@ impl Ingest {
     /// Converts, stores and waits for the commit. `Ok` means every accepted item is durable.
     pub async fn export(&self, req: ExportRequest, protocol: &'static str, encoding: &'static str) -> Result<PartialSuccess, IngestError> {
         let started = Instant::now();
-        let signal = req.signal();
-        let labels = [signal, protocol, encoding];
-        let total = req.item_count();
+        let (signal, total) = (req.signal(), req.item_count());
+        let dicts = self.store.dicts.clone();
+        let convert = move || convert_request(req, &dicts);
+        let converted = if total >= BLOCKING_THRESHOLD {
+            tokio::task::spawn_blocking(convert).await.map_err(|e| IngestError::Storage(format!("converting failed: {e}")))
+        } else {
+            Ok(convert())
+        };
+        self.store_converted(converted, total, [signal, protocol, encoding], started).await
+    }
+
+    /// Like [`Ingest::export`], for bodies that still need decoding: decoding a large body is CPU
+    /// work, so it runs on the blocking pool, in one go with the conversion.
+    pub async fn export_body(
+        self: &Arc<Self>,
+        body: bytes::Bytes,
+        signal: Signal,
+        encoding: decode::Encoding,
+        protocol: &'static str,
+    ) -> Result<PartialSuccess, IngestError> {
+        let decode = move |body: &[u8]| -> Result<ExportRequest, IngestError> {
+            Ok(match signal {
+                Signal::Traces => ExportRequest::Traces(decode::decode(body, encoding)?),
+                Signal::Metrics => ExportRequest::Metrics(decode::decode(body, encoding)?),
+                Signal::Logs => ExportRequest::Logs(decode::decode(body, encoding)?),
+            })
+        };
+        if body.len() < BLOCKING_BODY {
+            return match decode(&body) {
+                Ok(req) => self.export(req, protocol, encoding.label()).await,
+                Err(e) => {
+                    self.count_refused(signal, protocol, encoding.label(), &e);
+                    Err(e)
+                }
+            };
+        }
+        let started = Instant::now();
+        let dicts = self.store.dicts.clone();
+        let work = move || {
+            let req = decode(&body)?;
+            let total = req.item_count();
+            Ok::<_, IngestError>((total, convert_request(req, &dicts)))
+        };
+        let done = tokio::task::spawn_blocking(work).await.map_err(|e| IngestError::Storage(format!("decoding failed: {e}")));
+        match done.and_then(|r| r) {
+            Ok((total, converted)) => self.store_converted(Ok(converted), total, [signal.label(), protocol, encoding.label()], started).await,
+            Err(e) => {
+                self.count_refused(signal, protocol, encoding.label(), &e);
+                Err(e)
+            }
+        }
+    }
+
+    /// Stores converted rows, waits for the commit and counts the request. `labels` are signal,
+    /// protocol and encoding.
+    async fn store_converted(
+        &self,
+        converted: Result<Converted, IngestError>,
+        total: usize,
+        labels: [&'static str; 3],
+        started: Instant,
+    ) -> Result<PartialSuccess, IngestError> {
         self.metrics.received.with_label_values(&labels).inc_by(total as u64);
-        let result = self.convert_and_store(req, total).await;
+        let result = match converted {
+            Ok(c) => {
+                let partial = PartialSuccess { rejected: c.rejected as i64, message: c.message() };
+                let accepted = c.rows.len();
+                self.store.write(c.rows).await.map(|()| (partial, accepted)).map_err(IngestError::from)
+            }
+            Err(e) => Err(e),
+        };
         let outcome = match &result {
             Ok((p, accepted)) => {
                 self.metrics.accepted.with_label_values(&labels).inc_by(*accepted as u64);
@@ -104,65 +170,24 @@ impl Ingest {
                 e.outcome()
             }
         };
+        let [signal, protocol, encoding] = labels;
         self.metrics.requests.with_label_values(&[signal, protocol, encoding, outcome]).inc();
         self.metrics.export_duration.with_label_values(&[signal, protocol]).observe(started.elapsed().as_secs_f64());
         result.map(|(p, _)| p)
-    }
-
-    async fn convert_and_store(&self, req: ExportRequest, total: usize) -> Result<(PartialSuccess, usize), IngestError> {
-        let dicts = self.store.dicts.clone();
-        let convert = move || match req {
-            ExportRequest::Traces(r) => convert::traces(r, &dicts),
-            ExportRequest::Metrics(r) => convert::metrics(r, &dicts),
-            ExportRequest::Logs(r) => convert::logs(r, &dicts),
-        };
-        let converted: Converted = if total >= BLOCKING_THRESHOLD {
-            tokio::task::spawn_blocking(convert).await.map_err(|e| IngestError::Storage(format!("converting failed: {e}")))?
-        } else {
-            convert()
-        };
-        let partial = PartialSuccess { rejected: converted.rejected as i64, message: converted.message() };
-        let accepted = converted.rows.len();
-        self.store.write(converted.rows).await?;
-        Ok((partial, accepted))
-    }
-
-    /// Like [`Ingest::export`], for bodies that still need decoding: decoding a large body is CPU
-    /// work, so it runs on the blocking pool (and so does converting a request of many items).
-    pub async fn export_body(
-        self: &Arc<Self>,
-        body: bytes::Bytes,
-        signal: Signal,
-        encoding: decode::Encoding,
-        protocol: &'static str,
-    ) -> Result<PartialSuccess, IngestError> {
-        let body_len = body.len();
-        let decode = move || -> Result<ExportRequest, IngestError> {
-            Ok(match signal {
-                Signal::Traces => ExportRequest::Traces(decode::decode(&body, encoding)?),
-                Signal::Metrics => ExportRequest::Metrics(decode::decode(&body, encoding)?),
-                Signal::Logs => ExportRequest::Logs(decode::decode(&body, encoding)?),
-            })
-        };
-        let decoded = if body_len >= BLOCKING_BODY {
-            tokio::task::spawn_blocking(decode).await.map_err(|e| IngestError::Storage(format!("decoding failed: {e}")))?
-        } else {
-            decode()
-        };
-        let req = match decoded {
-            Ok(r) => r,
-            Err(e) => {
-                self.count_refused(signal, protocol, encoding.label(), &e);
-                return Err(e);
-            }
-        };
-        self.export(req, protocol, encoding.label()).await
     }
 
     /// Counts a request refused before its items could be decoded (so none are counted as
     /// received), by outcome. `encoding` is `unknown` when the Content-Type was refused.
     pub fn count_refused(&self, signal: Signal, protocol: &'static str, encoding: &'static str, e: &IngestError) {
         self.metrics.requests.with_label_values(&[signal.label(), protocol, encoding, e.outcome()]).inc();
+    }
+}
+
+fn convert_request(req: ExportRequest, dicts: &crate::store::Dicts) -> Converted {
+    match req {
+        ExportRequest::Traces(r) => convert::traces(r, dicts),
+        ExportRequest::Metrics(r) => convert::metrics(r, dicts),
+        ExportRequest::Logs(r) => convert::logs(r, dicts),
     }
 }
 
