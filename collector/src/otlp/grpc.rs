@@ -120,25 +120,17 @@ async fn unimplemented(req: Request) -> Response {
 }
 
 /// tonic's own answers to bad request bodies use other codes than OTLP asks for: a message over
-/// the size limit gets OUT_OF_RANGE (OTLP: RESOURCE_EXHAUSTED), an undecodable message or corrupt
-/// compression INTERNAL (OTLP: INVALID_ARGUMENT, the client's mistake). These answers are
-/// trailers-only, so their status is in the response headers, where this rewrites it.
+/// the size limit gets OUT_OF_RANGE (OTLP: RESOURCE_EXHAUSTED), corrupt framing or compression
+/// INTERNAL (OTLP: INVALID_ARGUMENT, the client's mistake). The handler never answers either code
+/// itself (`IngestError::codes`), so the code alone says the answer is tonic's: no message text is
+/// parsed. These answers are trailers-only, so their status is in the response headers.
 async fn otlp_status_codes(mut resp: axum::response::Response) -> axum::response::Response {
-    let status = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).unwrap_or("");
-    if status != "11" && status != "13" {
-        return resp;
-    }
-    let message = resp.headers().get("grpc-message").and_then(|v| v.to_str().ok()).unwrap_or("").replace("%20", " ");
-    let code = if status == "11" && message.contains("message length too large") {
-        Some(tonic::Code::ResourceExhausted)
-    } else if status == "13" && (message.contains("failed to decode Protobuf") || message.contains("Error decompressing")) {
-        Some(tonic::Code::InvalidArgument)
-    } else {
-        None
+    let code = match resp.headers().get("grpc-status").map(http::HeaderValue::as_bytes) {
+        Some(b"11") => tonic::Code::ResourceExhausted,
+        Some(b"13") => tonic::Code::InvalidArgument,
+        _ => return resp,
     };
-    if let Some(code) = code {
-        resp.headers_mut().insert("grpc-status", http::HeaderValue::from(code as i32));
-    }
+    resp.headers_mut().insert("grpc-status", http::HeaderValue::from(code as i32));
     resp
 }
 
