@@ -1,0 +1,435 @@
+//! Reading traces: whole (within an answer's [`SpanBudget`]), as an outline, one span, and
+//! finding spans in a trace.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use futures::TryStreamExt;
+use opentelemetry_proto::tonic::common::v1::KeyValue;
+use opentelemetry_proto::tonic::trace::v1::span::{Event, Link};
+use sqlx::{AssertSqlSafe, QueryBuilder, Row, Sqlite, SqliteConnection};
+
+use super::{SPAN_COLUMNS, span_from_row, stored_name, value_text};
+use crate::store::codec::{Reader, decode_attributes};
+use crate::store::dict::StringsSnapshot;
+use crate::store::rows::SpanName;
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, Clone)]
+pub struct SpanRecord {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub parent_span_id: Option<[u8; 8]>,
+    pub trace_state: String,
+    pub service: Arc<str>,
+    pub name: String,
+    pub kind: i32,
+    pub start_ns: u64,
+    pub end_ns: u64,
+    pub status_code: i32,
+    pub status_message: String,
+    pub flags: u32,
+    pub attributes: Vec<KeyValue>,
+    pub events: Vec<Event>,
+    pub links: Vec<Link>,
+    pub dropped_attributes_count: u32,
+    pub dropped_events_count: u32,
+    pub dropped_links_count: u32,
+    pub resource: i64,
+    pub scope: i64,
+}
+impl TraceData {
+    pub fn truncated(&self) -> bool {
+        self.total_spans > self.spans.len()
+    }
+
+    /// Why the answer holds only part of the trace, if it does.
+    pub fn warning(&self) -> Option<String> {
+        self.truncated().then(|| {
+            format!(
+                "trace truncated: {} of its {} spans are returned (the earliest by start time; an answer holds at most {} spans, {} spans, \
+                 attributes, events and links together, or {} MiB of stored span data); the outline (/api/v1/traces/{}/outline) lists every span",
+                self.spans.len(),
+                self.total_spans,
+                SpanBudget::ANSWER.spans,
+                SpanBudget::ANSWER.items,
+                SpanBudget::ANSWER.bytes >> 20,
+                hex::encode(self.trace_id)
+            )
+        })
+    }
+}
+/// How much of its traces' full spans one answer holds: spans are taken in start order until
+/// either bound is reached (the first span of a trace always), the rest only counted. Bounds the
+/// memory a query takes whatever the size of the trace (see docs/API.md, "Limits").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpanBudget {
+    pub spans: usize,
+    /// Stored bytes of attributes, events and links (decoded, they take several times more).
+    pub bytes: usize,
+    /// Spans, attributes, events and links (with their attributes) together: the stored form
+    /// of an event is a few bytes, its decoded and JSON forms some hundreds.
+    pub items: usize,
+}
+impl SpanBudget {
+    pub const ANSWER: SpanBudget = SpanBudget { spans: 10_000, bytes: 8 << 20, items: 50_000 };
+
+    /// An equal share for each of `n` traces.
+    fn share(self, n: usize) -> SpanBudget {
+        let n = n.max(1);
+        SpanBudget { spans: (self.spans / n).max(1), bytes: (self.bytes / n).max(1), items: (self.items / n).max(1) }
+    }
+}
+/// Spans an outline lists at most (a waterfall of more is of no use in a browser); a larger
+/// trace's outline holds its earliest spans and says so.
+pub const MAX_OUTLINE_SPANS: usize = 250_000;
+impl SpanRecord {
+    pub fn duration_ns(&self) -> u64 {
+        self.end_ns.saturating_sub(self.start_ns)
+    }
+}
+#[derive(Debug, Clone)]
+pub struct ResourceRecord {
+    pub service: Arc<str>,
+    pub attributes: Vec<KeyValue>,
+    pub dropped_attributes_count: u32,
+    pub schema_url: String,
+}
+#[derive(Debug, Clone)]
+pub struct ScopeRecord {
+    pub name: String,
+    pub version: String,
+    pub attributes: Vec<KeyValue>,
+    pub dropped_attributes_count: u32,
+    pub schema_url: String,
+}
+/// One trace with the resources and scopes its spans refer to. Spans are ordered by start time;
+/// when the trace is larger than the answer's [`SpanBudget`], only its earliest spans are here.
+#[derive(Debug, Clone)]
+pub struct TraceData {
+    pub trace_id: [u8; 16],
+    pub spans: Vec<SpanRecord>,
+    /// Spans the trace has in all (more than `spans.len()` when it was cut).
+    pub total_spans: usize,
+    pub resources: BTreeMap<i64, ResourceRecord>,
+    pub scopes: BTreeMap<i64, ScopeRecord>,
+}
+/// What the waterfall of a trace needs, in columns: one entry per span in every `Vec`, spans
+/// ordered by start time (as in [`TraceData`]). Read without decoding attributes.
+#[derive(Debug, Clone, Default)]
+pub struct TraceOutline {
+    pub trace_id: [u8; 16],
+    /// The earliest span start.
+    pub start_ns: u64,
+    /// From the earliest start to the latest end.
+    pub duration_ns: u64,
+    /// Service names, sorted, each once; `service` indexes into it.
+    pub services: Vec<String>,
+    /// Span names, sorted, each once; `name` indexes into it.
+    pub names: Vec<String>,
+    pub span_ids: Vec<[u8; 8]>,
+    /// Spans the trace has in all (more than `span_ids.len()` past [`MAX_OUTLINE_SPANS`]).
+    pub total_spans: usize,
+    /// Index of the parent span, -1 when the parent is not in the trace (a root or an orphan).
+    pub parents: Vec<i64>,
+    pub service: Vec<u32>,
+    pub name: Vec<u32>,
+    pub kind: Vec<i32>,
+    /// Nanoseconds from `start_ns`.
+    pub start: Vec<u64>,
+    pub duration: Vec<u64>,
+    pub status: Vec<i32>,
+    /// Event times in nanoseconds from `start_ns` (an event may precede it).
+    pub event_times: Vec<Vec<i64>>,
+}
+/// One span with its resource and scope.
+#[derive(Debug, Clone)]
+pub struct SpanDetail {
+    pub span: SpanRecord,
+    pub resource: Option<ResourceRecord>,
+    pub scope: Option<ScopeRecord>,
+}
+/// The distinct strings of these dictionary ids, sorted, and for each id the index of its string.
+fn dictionary<'a>(ids: &[i64], get: impl Fn(i64) -> &'a str) -> (Vec<String>, Vec<u32>) {
+    let distinct: HashSet<i64> = ids.iter().copied().collect();
+    let mut strings: Vec<&str> = distinct.iter().map(|&id| get(id)).collect();
+    strings.sort_unstable();
+    strings.dedup();
+    let index: HashMap<i64, u32> = distinct.iter().map(|&id| (id, strings.binary_search(&get(id)).unwrap_or(0) as u32)).collect();
+    let column = ids.iter().map(|id| index.get(id).copied().unwrap_or(0)).collect();
+    (strings.into_iter().map(str::to_owned).collect(), column)
+}
+impl Store {
+    pub async fn trace(&self, trace_id: [u8; 16]) -> Result<Option<TraceData>, StoreError> {
+        Ok(self.traces(&[trace_id], SpanBudget::ANSWER).await?.pop())
+    }
+
+    /// Traces for these ids, in the order given, sharing `budget` equally; ids with no spans are
+    /// left out. Each trace's spans stream in start order from the `(trace, start_ns)` index and
+    /// the read stops at the trace's share, so memory is bounded whatever the trace's size.
+    pub async fn traces(&self, ids: &[[u8; 16]], budget: SpanBudget) -> Result<Vec<TraceData>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let share = budget.share(ids.len());
+        // One read transaction (one snapshot) for the spans, their resources and scopes.
+        let mut tx = self.read.begin().await?;
+        // The first read fixes the snapshot; the dictionary's, taken after, knows every id.
+        sqlx::query("SELECT 1 FROM traces LIMIT 1").fetch_optional(&mut *tx).await?;
+        let dict = self.dicts.strings.snapshot();
+        let sql = format!(
+            "SELECT {SPAN_COLUMNS}, COALESCE(length(s.attributes), 0) + COALESCE(length(s.events), 0) + COALESCE(length(s.links), 0) \
+             FROM spans s JOIN traces t ON t.id = s.trace WHERE s.trace IN (SELECT id FROM traces WHERE trace_id = ?) ORDER BY s.start_ns, s.rowid"
+        );
+        let mut out = Vec::new();
+        for id in ids {
+            let mut rows = sqlx::query(AssertSqlSafe(sql.clone())).bind(id.to_vec()).fetch(&mut *tx);
+            let (mut spans, mut bytes, mut items, mut cut) = (Vec::new(), 0usize, 0usize, false);
+            while let Some(r) = rows.try_next().await? {
+                let size = r.try_get::<i64, _>(20)?.max(0) as usize;
+                if !spans.is_empty() && (spans.len() >= share.spans || bytes + size > share.bytes || items >= share.items) {
+                    cut = true;
+                    break;
+                }
+                bytes += size;
+                let span = span_from_row(&r, &dict)?;
+                items += 1
+                    + span.attributes.len()
+                    + span.events.iter().map(|e| 1 + e.attributes.len()).sum::<usize>()
+                    + span.links.iter().map(|l| 1 + l.attributes.len()).sum::<usize>();
+                spans.push(span);
+            }
+            drop(rows);
+            if spans.is_empty() {
+                continue;
+            }
+            let total_spans = if cut {
+                let n: i64 = sqlx::query("SELECT COUNT(*) FROM spans WHERE trace IN (SELECT id FROM traces WHERE trace_id = ?)")
+                    .bind(id.to_vec())
+                    .fetch_one(&mut *tx)
+                    .await?
+                    .try_get(0)?;
+                n as usize
+            } else {
+                spans.len()
+            };
+            let (mut resources, mut scopes) = (BTreeMap::new(), BTreeMap::new());
+            Self::load_resources(&mut tx, spans.iter().map(|s| s.resource).collect(), &dict, &mut resources).await?;
+            Self::load_scopes(&mut tx, spans.iter().map(|s| s.scope).collect(), &dict, &mut scopes).await?;
+            out.push(TraceData { trace_id: *id, spans, total_spans, resources, scopes });
+        }
+        Ok(out)
+    }
+
+    async fn load_resources(
+        conn: &mut SqliteConnection,
+        ids: HashSet<i64>,
+        dict: &StringsSnapshot,
+        out: &mut BTreeMap<i64, ResourceRecord>,
+    ) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut qb: QueryBuilder<Sqlite> =
+            QueryBuilder::new("SELECT id, service, attributes, dropped_attributes_count, schema_url FROM resources WHERE id IN (");
+        let mut sep = qb.separated(", ");
+        for id in ids {
+            sep.push_bind(id);
+        }
+        qb.push(")");
+        for r in qb.build().fetch_all(&mut *conn).await? {
+            let attrs: Vec<u8> = r.try_get(2)?;
+            out.insert(
+                r.try_get(0)?,
+                ResourceRecord {
+                    service: Arc::from(dict.get(r.try_get(1)?)),
+                    attributes: decode_attributes(&attrs, dict)?,
+                    dropped_attributes_count: r.try_get::<i64, _>(3)? as u32,
+                    schema_url: r.try_get(4)?,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    async fn load_scopes(
+        conn: &mut SqliteConnection,
+        ids: HashSet<i64>,
+        dict: &StringsSnapshot,
+        out: &mut BTreeMap<i64, ScopeRecord>,
+    ) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut qb: QueryBuilder<Sqlite> =
+            QueryBuilder::new("SELECT id, name, version, attributes, dropped_attributes_count, schema_url FROM scopes WHERE id IN (");
+        let mut sep = qb.separated(", ");
+        for id in ids {
+            sep.push_bind(id);
+        }
+        qb.push(")");
+        for r in qb.build().fetch_all(&mut *conn).await? {
+            let attrs: Vec<u8> = r.try_get(3)?;
+            out.insert(
+                r.try_get(0)?,
+                ScopeRecord {
+                    name: r.try_get(1)?,
+                    version: r.try_get(2)?,
+                    attributes: decode_attributes(&attrs, dict)?,
+                    dropped_attributes_count: r.try_get::<i64, _>(4)? as u32,
+                    schema_url: r.try_get(5)?,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// The outline of a trace: its spans' ids, parents, services, names, kinds, times, statuses
+    /// and event times, without attributes. `None` when the trace has no spans.
+    pub async fn trace_outline(&self, trace_id: [u8; 16]) -> Result<Option<TraceOutline>, StoreError> {
+        let mut tx = self.read.begin().await?;
+        // The first read fixes the snapshot; the dictionary's, taken after, knows every event name.
+        sqlx::query("SELECT 1 FROM traces LIMIT 1").fetch_optional(&mut *tx).await?;
+        let dict = self.dicts.strings.snapshot();
+        let mut rows = sqlx::query(
+            "SELECT s.span_id, s.parent_span_id, s.service, s.name, s.kind, s.start_ns, s.duration_ns, s.status_code, \
+             s.events FROM spans s WHERE s.trace IN (SELECT id FROM traces WHERE trace_id = ?) ORDER BY s.start_ns, s.rowid",
+        )
+        .bind(trace_id.to_vec())
+        .fetch(&mut *tx);
+        let mut o = TraceOutline { trace_id, ..Default::default() };
+        let (mut ids, mut parent_ids, mut service_ids, mut name_ids) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut inline_names: HashMap<String, i64> = HashMap::new();
+        let mut starts: Vec<u64> = Vec::new();
+        let mut event_times: Vec<Vec<u64>> = Vec::new();
+        let mut cut = false;
+        while let Some(r) = rows.try_next().await? {
+            if ids.len() >= MAX_OUTLINE_SPANS {
+                cut = true;
+                break;
+            }
+            let start = r.try_get::<i64, _>(5)? as u64;
+            ids.push(r.try_get::<i64, _>(0)?);
+            parent_ids.push(r.try_get::<Option<i64>, _>(1)?);
+            service_ids.push(r.try_get::<i64, _>(2)?);
+            name_ids.push(match stored_name(&r, 3)? {
+                SpanName::Id(id) => id,
+                // Inline names get negative ids, local to this outline.
+                SpanName::Inline(s) => {
+                    let next = -(inline_names.len() as i64) - 1;
+                    *inline_names.entry(s).or_insert(next)
+                }
+            });
+            o.kind.push(r.try_get(4)?);
+            starts.push(start);
+            o.duration.push(r.try_get::<i64, _>(6)?.max(0) as u64);
+            o.status.push(r.try_get(7)?);
+            let events = match r.try_get::<Option<Vec<u8>>, _>(8)? {
+                Some(b) => Reader::new(&b, &dict).events(start)?.iter().map(|e| e.time_unix_nano).collect(),
+                None => Vec::new(),
+            };
+            event_times.push(events);
+        }
+        drop(rows);
+        if ids.is_empty() {
+            return Ok(None);
+        }
+        o.total_spans = if cut {
+            let n: i64 = sqlx::query("SELECT COUNT(*) FROM spans WHERE trace IN (SELECT id FROM traces WHERE trace_id = ?)")
+                .bind(trace_id.to_vec())
+                .fetch_one(&mut *tx)
+                .await?
+                .try_get(0)?;
+            n as usize
+        } else {
+            ids.len()
+        };
+        o.start_ns = starts.iter().copied().min().unwrap_or(0);
+        let end = starts.iter().zip(&o.duration).map(|(s, d)| s.saturating_add(*d)).max().unwrap_or(o.start_ns);
+        o.duration_ns = end - o.start_ns;
+        o.start = starts.iter().map(|s| s - o.start_ns).collect();
+        o.event_times = event_times.into_iter().map(|times| times.into_iter().map(|t| t.wrapping_sub(o.start_ns) as i64).collect()).collect();
+        (o.services, o.service) = dictionary(&service_ids, |id| dict.get(id));
+        let inline: HashMap<i64, &str> = inline_names.iter().map(|(s, id)| (*id, s.as_str())).collect();
+        (o.names, o.name) = dictionary(&name_ids, |id| if id < 0 { inline.get(&id).copied().unwrap_or("") } else { dict.get(id) });
+        // The first span with an id is the one its children point to.
+        let mut index: HashMap<i64, usize> = HashMap::with_capacity(ids.len());
+        for (i, id) in ids.iter().enumerate() {
+            index.entry(*id).or_insert(i);
+        }
+        o.parents = parent_ids
+            .iter()
+            .enumerate()
+            .map(|(i, p)| match p.and_then(|p| index.get(&p)) {
+                Some(&j) if j != i => j as i64,
+                _ => -1,
+            })
+            .collect();
+        o.span_ids = ids.into_iter().map(i64::to_be_bytes).collect();
+        Ok(Some(o))
+    }
+
+    /// One span of a trace with its resource and scope; the earliest one if the sender repeated
+    /// its id. `None` when the trace has no such span.
+    pub async fn span(&self, trace_id: [u8; 16], span_id: [u8; 8]) -> Result<Option<SpanDetail>, StoreError> {
+        let mut conn = self.read.acquire().await?;
+        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(format!("SELECT {SPAN_COLUMNS} FROM traces t JOIN spans s ON s.trace = t.id WHERE t.trace_id = "));
+        qb.push_bind(trace_id.to_vec()).push(" AND s.span_id = ").push_bind(i64::from_be_bytes(span_id));
+        qb.push(" ORDER BY s.start_ns, s.rowid LIMIT 1");
+        let row = qb.build().fetch_optional(&mut *conn).await?;
+        let Some(row) = row else { return Ok(None) };
+        let dict = self.dicts.strings.snapshot();
+        let span = span_from_row(&row, &dict)?;
+        let (mut resources, mut scopes) = (BTreeMap::new(), BTreeMap::new());
+        Self::load_resources(&mut conn, HashSet::from([span.resource]), &dict, &mut resources).await?;
+        Self::load_scopes(&mut conn, HashSet::from([span.scope]), &dict, &mut scopes).await?;
+        Ok(Some(SpanDetail { resource: resources.remove(&span.resource), scope: scopes.remove(&span.scope), span }))
+    }
+
+    /// Ids of the spans of a trace, in start order, whose name, service, span id (hex), attribute
+    /// keys or values (as [`value_text`]) or event names contain `needle`, ignoring case.
+    /// `None` when the trace has no spans.
+    pub async fn find_in_trace(&self, trace_id: [u8; 16], needle: &str) -> Result<Option<Vec<[u8; 8]>>, StoreError> {
+        let needle = needle.to_lowercase();
+        let has = |s: &str| s.to_lowercase().contains(&needle);
+        let mut tx = self.read.begin().await?;
+        sqlx::query("SELECT 1 FROM traces LIMIT 1").fetch_optional(&mut *tx).await?;
+        let dict = self.dicts.strings.snapshot();
+        let mut rows = sqlx::query(
+            "SELECT s.span_id, s.service, s.name, s.attributes, s.events FROM traces t JOIN spans s ON s.trace = t.id \
+             WHERE t.trace_id = ? ORDER BY s.start_ns, s.rowid",
+        )
+        .bind(trace_id.to_vec())
+        .fetch(&mut *tx);
+        // Services and names repeat: each dictionary string is compared once.
+        let mut string_matches: HashMap<i64, bool> = HashMap::new();
+        let mut found = Vec::new();
+        let mut any = false;
+        while let Some(r) = rows.try_next().await? {
+            any = true;
+            let span_id = r.try_get::<i64, _>(0)?.to_be_bytes();
+            let attributes: Option<Vec<u8>> = r.try_get(3)?;
+            let events: Option<Vec<u8>> = r.try_get(4)?;
+            let name_hit = match stored_name(&r, 2)? {
+                SpanName::Id(id) => *string_matches.entry(id).or_insert_with(|| has(dict.get(id))),
+                SpanName::Inline(s) => has(&s),
+            };
+            let service = r.try_get::<i64, _>(1)?;
+            let hit = name_hit
+                || *string_matches.entry(service).or_insert_with(|| has(dict.get(service)))
+                || hex::encode(span_id).contains(&needle)
+                || match &attributes {
+                    Some(b) => decode_attributes(b, &dict)?.iter().any(|kv| has(&kv.key) || has(&value_text(kv.value.as_ref()))),
+                    None => false,
+                }
+                || match &events {
+                    Some(b) => Reader::new(b, &dict).events(0)?.iter().any(|e| has(&e.name)),
+                    None => false,
+                };
+            if hit {
+                found.push(span_id);
+            }
+        }
+        Ok(any.then_some(found))
+    }
+}
