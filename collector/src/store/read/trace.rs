@@ -227,29 +227,16 @@ impl Store {
         dict: &StringsSnapshot,
         out: &mut BTreeMap<i64, ResourceRecord>,
     ) -> Result<(), StoreError> {
-        if ids.is_empty() {
-            return Ok(());
-        }
-        let mut qb: QueryBuilder<Sqlite> =
-            QueryBuilder::new("SELECT id, service, attributes, dropped_attributes_count, schema_url FROM resources WHERE id IN (");
-        let mut sep = qb.separated(", ");
-        for id in ids {
-            sep.push_bind(id);
-        }
-        qb.push(")");
-        for r in qb.build().fetch_all(&mut *conn).await? {
-            let attrs: Vec<u8> = r.try_get(2)?;
-            out.insert(
-                r.try_get(0)?,
-                ResourceRecord {
-                    service: Arc::from(dict.get(r.try_get(1)?)),
-                    attributes: decode_attributes(&attrs, dict)?,
-                    dropped_attributes_count: r.try_get::<i64, _>(3)? as u32,
-                    schema_url: r.try_get(4)?,
-                },
-            );
-        }
-        Ok(())
+        let select = "SELECT id, service, attributes, dropped_attributes_count, schema_url FROM resources";
+        load_by_id(conn, select, ids, out, |r| {
+            Ok(ResourceRecord {
+                service: Arc::from(dict.get(r.try_get(1)?)),
+                attributes: decode_attributes(&r.try_get::<Vec<u8>, _>(2)?, dict)?,
+                dropped_attributes_count: r.try_get::<i64, _>(3)? as u32,
+                schema_url: r.try_get(4)?,
+            })
+        })
+        .await
     }
 
     async fn load_scopes(
@@ -258,30 +245,17 @@ impl Store {
         dict: &StringsSnapshot,
         out: &mut BTreeMap<i64, ScopeRecord>,
     ) -> Result<(), StoreError> {
-        if ids.is_empty() {
-            return Ok(());
-        }
-        let mut qb: QueryBuilder<Sqlite> =
-            QueryBuilder::new("SELECT id, name, version, attributes, dropped_attributes_count, schema_url FROM scopes WHERE id IN (");
-        let mut sep = qb.separated(", ");
-        for id in ids {
-            sep.push_bind(id);
-        }
-        qb.push(")");
-        for r in qb.build().fetch_all(&mut *conn).await? {
-            let attrs: Vec<u8> = r.try_get(3)?;
-            out.insert(
-                r.try_get(0)?,
-                ScopeRecord {
-                    name: r.try_get(1)?,
-                    version: r.try_get(2)?,
-                    attributes: decode_attributes(&attrs, dict)?,
-                    dropped_attributes_count: r.try_get::<i64, _>(4)? as u32,
-                    schema_url: r.try_get(5)?,
-                },
-            );
-        }
-        Ok(())
+        let select = "SELECT id, name, version, attributes, dropped_attributes_count, schema_url FROM scopes";
+        load_by_id(conn, select, ids, out, |r| {
+            Ok(ScopeRecord {
+                name: r.try_get(1)?,
+                version: r.try_get(2)?,
+                attributes: decode_attributes(&r.try_get::<Vec<u8>, _>(3)?, dict)?,
+                dropped_attributes_count: r.try_get::<i64, _>(4)? as u32,
+                schema_url: r.try_get(5)?,
+            })
+        })
+        .await
     }
 
     /// The outline of a trace: its spans' ids, parents, services, names, kinds, times, statuses
@@ -432,4 +406,28 @@ impl Store {
         }
         Ok(any.then_some(found))
     }
+}
+
+/// The rows of `select` (whose first column is `id`) with these ids, each made a record by `make`.
+async fn load_by_id<T>(
+    conn: &mut SqliteConnection,
+    select: &'static str,
+    ids: HashSet<i64>,
+    out: &mut BTreeMap<i64, T>,
+    make: impl Fn(&sqlx::sqlite::SqliteRow) -> Result<T, StoreError>,
+) -> Result<(), StoreError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(select);
+    qb.push(" WHERE id IN (");
+    let mut sep = qb.separated(", ");
+    for id in ids {
+        sep.push_bind(id);
+    }
+    qb.push(")");
+    for r in qb.build().fetch_all(&mut *conn).await? {
+        out.insert(r.try_get(0)?, make(&r)?);
+    }
+    Ok(())
 }
