@@ -289,3 +289,61 @@ def test_values_nested_deeper_than_the_codec_keeps_are_reported_as_a_partial_suc
     # A plain span gets no partial success at all.
     r = post(collector, "/v1/traces", one_span_request(name="flat").SerializeToString())
     assert not trace_service_pb2.ExportTraceServiceResponse.FromString(r.content).HasField("partial_success")
+
+
+def test_metric_points_of_an_inconsistent_shape_are_refused_one_by_one(collector):
+    """Histogram counts that do not match the bounds or the count, exponential buckets that do not
+    add up, a summary quantile outside 0..1 or a negative quantile value: each such point is
+    refused through partial success, the request's good points are stored whole."""
+    from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
+    from opentelemetry.proto.metrics.v1 import metrics_pb2 as m
+
+    now = time.time_ns()
+    at = dict(start_time_unix_nano=now - 10**9, time_unix_nano=now)
+
+    def point_attrs(name):
+        return [common_pb2.KeyValue(key="case", value=common_pb2.AnyValue(string_value=name))]
+
+    histogram = m.Metric(name="shape.latency", unit="ms", histogram=m.Histogram(aggregation_temporality=2, data_points=[
+        m.HistogramDataPoint(attributes=point_attrs("good"), count=3, sum=12.0, bucket_counts=[1, 2], explicit_bounds=[5.0], **at),
+        m.HistogramDataPoint(attributes=point_attrs("short"), count=3, sum=12.0, bucket_counts=[1, 2], explicit_bounds=[5.0, 10.0], **at),
+        m.HistogramDataPoint(attributes=point_attrs("miscounted"), count=9, sum=12.0, bucket_counts=[1, 2], explicit_bounds=[5.0], **at),
+        m.HistogramDataPoint(attributes=point_attrs("unordered"), count=3, sum=1.0, bucket_counts=[1, 1, 1], explicit_bounds=[5.0, 1.0], **at),
+    ]))
+    exponential = m.Metric(name="shape.size", exponential_histogram=m.ExponentialHistogram(aggregation_temporality=2, data_points=[
+        m.ExponentialHistogramDataPoint(attributes=point_attrs("good"), count=4, zero_count=1, scale=2,
+                                        positive=m.ExponentialHistogramDataPoint.Buckets(offset=0, bucket_counts=[1, 2]), **at),
+        m.ExponentialHistogramDataPoint(attributes=point_attrs("miscounted"), count=5, zero_count=1, scale=2,
+                                        positive=m.ExponentialHistogramDataPoint.Buckets(offset=0, bucket_counts=[1, 2]), **at),
+    ]))
+    summary = m.Metric(name="shape.summary", summary=m.Summary(data_points=[
+        m.SummaryDataPoint(attributes=point_attrs("good"), count=2, sum=3.0,
+                           quantile_values=[m.SummaryDataPoint.ValueAtQuantile(quantile=0.5, value=1.0)], **at),
+        m.SummaryDataPoint(attributes=point_attrs("quantile"), count=2, sum=3.0,
+                           quantile_values=[m.SummaryDataPoint.ValueAtQuantile(quantile=1.5, value=1.0)], **at),
+        m.SummaryDataPoint(attributes=point_attrs("negative"), count=2, sum=3.0,
+                           quantile_values=[m.SummaryDataPoint.ValueAtQuantile(quantile=0.9, value=-1.0)], **at),
+    ]))
+    resource = resource_pb2.Resource(attributes=[common_pb2.KeyValue(key="service.name", value=common_pb2.AnyValue(string_value="shapes"))])
+    req = metrics_service_pb2.ExportMetricsServiceRequest(resource_metrics=[m.ResourceMetrics(
+        resource=resource, scope_metrics=[m.ScopeMetrics(metrics=[histogram, exponential, summary])])])
+
+    r = post(collector, "/v1/metrics", req.SerializeToString())
+    assert r.status_code == 200, r.text
+    answer = metrics_service_pb2.ExportMetricsServiceResponse.FromString(r.content)
+    assert answer.partial_success.rejected_data_points == 6, answer
+    assert answer.partial_success.error_message == (
+        '6 items rejected; first: metric "shape.latency": histogram has 2 bucket_counts for 2 explicit_bounds '
+        "(needs one more count than bounds)"), answer.partial_success.error_message
+
+    for name in ("shape.latency", "shape.size", "shape.summary"):
+        series = collector.api(f"/api/v1/metrics/{name}", lookback="1h")["series"]
+        cases = [a["value"]["stringValue"] for s in series for a in s["attributes"] if a["key"] == "case"]
+        assert cases == ["good"], (name, cases)
+    # The same request as OTLP/JSON: the same answer.
+    r = post(collector, "/v1/metrics", json.dumps({"resourceMetrics": [{"scopeMetrics": [{"metrics": [{
+        "name": "shape.json", "summary": {"dataPoints": [{"timeUnixNano": str(now), "count": "1", "sum": 1,
+                                                          "quantileValues": [{"quantile": 2, "value": 1}]}]}}]}]}]}),
+             content_type="application/json")
+    assert r.status_code == 200 and r.json()["partialSuccess"]["rejectedDataPoints"] == "1", r.text
+    assert "summary quantile 2 is outside 0..=1" in r.json()["partialSuccess"]["errorMessage"]

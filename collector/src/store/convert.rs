@@ -254,11 +254,16 @@ fn metric_points(m: Metric, resource: i64, scope: i64, dicts: &Dicts, out: &mut 
         Data::ExponentialHistogram(h) => (h.aggregation_temporality, false),
         _ => (0, false),
     };
+    let metric_name = m.name.clone();
     let key = (m.name, m.description, m.unit, metric_type(&data), temporality, monotonic, encode(&m.metadata, dicts));
     let metric = dicts.metrics.id(&key);
     if n_points > 0 {
         catalog.metrics.entry(metric).or_insert_with(|| MetricRow { id: metric, key });
     }
+    // Points whose shape is inconsistent are refused one by one (partial success), never stored
+    // in part; their reasons are counted after the others are pushed.
+    let mut refused: Vec<String> = Vec::new();
+    let mut out_reject = |why: String| refused.push(why);
     let mut push = |attrs: &mut Vec<KeyValue>, start: u64, time: u64, value: Option<f64>, data: Vec<u8>| {
         let skey = (metric, resource, scope, encode(attrs, dicts));
         let series = dicts.series.id(&skey);
@@ -277,23 +282,84 @@ fn metric_points(m: Metric, resource: i64, scope: i64, dicts: &Dicts, out: &mut 
         Data::Sum(s) => number_points(s.data_points, &mut push),
         Data::Histogram(h) => {
             for mut p in h.data_points {
+                if let Some(why) = histogram_problem(&p) {
+                    out_reject(why);
+                    continue;
+                }
                 let mut attrs = std::mem::take(&mut p.attributes);
                 push(&mut attrs, p.start_time_unix_nano, p.time_unix_nano, p.sum, p.encode_to_vec());
             }
         }
         Data::ExponentialHistogram(h) => {
             for mut p in h.data_points {
+                if let Some(why) = exponential_histogram_problem(&p) {
+                    out_reject(why);
+                    continue;
+                }
                 let mut attrs = std::mem::take(&mut p.attributes);
                 push(&mut attrs, p.start_time_unix_nano, p.time_unix_nano, p.sum, p.encode_to_vec());
             }
         }
         Data::Summary(s) => {
             for mut p in s.data_points {
+                if let Some(why) = summary_problem(&p) {
+                    out_reject(why);
+                    continue;
+                }
                 let mut attrs = std::mem::take(&mut p.attributes);
                 push(&mut attrs, p.start_time_unix_nano, p.time_unix_nano, Some(p.sum), p.encode_to_vec());
             }
         }
     }
+    let n_refused = refused.len() as u64;
+    if let Some(first) = refused.into_iter().next() {
+        out.reject(n_refused, || format!("metric {metric_name:?}: {first}"));
+    }
+}
+
+/// Why a histogram point cannot be stored as sent, if it cannot.
+fn histogram_problem(p: &opentelemetry_proto::tonic::metrics::v1::HistogramDataPoint) -> Option<String> {
+    if p.explicit_bounds.iter().any(|b| !b.is_finite()) || p.explicit_bounds.windows(2).any(|w| w[0] >= w[1]) {
+        return Some("histogram explicit_bounds must be finite and strictly increasing".into());
+    }
+    if p.bucket_counts.is_empty() {
+        return None;
+    }
+    if p.bucket_counts.len() != p.explicit_bounds.len() + 1 {
+        return Some(format!(
+            "histogram has {} bucket_counts for {} explicit_bounds (needs one more count than bounds)",
+            p.bucket_counts.len(),
+            p.explicit_bounds.len()
+        ));
+    }
+    let total = p.bucket_counts.iter().try_fold(0u64, |a, &c| a.checked_add(c));
+    (total != Some(p.count))
+        .then(|| format!("histogram bucket_counts add up to {}, but count is {}", total.map_or("more than 2^64".into(), |t| t.to_string()), p.count))
+}
+
+/// Why an exponential histogram point cannot be stored as sent, if it cannot.
+fn exponential_histogram_problem(p: &opentelemetry_proto::tonic::metrics::v1::ExponentialHistogramDataPoint) -> Option<String> {
+    if !(-10..=20).contains(&p.scale) {
+        return Some(format!("exponential histogram scale {} is outside -10..=20", p.scale));
+    }
+    let buckets = [&p.positive, &p.negative].into_iter().flatten().flat_map(|b| &b.bucket_counts);
+    let total = buckets.chain([&p.zero_count]).try_fold(0u64, |a, &c| a.checked_add(c));
+    (total != Some(p.count)).then(|| {
+        format!("exponential histogram buckets and zero_count add up to {}, but count is {}", total.map_or("more than 2^64".into(), |t| t.to_string()), p.count)
+    })
+}
+
+/// Why a summary point cannot be stored as sent, if it cannot.
+fn summary_problem(p: &opentelemetry_proto::tonic::metrics::v1::SummaryDataPoint) -> Option<String> {
+    p.quantile_values.iter().find_map(|q| {
+        if !(0.0..=1.0).contains(&q.quantile) {
+            Some(format!("summary quantile {} is outside 0..=1", q.quantile))
+        } else if q.value.is_nan() || q.value < 0.0 {
+            Some(format!("summary value {} at quantile {} must not be negative", q.value, q.quantile))
+        } else {
+            None
+        }
+    })
 }
 
 fn number_points(
