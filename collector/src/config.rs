@@ -53,6 +53,12 @@ pub struct Config {
     #[arg(long, env = "COLLECTOR_QUEUE_CAPACITY", default_value_t = 262_144, value_parser = clap::value_parser!(u32).range(1..))]
     pub queue_capacity: u32,
 
+    /// Series of span-derived RED metrics kept at most (per service, operation, kind and status,
+    /// and per call between services, databases and brokers); spans past it are counted in one
+    /// overflow series per kind and in collector_span_metrics_overflow_spans_total.
+    #[arg(long, env = "COLLECTOR_SPAN_METRICS_MAX_SERIES", default_value_t = 5_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub span_metrics_max_series: u32,
+
     /// Seconds to finish in-flight requests on SIGTERM or SIGINT before stopping.
     #[arg(long, env = "COLLECTOR_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_retention)]
     pub shutdown_grace: Duration,

@@ -21,6 +21,9 @@ pub struct Metrics {
     pub database_bytes: IntGauge,
     pub retention_deleted: IntCounterVec,
     pub retention_runs: IntCounter,
+    pub span_metrics_series: IntGauge,
+    pub span_metrics_overflow: IntCounter,
+    pub span_metrics_unmatched: IntCounter,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -58,6 +61,11 @@ impl Metrics {
         must(registry.register(Box::new(write_errors.clone())));
         let retention_runs = must(IntCounter::new("collector_retention_runs_total", "Completed retention passes"));
         must(registry.register(Box::new(retention_runs.clone())));
+        let plain_counter = |name: &str, help: &str| {
+            let c = must(IntCounter::new(name, help));
+            must(registry.register(Box::new(c.clone())));
+            c
+        };
         let pow = |start: f64, n: usize| (0..n).map(|i| start * 4f64.powi(i as i32)).collect::<Vec<_>>();
         Self {
             received: counter("collector_received_items_total", "Spans, metric points and log records received", &items),
@@ -75,6 +83,15 @@ impl Metrics {
             database_bytes: gauge("collector_database_bytes", "Size of the database file and its write-ahead log"),
             retention_deleted: counter("collector_retention_deleted_total", "Rows removed by retention", &["table"]),
             retention_runs,
+            span_metrics_series: gauge("collector_span_metrics_series", "Series of span-derived metrics (bounded by --span-metrics-max-series)"),
+            span_metrics_overflow: plain_counter(
+                "collector_span_metrics_overflow_spans_total",
+                "Spans counted in an overflow series because their own series would pass --span-metrics-max-series",
+            ),
+            span_metrics_unmatched: plain_counter(
+                "collector_span_metrics_unmatched_spans_total",
+                "Spans with a parent that was not written within two minutes of them: their call is not on the service map",
+            ),
             registry,
         }
     }

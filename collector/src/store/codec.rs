@@ -68,6 +68,20 @@ pub fn take_cut_values() -> u64 {
     CUT_VALUES.with(|c| c.replace(0))
 }
 
+/// Reads a varint written by [`put_varint`] off the front of `buf`; `None` if it is cut short.
+pub fn get_varint(buf: &mut &[u8]) -> Option<u64> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let (&b, rest) = buf.split_first()?;
+        *buf = rest;
+        v |= u64::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            return Some(v);
+        }
+    }
+    None
+}
+
 pub fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         out.push((v as u8) | 0x80);
@@ -194,15 +208,7 @@ impl<'a, D: Resolve> Reader<'a, D> {
     }
 
     fn varint(&mut self) -> Result<u64, CodecError> {
-        let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let b = self.byte()?;
-            v |= u64::from(b & 0x7f) << shift;
-            if b & 0x80 == 0 {
-                return Ok(v);
-            }
-        }
-        Err(CodecError::Truncated)
+        get_varint(&mut self.buf).ok_or(CodecError::Truncated)
     }
 
     fn count(&mut self) -> Result<usize, CodecError> {

@@ -13,6 +13,7 @@ use opentelemetry_proto::tonic::resource::v1::Resource;
 use prost::Message;
 
 use super::codec::{self, encode_attributes};
+use super::red;
 use super::rows::{LogRow, MetricRow, OTHER_OPERATIONS, OperationKey, OperationRow, PointRow, ResourceRow, Rows, ScopeRow, SeriesRow, SpanName, SpanRow};
 use super::{Dicts, now_ns};
 
@@ -168,6 +169,9 @@ pub fn traces(req: ExportTraceServiceRequest, dicts: &Dicts) -> Converted {
                 let status = span.status.unwrap_or_default();
                 out.rows.spans.push(SpanRow {
                     trace,
+                    trace_id,
+                    operation,
+                    peer: red::peer(kind, &span.attributes),
                     span_id,
                     parent_span_id,
                     service,

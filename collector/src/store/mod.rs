@@ -9,7 +9,9 @@ pub mod codec;
 pub mod convert;
 pub mod dict;
 pub mod read;
+pub mod red;
 pub mod rows;
+pub mod sketch;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -104,6 +106,8 @@ pub struct StoreConfig {
     pub retention: Duration,
     /// How often retention runs; under load a retention pass still takes a step at least this often.
     pub retention_check_interval: Duration,
+    /// Series of span-derived RED metrics kept at most (the rest go to overflow series).
+    pub span_metrics_max_series: usize,
 }
 
 impl StoreConfig {
@@ -115,6 +119,7 @@ impl StoreConfig {
             trace_cache: 500_000,
             retention: Duration::from_secs(86_400),
             retention_check_interval: Duration::from_secs(60),
+            span_metrics_max_series: 5_000,
         }
     }
 }
@@ -130,6 +135,8 @@ pub struct Store {
     path: PathBuf,
     retention: Duration,
     health: Arc<Health>,
+    /// The span metrics' series and totals since start, for `/metrics`.
+    pub span_metrics: red::SharedExposed,
 }
 
 /// Owns the writer task; [`WriterHandle::shutdown`] writes what is queued and closes the database.
@@ -183,6 +190,8 @@ impl Store {
 
         sqlx::migrate!("../migrations").run(&mut conn).await.map_err(|e| StoreError::Migrate(Arc::new(e)))?;
         let dicts = Arc::new(load_dicts(&mut conn, cfg.trace_cache).await?);
+        let span_metrics = red::SharedExposed::default();
+        let red = red::SpanMetrics::load(&mut conn, cfg.span_metrics_max_series, span_metrics.clone(), red::Counters::of(&metrics)).await?;
 
         // Readers get a smaller page cache than the writer: four of them reading large traces at
         // once would otherwise hold 256 MiB of cache between them.
@@ -191,8 +200,8 @@ impl Store {
 
         let (tx, rx) = mpsc::unbounded_channel();
         let health = Arc::new(Health::default());
-        let writer =
-            writer::Writer::new(conn, write_options, health.clone(), dicts.clone(), metrics.clone(), cfg.max_batch_items, cfg.retention_check_interval);
+        let pace = writer::Pace { max_batch_items: cfg.max_batch_items, prune_every: cfg.retention_check_interval };
+        let writer = writer::Writer::new(conn, write_options, health.clone(), dicts.clone(), metrics.clone(), red, pace);
         let task = tokio::spawn(writer.run(rx));
         metrics.queue_capacity.set(cfg.queue_capacity as i64);
         let store = Store {
@@ -205,6 +214,7 @@ impl Store {
             path: cfg.path.clone(),
             retention: cfg.retention,
             health,
+            span_metrics,
         };
         Ok((store, WriterHandle { tx, task }))
     }

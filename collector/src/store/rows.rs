@@ -7,6 +7,7 @@ use sqlx::query::Query;
 use sqlx::sqlite::SqliteArguments;
 
 use super::dict::TraceRow;
+use super::red::Peer;
 
 pub type Q<'q> = Query<'q, Sqlite, SqliteArguments>;
 
@@ -22,6 +23,13 @@ pub trait Insert {
 #[derive(Debug)]
 pub struct SpanRow {
     pub trace: i64,
+    /// Not a column (`trace` refers to it): for exemplars of the span metrics.
+    pub trace_id: [u8; 16],
+    /// Not a column: the operation the span counts under (its name's id, or that of
+    /// [`OTHER_OPERATIONS`] for an inline name).
+    pub operation: i64,
+    /// Not a column: the database or broker the span names, for the span metrics.
+    pub peer: Option<Peer>,
     pub span_id: i64,
     pub parent_span_id: Option<i64>,
     pub service: i64,

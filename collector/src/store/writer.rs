@@ -17,6 +17,7 @@ use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{AssertSqlSafe, Connection, SqliteConnection};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 
+use super::red::{MINUTE_NS, Prepared, SpanMetrics};
 use super::rows::{Insert, MetricRow, OperationKey, OperationRow, Rows, SeriesRow};
 use super::{Dicts, Health, StoreError};
 use crate::metrics::Metrics;
@@ -53,6 +54,7 @@ pub struct Writer {
     metrics: Arc<Metrics>,
     max_batch_items: usize,
     sql: HashMap<(&'static str, usize), String>,
+    red: SpanMetrics,
     prune: Option<Prune>,
     /// The longest a retention pass waits for its next step under load.
     prune_every: Duration,
@@ -65,6 +67,12 @@ struct Prune {
     next_step: Instant,
 }
 
+/// How much one transaction takes, and the longest a retention pass waits for its next step under load.
+pub struct Pace {
+    pub max_batch_items: usize,
+    pub prune_every: Duration,
+}
+
 type Pending = (Rows, OwnedSemaphorePermit, oneshot::Sender<Result<(), StoreError>>);
 
 impl Writer {
@@ -74,10 +82,11 @@ impl Writer {
         health: Arc<Health>,
         dicts: Arc<Dicts>,
         metrics: Arc<Metrics>,
-        max_batch_items: usize,
-        prune_every: Duration,
+        red: SpanMetrics,
+        pace: Pace,
     ) -> Self {
-        Self { conn: Some(conn), options, health, dicts, metrics, max_batch_items, sql: HashMap::new(), prune: None, prune_every }
+        let Pace { max_batch_items, prune_every } = pace;
+        Self { conn: Some(conn), options, health, dicts, metrics, max_batch_items, sql: HashMap::new(), red, prune: None, prune_every }
     }
 
     /// The open connection, or a fresh one after a failure.
@@ -198,10 +207,12 @@ impl Writer {
         }
         let operations: Vec<OperationRow> = operations.into_iter().map(|(key, last_seen_ns)| OperationRow { key, last_seen_ns }).collect();
 
-        let (sql, options) = (&mut self.sql, &self.options);
-        let result: Result<(), sqlx::Error> = async {
+        let (sql, options, red) = (&mut self.sql, &self.options, &self.red);
+        let result: Result<Prepared, sqlx::Error> = async {
             let conn = Self::connection(&mut self.conn, options).await?;
             let mut tx = conn.begin().await?;
+            // Read before anything is written: the minutes it reads back are as committed.
+            let mut red = red.prepare(&all.spans, &mut tx).await?;
             insert(sql, &mut tx, strings.clone()).await?;
             insert(sql, &mut tx, resources.clone()).await?;
             insert(sql, &mut tx, scopes.clone()).await?;
@@ -212,12 +223,16 @@ impl Writer {
             insert(sql, &mut tx, all.spans).await?;
             insert(sql, &mut tx, all.points).await?;
             insert(sql, &mut tx, all.logs).await?;
-            tx.commit().await
+            insert(sql, &mut tx, red.series_rows()).await?;
+            insert(sql, &mut tx, red.minute_rows()).await?;
+            tx.commit().await?;
+            Ok(red)
         }
         .await;
 
         let outcome = match result {
-            Ok(()) => {
+            Ok(red) => {
+                self.red.apply(red);
                 self.metrics.write_batch_items.observe(items as f64);
                 self.metrics.write_batch_requests.observe(n_requests as f64);
                 self.metrics.commit_duration.observe(started.elapsed().as_secs_f64());
@@ -253,6 +268,7 @@ impl Writer {
         }
         // Forget older trace ids first: rows below this id get no new spans and may go.
         let min_trace_ref = self.dicts.traces.rotate();
+        self.red.forget_before(cutoff_ns);
         self.prune = Some(Prune { cutoff_ns, min_trace_ref, next_step: Instant::now() });
     }
 
@@ -266,7 +282,8 @@ impl Writer {
         let Some(p) = &self.prune else { return };
         let (cutoff, min_ref) = (p.cutoff_ns, p.min_trace_ref);
         let started = Instant::now();
-        let data: [(&str, &'static str, Vec<i64>); 4] = [
+        let minute = cutoff.div_euclid(MINUTE_NS);
+        let data: [(&str, &'static str, Vec<i64>); 5] = [
             (
                 "spans",
                 "DELETE FROM spans WHERE rowid IN (SELECT rowid FROM spans WHERE service IN (SELECT DISTINCT service FROM resources) AND start_ns < ?1 LIMIT ?2)",
@@ -283,12 +300,24 @@ impl Writer {
                 vec![cutoff, PRUNE_CHUNK],
             ),
             (
+                "red_minutes",
+                "DELETE FROM red_minutes WHERE (series, minute) IN \
+                 (SELECT series, minute FROM red_minutes WHERE series IN (SELECT id FROM red_series) AND minute < ?1 LIMIT ?2)",
+                vec![minute, PRUNE_CHUNK],
+            ),
+            (
                 "logs",
                 "DELETE FROM logs WHERE rowid IN (SELECT rowid FROM logs WHERE service IN (SELECT DISTINCT service FROM resources) AND time_ns < ?1 AND observed_ns < ?1 LIMIT ?2)",
                 vec![cutoff, PRUNE_CHUNK],
             ),
         ];
-        let catalog: [(&str, &'static str, Vec<i64>); 3] = [
+        let catalog: [(&str, &'static str, Vec<i64>); 4] = [
+            // Whole minutes only: a series goes with its last minute's aggregate.
+            (
+                "red_series",
+                "DELETE FROM red_series WHERE id IN (SELECT id FROM red_series WHERE last_seen_ns < ?1 LIMIT ?2)",
+                vec![minute * MINUTE_NS, PRUNE_CHUNK],
+            ),
             (
                 "operations",
                 "DELETE FROM operations WHERE (service, name, kind) IN (SELECT service, name, kind FROM operations WHERE last_seen_ns < ?1 LIMIT ?2)",
@@ -380,8 +409,9 @@ mod tests {
     use sqlx::{Connection, Row, SqliteConnection};
     use tokio::sync::{Semaphore, mpsc, oneshot};
 
-    use super::{Command, PRUNE_CHUNK, Writer};
+    use super::{Command, PRUNE_CHUNK, Pace, Writer};
     use crate::metrics::Metrics;
+    use crate::store::red::{Counters, SpanMetrics};
     use crate::store::{Dicts, connect_options, convert, load_dicts};
 
     #[test]
@@ -419,7 +449,9 @@ mod tests {
         let dicts: Arc<Dicts> = Arc::new(load_dicts(&mut conn, 1000).await.expect("dicts"));
         let metrics = Arc::new(Metrics::new());
         // Due at every turn, so the test does not depend on how long steps take.
-        let writer = Writer::new(conn, connect_options(&path), Arc::default(), dicts.clone(), metrics.clone(), 1, Duration::ZERO);
+        let red = SpanMetrics::load(&mut conn, 100, Default::default(), Counters::of(&metrics)).await.expect("span metrics");
+        let pace = Pace { max_batch_items: 1, prune_every: Duration::ZERO };
+        let writer = Writer::new(conn, connect_options(&path), Arc::default(), dicts.clone(), metrics.clone(), red, pace);
 
         let (tx, rx) = mpsc::unbounded_channel();
         let queue = Arc::new(Semaphore::new(1 << 20));
@@ -472,10 +504,12 @@ mod tests {
         let dicts: Arc<Dicts> = Arc::new(load_dicts(&mut setup, 1000).await.expect("dicts"));
         // Room for a few hundred KiB of spans beyond what is there now.
         let options = connect_options(&path).pragma("max_page_count", (pages + 100).to_string());
-        let conn = SqliteConnection::connect_with(&options).await.expect("open limited");
+        let mut conn = SqliteConnection::connect_with(&options).await.expect("open limited");
         let metrics = Arc::new(Metrics::new());
         let health = Arc::new(crate::store::Health::default());
-        let writer = Writer::new(conn, options, health.clone(), dicts.clone(), metrics.clone(), 1 << 20, Duration::from_secs(3600));
+        let red = SpanMetrics::load(&mut conn, 100, Default::default(), Counters::of(&metrics)).await.expect("span metrics");
+        let pace = Pace { max_batch_items: 1 << 20, prune_every: Duration::from_secs(3600) };
+        let writer = Writer::new(conn, options, health.clone(), dicts.clone(), metrics.clone(), red, pace);
         let (tx, rx) = mpsc::unbounded_channel();
         let task = tokio::spawn(writer.run(rx));
         let queue = Arc::new(Semaphore::new(1 << 20));

@@ -1,14 +1,21 @@
 //! Analytics over a time window: dependencies, the service map, per-service operation stats.
+//!
+//! They are answered from the span metrics' per-minute aggregates (`store::red`), over every
+//! minute the window touches, with percentiles from the merged sketches. The `*_rescan` forms
+//! compute the same from the spans themselves: they are the reference the aggregates are tested
+//! and benchmarked against, and serve no API.
 
 use std::collections::{BTreeMap, HashMap};
 
 use futures::TryStreamExt;
-use opentelemetry_proto::tonic::common::v1::KeyValue;
 use sqlx::Row;
 
-use super::{stored_name, value_text};
+use super::stored_name;
 use crate::store::codec::decode_attributes;
+pub use crate::store::red::NodeKind;
+use crate::store::red::{self, Agg, MINUTE_NS, SERIES_COLUMNS, SeriesKey};
 use crate::store::rows::{OTHER_OPERATIONS, SpanName};
+use crate::store::sketch::Sketch;
 use crate::store::{Store, StoreError};
 
 /// Spans a computation over a whole window (dependencies, service map, operation stats) reads at most.
@@ -34,26 +41,6 @@ pub struct CallStats {
     pub p50_ns: u64,
     pub p90_ns: u64,
     pub p99_ns: u64,
-}
-
-/// What a node of the service map stands for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum NodeKind {
-    Service,
-    /// Named by `db.system.name` (or `db.system`) and `db.namespace` of the spans calling it.
-    Database,
-    /// Named by `messaging.system` and `messaging.destination.name` of the spans calling it.
-    Broker,
-}
-
-impl NodeKind {
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Service => "service",
-            Self::Database => "database",
-            Self::Broker => "broker",
-        }
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -163,21 +150,6 @@ impl WindowScan {
     }
 }
 
-/// The database or broker a CLIENT or PRODUCER span calls, by its semantic-convention attributes.
-fn remote_node(attrs: &[KeyValue]) -> Option<(NodeKind, String)> {
-    let get = |key: &str| attrs.iter().find(|kv| kv.key == key).map(|kv| value_text(kv.value.as_ref())).filter(|v| !v.is_empty());
-    let (kind, system, detail) = if let Some(db) = get("db.system.name").or_else(|| get("db.system")) {
-        (NodeKind::Database, db, get("db.namespace"))
-    } else {
-        // A templated destination (`orders.{event}`) is one node for all the names it stands for.
-        (NodeKind::Broker, get("messaging.system")?, get("messaging.destination.template").or_else(|| get("messaging.destination.name")))
-    };
-    let id = match detail {
-        Some(d) => format!("{system} {d}"),
-        None => system,
-    };
-    Some((kind, id))
-}
 /// Nearest-rank percentile of sorted values.
 fn percentile(sorted: &[u64], p: f64) -> u64 {
     if sorted.is_empty() {
@@ -189,7 +161,7 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 impl Store {
     /// Calls between services seen in spans that started within the window: an edge for every
     /// span whose parent belongs to another service, with the child span's latency and status.
-    pub async fn dependencies(&self, start_ns: i64, end_ns: i64) -> Result<Vec<Dependency>, StoreError> {
+    pub async fn dependencies_rescan(&self, start_ns: i64, end_ns: i64) -> Result<Vec<Dependency>, StoreError> {
         let scan = self.scan_window(start_ns, end_ns, false).await?;
         let dict = self.dicts.strings.snapshot();
         let mut out: Vec<Dependency> = scan
@@ -217,7 +189,7 @@ impl Store {
     /// CLIENT and PRODUCER spans that call it); an edge per pair of services that call each
     /// other (as [`Store::dependencies`]) and from each service to the databases and brokers it
     /// calls. Nodes are sorted by id, edges by source and target.
-    pub async fn service_map(&self, start_ns: i64, end_ns: i64) -> Result<ServiceMap, StoreError> {
+    pub async fn service_map_rescan(&self, start_ns: i64, end_ns: i64) -> Result<ServiceMap, StoreError> {
         let scan = self.scan_window(start_ns, end_ns, true).await?;
         let dict = self.dicts.strings.snapshot();
         let mut edges: Vec<MapEdge> = scan
@@ -290,7 +262,7 @@ impl Store {
             let kind = r.try_get::<i32, _>(4)?;
             // Only CLIENT, PRODUCER and CONSUMER spans name a database or a broker.
             let remote = match r.try_get::<Option<Vec<u8>>, _>(7)? {
-                Some(attrs) => remote_node(&decode_attributes(&attrs, &dict)?).filter(|(k, _)| kind != CONSUMER || *k == NodeKind::Broker),
+                Some(attrs) => red::peer(kind, &decode_attributes(&attrs, &dict)?).map(|p| (p.kind, p.name.to_string())),
                 None => None,
             };
             let via_broker = kind == CONSUMER && remote.is_some();
@@ -321,7 +293,7 @@ impl Store {
 
     /// Every operation (span name and kind) of a service with spans that started within the
     /// window, most called first (then by name and kind). An unknown service has none.
-    pub async fn operation_stats(&self, service: &str, start_ns: i64, end_ns: i64) -> Result<Vec<OperationStats>, StoreError> {
+    pub async fn operation_stats_rescan(&self, service: &str, start_ns: i64, end_ns: i64) -> Result<Vec<OperationStats>, StoreError> {
         let Some(service) = self.dicts.strings.find(service) else { return Ok(Vec::new()) };
         let mut rows = sqlx::query("SELECT name, kind, duration_ns, status_code FROM spans WHERE service = ? AND start_ns >= ? AND start_ns <= ? LIMIT ?")
             .bind(service)
@@ -354,32 +326,159 @@ impl Store {
     }
 }
 
+impl CallStats {
+    fn of(agg: &Agg) -> Self {
+        let p = |q| agg.sketch.percentile(q);
+        Self { calls: agg.calls, errors: agg.errors, p50_ns: p(0.50), p90_ns: p(0.90), p99_ns: p(0.99) }
+    }
+}
+
+/// Which series [`Store::red_window`] reads.
+#[derive(Clone, Copy)]
+enum Series {
+    All,
+    /// The span series of one service.
+    SpansOf(i64),
+}
+
+impl Store {
+    /// Every series with data in the minutes the window touches, with its aggregates merged.
+    async fn red_window(&self, start_ns: i64, end_ns: i64, which: Series) -> Result<Vec<(SeriesKey, Agg)>, StoreError> {
+        let (first, last) = (start_ns.div_euclid(MINUTE_NS), end_ns.div_euclid(MINUTE_NS));
+        // The series are the outer loop (CROSS JOIN keeps that order): one seek per series into
+        // the minutes' primary key.
+        let filter = match which {
+            Series::All => "",
+            Series::SpansOf(_) => "WHERE s.service = ?3 AND s.kind = 0",
+        };
+        let sql = format!(
+            "SELECT s.id, m.calls, m.errors, m.duration_sum_ns, m.sketch, {} FROM red_series s CROSS JOIN red_minutes m \
+             ON m.series = s.id AND m.minute >= ?1 AND m.minute <= ?2 {filter}",
+            SERIES_COLUMNS.split(", ").map(|c| format!("s.{c}")).collect::<Vec<_>>().join(", ")
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(first).bind(last);
+        if let Series::SpansOf(service) = which {
+            q = q.bind(service);
+        }
+        let mut rows = q.fetch(&self.read);
+        let mut out: HashMap<i64, (SeriesKey, Agg)> = HashMap::new();
+        while let Some(r) = rows.try_next().await? {
+            let id: i64 = r.try_get(0)?;
+            let blob: Vec<u8> = r.try_get(4)?;
+            let agg = Agg {
+                calls: r.try_get::<i64, _>(1)? as u64,
+                errors: r.try_get::<i64, _>(2)? as u64,
+                duration_sum_ns: r.try_get::<i64, _>(3)? as u64,
+                sketch: Sketch::decode(&blob).ok_or(crate::store::codec::CodecError::Truncated)?,
+            };
+            match out.entry(id) {
+                std::collections::hash_map::Entry::Occupied(mut e) => e.get_mut().1.merge(&agg),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert((SeriesKey::from_row(&r, 5)?, agg));
+                }
+            }
+        }
+        Ok(out.into_values().collect())
+    }
+
+    /// Calls between services in the minutes the window touches: an edge for every span whose
+    /// parent belongs to another service, with the child span's latency and status.
+    pub async fn dependencies(&self, start_ns: i64, end_ns: i64) -> Result<Vec<Dependency>, StoreError> {
+        let mut edges: BTreeMap<(i64, i64), Agg> = BTreeMap::new();
+        for (key, agg) in self.red_window(start_ns, end_ns, Series::All).await? {
+            if let SeriesKey::Call { client, server, .. } = key {
+                edges.entry((client, server)).or_default().merge(&agg);
+            }
+        }
+        let dict = self.dicts.strings.snapshot();
+        let mut out: Vec<Dependency> = edges
+            .into_iter()
+            .map(|((p, c), agg)| {
+                let s = CallStats::of(&agg);
+                Dependency {
+                    parent: dict.get(p).to_owned(),
+                    child: dict.get(c).to_owned(),
+                    call_count: s.calls,
+                    error_count: s.errors,
+                    p50_ns: s.p50_ns,
+                    p90_ns: s.p90_ns,
+                    p99_ns: s.p99_ns,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.parent, &a.child).cmp(&(&b.parent, &b.child)));
+        Ok(out)
+    }
+
+    /// The service map of the minutes the window touches: a node per service (its SERVER and
+    /// CONSUMER spans, else its root spans), per database and per message broker (the CLIENT and
+    /// PRODUCER spans that call it); an edge per pair of services that call each other directly,
+    /// from each service to the databases and brokers it calls, and from a broker to the services
+    /// that consume its messages. Nodes are sorted by id, edges by source and target.
+    pub async fn service_map(&self, start_ns: i64, end_ns: i64) -> Result<ServiceMap, StoreError> {
+        let series = self.red_window(start_ns, end_ns, Series::All).await?;
+        let dict = self.dicts.strings.snapshot();
+        let mut services: HashMap<i64, (Agg, Agg)> = HashMap::new();
+        let mut remotes: BTreeMap<(NodeKind, String), Agg> = BTreeMap::new();
+        let mut edges: BTreeMap<(String, String), Agg> = BTreeMap::new();
+        for (key, agg) in series {
+            match key {
+                SeriesKey::Span { service, span_kind, root, .. } => {
+                    let (served, roots) = services.entry(service).or_default();
+                    match span_kind {
+                        SERVER | CONSUMER => served.merge(&agg),
+                        _ if root => roots.merge(&agg),
+                        _ => {}
+                    }
+                }
+                SeriesKey::Call { client, server, via_broker: false } => {
+                    edges.entry((dict.get(client).to_owned(), dict.get(server).to_owned())).or_default().merge(&agg);
+                }
+                SeriesKey::Remote { service, peer } => {
+                    remotes.entry((peer.kind, peer.name.to_string())).or_default().merge(&agg);
+                    edges.entry((dict.get(service).to_owned(), peer.name.to_string())).or_default().merge(&agg);
+                }
+                SeriesKey::Consumed { service, peer } => {
+                    remotes.entry((peer.kind, peer.name.to_string())).or_default();
+                    edges.entry((peer.name.to_string(), dict.get(service).to_owned())).or_default().merge(&agg);
+                }
+                SeriesKey::Call { via_broker: true, .. } | SeriesKey::Overflow(_) => {}
+            }
+        }
+        let mut nodes: Vec<MapNode> = services
+            .into_iter()
+            .map(|(service, (served, roots))| {
+                let calls = if served.calls == 0 { roots } else { served };
+                MapNode { id: dict.get(service).to_owned(), kind: NodeKind::Service, stats: CallStats::of(&calls) }
+            })
+            .collect();
+        nodes.extend(remotes.into_iter().map(|((kind, id), agg)| MapNode { id, kind, stats: CallStats::of(&agg) }));
+        nodes.sort_by(|a, b| (&a.id, a.kind).cmp(&(&b.id, b.kind)));
+        let edges = edges.into_iter().map(|((source, target), agg)| MapEdge { source, target, stats: CallStats::of(&agg) }).collect();
+        Ok(ServiceMap { nodes, edges })
+    }
+
+    /// Every operation (span name and kind) of a service with spans in the minutes the window
+    /// touches, most called first (then by name and kind). An unknown service has none.
+    pub async fn operation_stats(&self, service: &str, start_ns: i64, end_ns: i64) -> Result<Vec<OperationStats>, StoreError> {
+        let Some(service) = self.dicts.strings.find(service) else { return Ok(Vec::new()) };
+        let mut ops: HashMap<(i64, i32), Agg> = HashMap::new();
+        for (key, agg) in self.red_window(start_ns, end_ns, Series::SpansOf(service)).await? {
+            if let SeriesKey::Span { operation, span_kind, .. } = key {
+                ops.entry((operation, span_kind)).or_default().merge(&agg);
+            }
+        }
+        let dict = self.dicts.strings.snapshot();
+        let mut out: Vec<OperationStats> =
+            ops.into_iter().map(|((name, kind), agg)| OperationStats { name: dict.get(name).to_owned(), kind, stats: CallStats::of(&agg) }).collect();
+        out.sort_by(|a, b| b.stats.calls.cmp(&a.stats.calls).then_with(|| (&a.name, a.kind).cmp(&(&b.name, b.kind))));
+        Ok(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use opentelemetry_proto::tonic::common::v1::{AnyValue, any_value};
-
     use super::*;
-
-    fn attrs(kvs: &[(&str, &str)]) -> Vec<KeyValue> {
-        kvs.iter()
-            .map(|(k, v)| KeyValue {
-                key: (*k).to_owned(),
-                value: Some(AnyValue { value: Some(any_value::Value::StringValue((*v).to_owned())) }),
-                ..Default::default()
-            })
-            .collect()
-    }
-
-    #[test]
-    fn databases_and_brokers_are_named_by_their_semantic_conventions() {
-        let db = |kvs| remote_node(&attrs(kvs));
-        assert_eq!(db(&[("db.system.name", "sqlite"), ("db.namespace", "users")]), Some((NodeKind::Database, "sqlite users".into())));
-        assert_eq!(db(&[("db.system", "redis"), ("db.system.name", "valkey")]), Some((NodeKind::Database, "valkey".into())));
-        assert_eq!(db(&[("db.system", "redis"), ("db.namespace", "")]), Some((NodeKind::Database, "redis".into())));
-        assert_eq!(db(&[("messaging.system", "kafka"), ("messaging.destination.name", "orders")]), Some((NodeKind::Broker, "kafka orders".into())));
-        assert_eq!(db(&[("messaging.system", "rabbitmq")]), Some((NodeKind::Broker, "rabbitmq".into())));
-        assert_eq!(db(&[("http.request.method", "GET"), ("db.namespace", "users")]), None);
-    }
 
     #[test]
     fn call_stats_use_nearest_rank_percentiles() {

@@ -1,0 +1,619 @@
+//! Span-derived RED metrics (rate, errors, duration), kept as the spans are written.
+//!
+//! Every span adds to per-minute aggregates of a few series, written in the same transaction as
+//! the span, so what the aggregates say and what the spans say never part (a crash loses both or
+//! neither):
+//!
+//! - a **span** series per service, operation, span kind, status code, and whether the span is a
+//!   root: what the service page's operations and the service map's nodes are made of;
+//! - a **call** series per pair of services where a span's parent belongs to another service (its
+//!   caller): the service map's edges and Jaeger's dependencies. The parent is found among the
+//!   spans written recently ([`RECENT`]); a child that comes before its parent waits for it up to
+//!   [`PENDING_FOR`] and is then counted as unmatched;
+//! - a **remote** series per service and the database or broker its CLIENT and PRODUCER spans
+//!   name (by the semantic conventions), and a **consumed** series per broker and the service whose
+//!   CONSUMER spans took messages from it.
+//!
+//! Each aggregate holds calls, errors, the sum of durations and a [`Sketch`] of them. The number
+//! of series is capped: a span whose series would pass the cap is counted in its kind's overflow
+//! series instead (and in `collector_span_metrics_overflow_total`). Since start, each series also
+//! keeps totals in the fixed buckets of [`BOUNDS`] with the latest exemplar of each bucket, for
+//! `/metrics`.
+//!
+//! Nothing here changes before the transaction commits: [`SpanMetrics::prepare`] computes what a
+//! batch adds and the rows to write, [`SpanMetrics::apply`] takes it in after the commit.
+
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value};
+use rustc_hash::FxHashMap;
+use sqlx::{Row, SqliteConnection};
+
+use super::rows::{Insert, Q, SpanRow};
+use super::sketch::Sketch;
+
+pub const MINUTE_NS: i64 = 60_000_000_000;
+pub const SPAN_KIND_SERVER: i32 = 2;
+pub const SPAN_KIND_CLIENT: i32 = 3;
+pub const SPAN_KIND_PRODUCER: i32 = 4;
+pub const SPAN_KIND_CONSUMER: i32 = 5;
+pub const STATUS_ERROR: i32 = 2;
+
+/// Spans remembered (by trace and span id) to find the service of a later child's parent: two
+/// generations of this many, so between this many and twice as many of the latest spans.
+const RECENT: usize = 1 << 17;
+/// How long a span waits for its parent to be written before its call is counted as unmatched.
+const PENDING_FOR: Duration = Duration::from_secs(120);
+/// Spans waiting for their parent at most; past it the oldest are counted as unmatched.
+const MAX_PENDING: usize = 100_000;
+/// Minutes before the current one whose aggregates stay in memory (others are read back from
+/// the database when a span adds to them).
+const CACHED_MINUTES: i64 = 5;
+
+/// Upper bounds (seconds) of the duration histogram on `/metrics`.
+pub const BOUNDS: [f64; 16] = [0.002, 0.004, 0.006, 0.008, 0.01, 0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.4, 2.0, 5.0, 10.0, 15.0];
+
+/// What a node of the service map stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum NodeKind {
+    Service,
+    /// Named by `db.system.name` (or `db.system`) and `db.namespace` of the spans calling it.
+    Database,
+    /// Named by `messaging.system` and `messaging.destination.name` of the spans calling it.
+    Broker,
+}
+
+impl NodeKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Service => "service",
+            Self::Database => "database",
+            Self::Broker => "broker",
+        }
+    }
+
+    fn code(self) -> i64 {
+        self as i64
+    }
+
+    fn from_code(c: i64) -> Self {
+        match c {
+            1 => Self::Database,
+            2 => Self::Broker,
+            _ => Self::Service,
+        }
+    }
+}
+
+/// A database or message broker that spans name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Peer {
+    pub kind: NodeKind,
+    pub name: Arc<str>,
+}
+
+fn value_text(v: Option<&any_value::Value>) -> Option<String> {
+    let s = match v? {
+        any_value::Value::StringValue(s) => s.clone(),
+        any_value::Value::IntValue(i) => i.to_string(),
+        any_value::Value::BoolValue(b) => b.to_string(),
+        any_value::Value::DoubleValue(d) => d.to_string(),
+        _ => return None,
+    };
+    (!s.is_empty()).then_some(s)
+}
+
+/// The database or broker a span of `kind` names by its semantic-convention attributes: CLIENT
+/// and PRODUCER spans call one, a CONSUMER span takes a message from a broker.
+pub fn peer(kind: i32, attrs: &[KeyValue]) -> Option<Peer> {
+    if !matches!(kind, SPAN_KIND_CLIENT | SPAN_KIND_PRODUCER | SPAN_KIND_CONSUMER) {
+        return None;
+    }
+    let get = |key: &str| attrs.iter().find(|kv| kv.key == key).and_then(|kv| value_text(kv.value.as_ref()?.value.as_ref()));
+    let (node, system, detail) = match get("db.system.name").or_else(|| get("db.system")) {
+        Some(db) if kind != SPAN_KIND_CONSUMER => (NodeKind::Database, db, get("db.namespace")),
+        // A templated destination (`orders.{event}`) is one node for all the names it stands for.
+        _ => (NodeKind::Broker, get("messaging.system")?, get("messaging.destination.template").or_else(|| get("messaging.destination.name"))),
+    };
+    let name = match detail {
+        Some(d) => format!("{system} {d}"),
+        None => system,
+    };
+    Some(Peer { kind: node, name: name.into() })
+}
+
+/// What a series counts. Service and operation names are `strings` ids.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SeriesKey {
+    /// Spans of one operation of a service, by span kind and status code; `root`: without a parent.
+    Span { service: i64, operation: i64, span_kind: i32, status_code: i32, root: bool },
+    /// Spans of `server` whose parent belongs to `client`; `via_broker`: CONSUMER spans of messages.
+    Call { client: i64, server: i64, via_broker: bool },
+    /// CLIENT and PRODUCER spans of `service` calling a database or broker.
+    Remote { service: i64, peer: Peer },
+    /// CONSUMER spans of `service` taking messages from a broker.
+    Consumed { service: i64, peer: Peer },
+    /// Spans past the cap on series, one overflow series per kind (0 span, 1 call, 2 remote, 3 consumed).
+    Overflow(i64),
+}
+
+impl SeriesKey {
+    pub fn kind(&self) -> i64 {
+        match self {
+            Self::Span { .. } => 0,
+            Self::Call { .. } => 1,
+            Self::Remote { .. } => 2,
+            Self::Consumed { .. } => 3,
+            Self::Overflow(k) => *k,
+        }
+    }
+
+    /// Reads a key from `red_series` columns: kind, overflow, service, operation, span_kind,
+    /// status_code, flag, callee, peer_kind, peer.
+    pub fn from_row(r: &sqlx::sqlite::SqliteRow, at: usize) -> Result<Self, sqlx::Error> {
+        let int = |i: usize| -> Result<i64, sqlx::Error> { Ok(r.try_get::<Option<i64>, _>(at + i)?.unwrap_or(0)) };
+        let kind = int(0)?;
+        if int(1)? != 0 {
+            return Ok(Self::Overflow(kind));
+        }
+        let peer = || -> Result<Peer, sqlx::Error> {
+            Ok(Peer { kind: NodeKind::from_code(int(8)?), name: r.try_get::<Option<String>, _>(at + 9)?.unwrap_or_default().into() })
+        };
+        Ok(match kind {
+            0 => Self::Span { service: int(2)?, operation: int(3)?, span_kind: int(4)? as i32, status_code: int(5)? as i32, root: int(6)? != 0 },
+            1 => Self::Call { client: int(2)?, server: int(7)?, via_broker: int(6)? != 0 },
+            2 => Self::Remote { service: int(2)?, peer: peer()? },
+            _ => Self::Consumed { service: int(2)?, peer: peer()? },
+        })
+    }
+}
+
+/// The columns of `red_series` that [`SeriesKey::from_row`] reads, in its order.
+pub const SERIES_COLUMNS: &str = "kind, overflow, service, operation, span_kind, status_code, flag, callee, peer_kind, peer";
+
+/// Calls, errors and durations of a set of spans.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Agg {
+    pub calls: u64,
+    pub errors: u64,
+    pub duration_sum_ns: u64,
+    pub sketch: Sketch,
+}
+
+impl Agg {
+    pub fn add(&mut self, duration_ns: u64, error: bool) {
+        self.calls += 1;
+        self.errors += u64::from(error);
+        self.duration_sum_ns = self.duration_sum_ns.saturating_add(duration_ns);
+        self.sketch.add(duration_ns);
+    }
+
+    pub fn merge(&mut self, o: &Agg) {
+        self.calls += o.calls;
+        self.errors += o.errors;
+        self.duration_sum_ns = self.duration_sum_ns.saturating_add(o.duration_sum_ns);
+        self.sketch.merge(&o.sketch);
+    }
+}
+
+/// A span that stands for a bucket of the duration histogram on `/metrics`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Exemplar {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub seconds: f64,
+    pub time_ns: i64,
+}
+
+/// A series' counts since the collector started, for `/metrics`.
+#[derive(Debug, Clone, Default)]
+pub struct Totals {
+    pub calls: u64,
+    pub errors: u64,
+    pub duration_sum_ns: u64,
+    /// Per bucket of [`BOUNDS`] and one past the last (not cumulative).
+    pub buckets: [u64; BOUNDS.len() + 1],
+    pub exemplars: [Option<Exemplar>; BOUNDS.len() + 1],
+}
+
+impl Totals {
+    fn add(&mut self, span: &ExemplarSpan, error: bool) {
+        let duration = span.duration_ns.max(0) as u64;
+        self.calls += 1;
+        self.errors += u64::from(error);
+        self.duration_sum_ns = self.duration_sum_ns.saturating_add(duration);
+        let seconds = duration as f64 / 1e9;
+        let b = BOUNDS.iter().position(|&le| seconds <= le).unwrap_or(BOUNDS.len());
+        self.buckets[b] += 1;
+        self.exemplars[b] =
+            Some(Exemplar { trace_id: span.trace_id, span_id: span.span_id.to_be_bytes(), seconds, time_ns: span.start_ns.saturating_add(span.duration_ns) });
+    }
+
+    fn merge(&mut self, o: &Totals) {
+        self.calls += o.calls;
+        self.errors += o.errors;
+        self.duration_sum_ns = self.duration_sum_ns.saturating_add(o.duration_sum_ns);
+        for (i, n) in o.buckets.iter().enumerate() {
+            self.buckets[i] += n;
+            if o.exemplars[i].is_some() {
+                self.exemplars[i] = o.exemplars[i];
+            }
+        }
+    }
+}
+
+/// The series with their totals since start, shared with `/metrics`.
+#[derive(Default)]
+pub struct Exposed {
+    pub series: BTreeMap<i64, (SeriesKey, Totals)>,
+}
+
+pub type SharedExposed = Arc<Mutex<Exposed>>;
+
+/// One row of `red_series`.
+pub struct SeriesRow {
+    id: i64,
+    key: SeriesKey,
+    last_seen_ns: i64,
+}
+
+impl Insert for SeriesRow {
+    const TABLE: &'static str = "red_series";
+    const COLUMNS: &'static [&'static str] =
+        &["id", "kind", "overflow", "service", "operation", "span_kind", "status_code", "flag", "callee", "peer_kind", "peer", "last_seen_ns"];
+    const UPSERT: &'static str = "ON CONFLICT (id) DO UPDATE SET last_seen_ns = max(last_seen_ns, excluded.last_seen_ns)";
+    fn bind(self, q: Q<'_>) -> Q<'_> {
+        let q = q.bind(self.id).bind(self.key.kind());
+        let none: Option<i64> = None;
+        let no_peer: Option<String> = None;
+        let q = match self.key {
+            SeriesKey::Span { service, operation, span_kind, status_code, root } => {
+                q.bind(0).bind(service).bind(operation).bind(span_kind).bind(status_code).bind(i64::from(root)).bind(none).bind(none).bind(no_peer)
+            }
+            SeriesKey::Call { client, server, via_broker } => {
+                q.bind(0).bind(client).bind(none).bind(none).bind(none).bind(i64::from(via_broker)).bind(server).bind(none).bind(no_peer)
+            }
+            SeriesKey::Remote { service, peer } | SeriesKey::Consumed { service, peer } => {
+                q.bind(0).bind(service).bind(none).bind(none).bind(none).bind(none).bind(none).bind(peer.kind.code()).bind(peer.name.to_string())
+            }
+            SeriesKey::Overflow(_) => q.bind(1).bind(0).bind(none).bind(none).bind(none).bind(none).bind(none).bind(none).bind(no_peer),
+        };
+        q.bind(self.last_seen_ns)
+    }
+}
+
+/// One row of `red_minutes`: a series' aggregate over one minute.
+pub struct MinuteRow {
+    series: i64,
+    minute: i64,
+    agg: Agg,
+}
+
+impl Insert for MinuteRow {
+    const TABLE: &'static str = "red_minutes";
+    const COLUMNS: &'static [&'static str] = &["series", "minute", "calls", "errors", "duration_sum_ns", "sketch"];
+    const UPSERT: &'static str = "ON CONFLICT (series, minute) DO UPDATE SET calls = excluded.calls, errors = excluded.errors, \
+                                  duration_sum_ns = excluded.duration_sum_ns, sketch = excluded.sketch";
+    fn bind(self, q: Q<'_>) -> Q<'_> {
+        q.bind(self.series)
+            .bind(self.minute)
+            .bind(self.agg.calls as i64)
+            .bind(self.agg.errors as i64)
+            .bind(self.agg.duration_sum_ns as i64)
+            .bind(self.agg.sketch.encode())
+    }
+}
+
+/// A span whose parent had not been written yet.
+#[derive(Debug, Clone)]
+struct Child {
+    server: i64,
+    via_broker: bool,
+    error: bool,
+    row: ExemplarSpan,
+}
+
+/// What [`Totals`] and the minute aggregates need of a span.
+#[derive(Debug, Clone)]
+struct ExemplarSpan {
+    trace_id: [u8; 16],
+    span_id: i64,
+    start_ns: i64,
+    duration_ns: i64,
+}
+
+impl ExemplarSpan {
+    fn of(s: &SpanRow) -> Self {
+        Self { trace_id: s.trace_id, span_id: s.span_id, start_ns: s.start_ns, duration_ns: s.duration_ns }
+    }
+}
+
+fn span_key(trace: i64, span_id: i64) -> u64 {
+    (trace as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29) ^ span_id as u64
+}
+
+/// What one batch adds; nothing is changed until [`SpanMetrics::apply`].
+#[derive(Default)]
+pub struct Prepared {
+    series_rows: Vec<SeriesRow>,
+    minute_rows: Vec<MinuteRow>,
+    new_series: Vec<(SeriesKey, i64)>,
+    totals: Vec<(i64, SeriesKey, Totals)>,
+    minutes: Vec<((i64, i64), Agg)>,
+    recent: Vec<(u64, i64)>,
+    new_pending: Vec<(u64, Child)>,
+    resolved_pending: Vec<u64>,
+    overflowed: u64,
+}
+
+impl Prepared {
+    pub fn series_rows(&mut self) -> Vec<SeriesRow> {
+        std::mem::take(&mut self.series_rows)
+    }
+
+    pub fn minute_rows(&mut self) -> Vec<MinuteRow> {
+        std::mem::take(&mut self.minute_rows)
+    }
+}
+
+/// Counters of what the span metrics could not attribute, for `/metrics`.
+pub struct Counters {
+    pub overflow: prometheus::IntCounter,
+    pub unmatched: prometheus::IntCounter,
+    pub series: prometheus::IntGauge,
+}
+
+impl Counters {
+    pub fn of(m: &crate::metrics::Metrics) -> Self {
+        Self { overflow: m.span_metrics_overflow.clone(), unmatched: m.span_metrics_unmatched.clone(), series: m.span_metrics_series.clone() }
+    }
+}
+
+pub struct SpanMetrics {
+    max_series: usize,
+    ids: HashMap<SeriesKey, (i64, i64)>,
+    next_id: i64,
+    recent: [FxHashMap<u64, i64>; 2],
+    pending: FxHashMap<u64, Vec<Child>>,
+    pending_order: VecDeque<(Instant, u64)>,
+    pending_len: usize,
+    /// Aggregates of recent minutes, exactly as they are in the database.
+    minutes: FxHashMap<(i64, i64), Agg>,
+    /// The minute the cache was last trimmed for.
+    cached_to: i64,
+    exposed: SharedExposed,
+    counters: Counters,
+}
+
+impl SpanMetrics {
+    /// Loads the series already in the database (id, key, last seen).
+    pub async fn load(conn: &mut SqliteConnection, max_series: usize, exposed: SharedExposed, counters: Counters) -> Result<Self, sqlx::Error> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT id, last_seen_ns, {SERIES_COLUMNS} FROM red_series"))).fetch_all(&mut *conn).await?;
+        let mut ids = HashMap::with_capacity(rows.len());
+        let mut next_id = 1;
+        for r in &rows {
+            let id: i64 = r.try_get(0)?;
+            ids.insert(SeriesKey::from_row(r, 2)?, (id, r.try_get(1)?));
+            next_id = next_id.max(id + 1);
+        }
+        counters.series.set(ids.len() as i64);
+        Ok(Self {
+            max_series,
+            ids,
+            next_id,
+            recent: [FxHashMap::default(), FxHashMap::default()],
+            pending: FxHashMap::default(),
+            pending_order: VecDeque::new(),
+            pending_len: 0,
+            minutes: FxHashMap::default(),
+            cached_to: 0,
+            exposed,
+            counters,
+        })
+    }
+
+    fn parent_service(&self, batch: &FxHashMap<u64, i64>, key: u64) -> Option<i64> {
+        batch.get(&key).or_else(|| self.recent[0].get(&key)).or_else(|| self.recent[1].get(&key)).copied()
+    }
+
+    /// What the spans of one transaction add: the series and minute rows to write (read back
+    /// from the database where a minute is not in memory) and the changes [`Self::apply`] makes.
+    pub async fn prepare(&self, spans: &[SpanRow], conn: &mut SqliteConnection) -> Result<Prepared, sqlx::Error> {
+        let mut p = Prepared::default();
+        if spans.is_empty() {
+            return Ok(p);
+        }
+        let batch: FxHashMap<u64, i64> = spans.iter().map(|s| (span_key(s.trace, s.span_id), s.service)).collect();
+        // (series, minute) → aggregate, and series → totals, for this batch.
+        let mut adds: HashMap<SeriesKey, (FxHashMap<i64, Agg>, Totals, i64)> = HashMap::new();
+        let mut add = |key: SeriesKey, span: &ExemplarSpan, error: bool| {
+            let (minutes, totals, last_seen) = adds.entry(key).or_default();
+            minutes.entry(span.start_ns.div_euclid(MINUTE_NS)).or_default().add(span.duration_ns.max(0) as u64, error);
+            totals.add(span, error);
+            *last_seen = (*last_seen).max(span.start_ns);
+        };
+        for s in spans {
+            let error = s.status_code == STATUS_ERROR;
+            let facts = ExemplarSpan::of(s);
+            let span =
+                SeriesKey::Span { service: s.service, operation: s.operation, span_kind: s.kind, status_code: s.status_code, root: s.parent_span_id.is_none() };
+            add(span, &facts, error);
+            let via_broker = s.kind == SPAN_KIND_CONSUMER && s.peer.as_ref().is_some_and(|p| p.kind == NodeKind::Broker);
+            if let Some(peer) = &s.peer {
+                let key = if via_broker {
+                    SeriesKey::Consumed { service: s.service, peer: peer.clone() }
+                } else {
+                    SeriesKey::Remote { service: s.service, peer: peer.clone() }
+                };
+                add(key, &facts, error);
+            }
+            if let Some(parent) = s.parent_span_id {
+                let key = span_key(s.trace, parent);
+                match self.parent_service(&batch, key) {
+                    Some(client) if client != s.service => add(SeriesKey::Call { client, server: s.service, via_broker }, &facts, error),
+                    Some(_) => {}
+                    None => p.new_pending.push((key, Child { server: s.service, via_broker, error, row: facts.clone() })),
+                }
+            }
+            // A span that earlier children were waiting for.
+            if let Some(children) = self.pending.get(&span_key(s.trace, s.span_id)) {
+                for c in children {
+                    if c.server != s.service {
+                        add(SeriesKey::Call { client: s.service, server: c.server, via_broker: c.via_broker }, &c.row, c.error);
+                    }
+                }
+                p.resolved_pending.push(span_key(s.trace, s.span_id));
+            }
+        }
+        p.recent = batch.into_iter().collect();
+
+        // Series ids: new series up to the cap, the rest into their kind's overflow series.
+        let mut new_ids: HashMap<SeriesKey, i64> = HashMap::new();
+        let mut next = self.next_id;
+        let mut by_id: BTreeMap<i64, (SeriesKey, FxHashMap<i64, Agg>, Totals, i64)> = BTreeMap::new();
+        let mut keys: Vec<_> = adds.into_iter().collect();
+        keys.sort_by(|a, b| a.0.cmp(&b.0));
+        for (key, (minutes, totals, last_seen)) in keys {
+            let (key, id) = match self.ids.get(&key).map(|&(id, _)| id).or_else(|| new_ids.get(&key).copied()) {
+                Some(id) => (key, id),
+                None if self.ids.len() + new_ids.len() < self.max_series => {
+                    new_ids.insert(key.clone(), next);
+                    next += 1;
+                    (key.clone(), next - 1)
+                }
+                None => {
+                    p.overflowed += totals.calls;
+                    let over = SeriesKey::Overflow(key.kind());
+                    let id = match self.ids.get(&over).map(|&(id, _)| id).or_else(|| new_ids.get(&over).copied()) {
+                        Some(id) => id,
+                        None => {
+                            new_ids.insert(over.clone(), next);
+                            next += 1;
+                            next - 1
+                        }
+                    };
+                    (over, id)
+                }
+            };
+            let e = by_id.entry(id).or_insert_with(|| (key, FxHashMap::default(), Totals::default(), 0));
+            for (minute, agg) in minutes {
+                e.1.entry(minute).or_default().merge(&agg);
+            }
+            e.2.merge(&totals);
+            e.3 = e.3.max(last_seen);
+        }
+        p.new_series = new_ids.into_iter().collect();
+
+        for (id, (key, minutes, totals, last_seen)) in by_id {
+            for (minute, agg) in minutes {
+                let mut merged = match self.minutes.get(&(id, minute)) {
+                    Some(a) => a.clone(),
+                    None => read_minute(conn, id, minute).await?,
+                };
+                merged.merge(&agg);
+                p.minute_rows.push(MinuteRow { series: id, minute, agg: merged.clone() });
+                p.minutes.push(((id, minute), merged));
+            }
+            p.series_rows.push(SeriesRow { id, key: key.clone(), last_seen_ns: last_seen });
+            p.totals.push((id, key, totals));
+        }
+        Ok(p)
+    }
+
+    /// Takes in a committed batch.
+    pub fn apply(&mut self, p: Prepared) {
+        for (key, id) in p.new_series {
+            self.ids.insert(key, (id, 0));
+            self.next_id = self.next_id.max(id + 1);
+        }
+        for row in &p.series_rows {
+            if let Some(e) = self.ids.get_mut(&row.key) {
+                e.1 = e.1.max(row.last_seen_ns);
+            }
+        }
+        self.counters.series.set(self.ids.len() as i64);
+        self.counters.overflow.inc_by(p.overflowed);
+        // Only recent minutes stay in memory (by the clock, so spans from the far past or future
+        // cannot fill it); any other is read back when a span adds to it.
+        let this_minute = super::now_ns().div_euclid(MINUTE_NS);
+        let cached = this_minute - CACHED_MINUTES..=this_minute + 1;
+        for ((id, minute), agg) in p.minutes {
+            if cached.contains(&minute) {
+                self.minutes.insert((id, minute), agg);
+            }
+        }
+        if self.cached_to != this_minute {
+            self.cached_to = this_minute;
+            self.minutes.retain(|(_, m), _| cached.contains(m));
+        }
+        {
+            let mut exposed = self.exposed.lock().unwrap_or_else(PoisonError::into_inner);
+            for (id, key, totals) in p.totals {
+                exposed.series.entry(id).or_insert_with(|| (key, Totals::default())).1.merge(&totals);
+            }
+        }
+        for (key, service) in p.recent {
+            if self.recent[0].len() >= RECENT {
+                self.recent[1] = std::mem::take(&mut self.recent[0]);
+            }
+            self.recent[0].insert(key, service);
+        }
+        for key in p.resolved_pending {
+            if let Some(children) = self.pending.remove(&key) {
+                self.pending_len -= children.len();
+            }
+        }
+        let now = Instant::now();
+        for (key, child) in p.new_pending {
+            self.pending.entry(key).or_default().push(child);
+            self.pending_order.push_back((now + PENDING_FOR, key));
+            self.pending_len += 1;
+        }
+        // Children whose parent did not come in time (or past the bound, the oldest).
+        while let Some(&(deadline, key)) = self.pending_order.front() {
+            if deadline > now && self.pending_len <= MAX_PENDING {
+                break;
+            }
+            self.pending_order.pop_front();
+            if let Entry::Occupied(e) = self.pending.entry(key) {
+                let n = e.remove().len();
+                self.pending_len -= n;
+                self.counters.unmatched.inc_by(n as u64);
+            }
+        }
+    }
+
+    /// Forgets series last seen before `cutoff_ns` and the aggregates of minutes before it
+    /// (retention has removed or is removing their rows).
+    pub fn forget_before(&mut self, cutoff_ns: i64) {
+        let minute = cutoff_ns.div_euclid(MINUTE_NS);
+        let cutoff_ns = minute * MINUTE_NS;
+        self.minutes.retain(|&(_, m), _| m >= minute);
+        let gone: Vec<i64> = self.ids.values().filter(|&&(_, seen)| seen < cutoff_ns).map(|&(id, _)| id).collect();
+        self.ids.retain(|_, &mut (_, seen)| seen >= cutoff_ns);
+        let mut exposed = self.exposed.lock().unwrap_or_else(PoisonError::into_inner);
+        for id in gone {
+            exposed.series.remove(&id);
+        }
+        self.counters.series.set(self.ids.len() as i64);
+    }
+}
+
+async fn read_minute(conn: &mut SqliteConnection, series: i64, minute: i64) -> Result<Agg, sqlx::Error> {
+    let row = sqlx::query("SELECT calls, errors, duration_sum_ns, sketch FROM red_minutes WHERE series = ? AND minute = ?")
+        .bind(series)
+        .bind(minute)
+        .fetch_optional(&mut *conn)
+        .await?;
+    let Some(r) = row else { return Ok(Agg::default()) };
+    let sketch: Vec<u8> = r.try_get(3)?;
+    Ok(Agg {
+        calls: r.try_get::<i64, _>(0)? as u64,
+        errors: r.try_get::<i64, _>(1)? as u64,
+        duration_sum_ns: r.try_get::<i64, _>(2)? as u64,
+        sketch: Sketch::decode(&sketch).unwrap_or_default(),
+    })
+}
