@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use tower_http::cors::CorsLayer;
 
 use crate::config::Config;
+use crate::exposition::{Format, Out};
 use crate::metrics::Metrics;
 use crate::otlp::{self, Ingest};
 use crate::query;
@@ -143,9 +144,15 @@ async fn healthz(State((store, _)): State<(Store, Arc<Metrics>)>) -> axum::respo
     }
 }
 
-async fn prometheus_metrics(State((store, metrics)): State<(Store, Arc<Metrics>)>) -> impl IntoResponse {
+/// The collector's own metrics and the span-derived ones, in the Prometheus text format or in
+/// OpenMetrics (with exemplars) when the scraper accepts it.
+async fn prometheus_metrics(State((store, metrics)): State<(Store, Arc<Metrics>)>, headers: header::HeaderMap) -> impl IntoResponse {
     metrics.database_bytes.set(store.disk_bytes() as i64);
-    (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], metrics.render())
+    let format = Format::negotiate(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
+    let mut out = Out::new(format);
+    out.registry(&metrics.gather());
+    store.write_span_metrics(&mut out);
+    (StatusCode::OK, [(header::CONTENT_TYPE, format.content_type())], out.finish())
 }
 
 /// Asks the writer to remove data older than the retention, every `every`.

@@ -3,6 +3,7 @@
 
 pub mod app;
 pub mod config;
+pub mod exposition;
 pub mod fuzz;
 pub mod listen;
 pub mod metrics;

@@ -30,10 +30,11 @@ impl Rng {
     }
 }
 
-/// One span of `service`, as (service, span).
-fn span(rng: &mut Rng, trace: u128, id: u64, parent: u64, name: &str, kind: i32, start: u64, attrs: Vec<KeyValue>) -> Span {
+/// One span: `ids` are its trace, its id and its parent's (0 for none).
+fn span(rng: &mut Rng, ids: (u128, u64, u64), name: &str, kind: i32, start: u64, attrs: Vec<KeyValue>) -> Span {
+    let (trace, id, parent) = ids;
     let duration = 1_000 + rng.next() % 200_000_000;
-    let error = rng.next() % 10 == 0;
+    let error = rng.next().is_multiple_of(10);
     Span {
         trace_id: trace.to_be_bytes().to_vec(),
         span_id: id.to_be_bytes().to_vec(),
@@ -58,16 +59,16 @@ fn traces(seed: u64, n: u64, start: u64, minutes: u64) -> Vec<(&'static str, Spa
         let at = start + (rng.next() % (minutes * MINUTE - 10_000_000_000));
         let base = (seed << 32) | (t << 4);
         let route = ["GET /api/orders", "POST /api/orders", "GET /api/orders/{id}"][(rng.next() % 3) as usize];
-        out.push(("gateway", span(&mut rng, trace, base + 1, 0, route, 2, at, vec![])));
-        out.push(("gateway", span(&mut rng, trace, base + 2, base + 1, "orders", 3, at + 1_000, vec![])));
-        out.push(("orders", span(&mut rng, trace, base + 3, base + 2, route, 2, at + 2_000, vec![])));
+        out.push(("gateway", span(&mut rng, (trace, base + 1, 0), route, 2, at, vec![])));
+        out.push(("gateway", span(&mut rng, (trace, base + 2, base + 1), "orders", 3, at + 1_000, vec![])));
+        out.push(("orders", span(&mut rng, (trace, base + 3, base + 2), route, 2, at + 2_000, vec![])));
         let db = vec![kv("db.system.name", "sqlite"), kv("db.namespace", "orders")];
-        out.push(("orders", span(&mut rng, trace, base + 4, base + 3, "INSERT orders", 3, at + 3_000, db)));
+        out.push(("orders", span(&mut rng, (trace, base + 4, base + 3), "INSERT orders", 3, at + 3_000, db)));
         let msg = vec![kv("messaging.system", "nats"), kv("messaging.destination.name", "orders.placed")];
-        out.push(("orders", span(&mut rng, trace, base + 5, base + 3, "publish orders.placed", 4, at + 4_000, msg.clone())));
-        out.push(("notifications", span(&mut rng, trace, base + 6, base + 5, "process orders.placed", 5, at + 5_000, msg)));
+        out.push(("orders", span(&mut rng, (trace, base + 5, base + 3), "publish orders.placed", 4, at + 4_000, msg.clone())));
+        out.push(("notifications", span(&mut rng, (trace, base + 6, base + 5), "process orders.placed", 5, at + 5_000, msg)));
         // A span in its own service whose parent is another of its service: no call.
-        out.push(("notifications", span(&mut rng, trace, base + 7, base + 6, "INSERT messages", 1, at + 6_000, vec![])));
+        out.push(("notifications", span(&mut rng, (trace, base + 7, base + 6), "INSERT messages", 1, at + 6_000, vec![])));
     }
     out
 }
@@ -198,10 +199,11 @@ async fn series_past_the_cap_count_in_overflow_series() {
     let overflowed = metrics.span_metrics_overflow.get();
     assert!(overflowed > 0, "spans went to the overflow series");
     // Every span is counted once: in its own series or an overflow series.
-    let exposed = store.span_metrics.lock().expect("lock");
-    let span_series: u64 = exposed.series.values().filter(|(k, _)| k.kind() == 0).map(|(_, t)| t.calls).sum();
+    let span_series: u64 = {
+        let exposed = store.span_metrics.lock().expect("lock");
+        exposed.series.values().filter(|(k, _)| k.kind() == 0).map(|(_, t)| t.calls).sum()
+    };
     assert_eq!(span_series, spans.len() as u64);
-    drop(exposed);
     drop(store);
     writer.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);

@@ -219,6 +219,12 @@ impl Store {
         Ok((store, WriterHandle { tx, task }))
     }
 
+    /// Writes the span-derived metrics (totals since start) for `/metrics`.
+    pub fn write_span_metrics(&self, out: &mut crate::exposition::Out) {
+        let names = self.dicts.strings.snapshot();
+        self.span_metrics.lock().unwrap_or_else(std::sync::PoisonError::into_inner).write(out, &names);
+    }
+
     /// Queues converted rows and waits until they are committed. Refuses at once with
     /// [`StoreError::Overloaded`] when the queue is full, so callers can tell clients to retry.
     pub async fn write(&self, rows: Rows) -> Result<(), StoreError> {

@@ -32,8 +32,10 @@ use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value};
 use rustc_hash::FxHashMap;
 use sqlx::{Row, SqliteConnection};
 
+use super::dict::StringsSnapshot;
 use super::rows::{Insert, Q, SpanRow};
 use super::sketch::Sketch;
+use crate::exposition::{ExemplarRef, Kind, Out};
 
 pub const MINUTE_NS: i64 = 60_000_000_000;
 pub const SPAN_KIND_SERVER: i32 = 2;
@@ -252,6 +254,112 @@ pub struct Exposed {
 }
 
 pub type SharedExposed = Arc<Mutex<Exposed>>;
+
+fn span_kind_label(kind: i32) -> &'static str {
+    match kind {
+        1 => "SPAN_KIND_INTERNAL",
+        2 => "SPAN_KIND_SERVER",
+        3 => "SPAN_KIND_CLIENT",
+        4 => "SPAN_KIND_PRODUCER",
+        5 => "SPAN_KIND_CONSUMER",
+        _ => "SPAN_KIND_UNSPECIFIED",
+    }
+}
+
+fn status_label(code: i32) -> &'static str {
+    match code {
+        1 => "STATUS_CODE_OK",
+        2 => "STATUS_CODE_ERROR",
+        _ => "STATUS_CODE_UNSET",
+    }
+}
+
+/// The labels of a family's series, sorted, so one family's samples come out together.
+type Labels = Vec<(&'static str, String)>;
+
+impl Exposed {
+    /// Writes the span metrics with the names and labels of OpenTelemetry's span-metrics and
+    /// service-graph connectors: `traces_span_metrics_calls_total` and
+    /// `traces_span_metrics_duration_seconds` by service, span name, kind and status code (root
+    /// and non-root spans together), and `traces_service_graph_request_total`,
+    /// `…_failed_total` and `…_server_seconds` by client, server and connection type (direct,
+    /// `messaging_system` through a broker, `database` for calls to one). Overflow series carry
+    /// only `otel_metric_overflow="true"`. Histograms carry exemplars in OpenMetrics.
+    pub fn write(&self, out: &mut Out, names: &StringsSnapshot) {
+        let mut spans: BTreeMap<Labels, Totals> = BTreeMap::new();
+        let mut graph: BTreeMap<Labels, Totals> = BTreeMap::new();
+        let overflow = || vec![("otel_metric_overflow", "true".to_owned())];
+        for (key, totals) in self.series.values() {
+            let name = |id: i64| names.get(id).to_owned();
+            let (target, labels) = match key {
+                SeriesKey::Span { service, operation, span_kind, status_code, .. } => (
+                    &mut spans,
+                    vec![
+                        ("service_name", name(*service)),
+                        ("span_name", name(*operation)),
+                        ("span_kind", span_kind_label(*span_kind).to_owned()),
+                        ("status_code", status_label(*status_code).to_owned()),
+                    ],
+                ),
+                SeriesKey::Call { client, server, via_broker } => (
+                    &mut graph,
+                    vec![
+                        ("client", name(*client)),
+                        ("server", name(*server)),
+                        ("connection_type", if *via_broker { "messaging_system" } else { "" }.to_owned()),
+                    ],
+                ),
+                SeriesKey::Remote { service, peer } if peer.kind == NodeKind::Database => {
+                    (&mut graph, vec![("client", name(*service)), ("server", peer.name.to_string()), ("connection_type", "database".to_owned())])
+                }
+                SeriesKey::Remote { .. } | SeriesKey::Consumed { .. } => continue,
+                SeriesKey::Overflow(0) => (&mut spans, overflow()),
+                SeriesKey::Overflow(_) => (&mut graph, overflow()),
+            };
+            target.entry(labels).or_default().merge(totals);
+        }
+        let calls = "traces_span_metrics_calls";
+        out.family(calls, Kind::Counter, "Spans by service, span name, span kind and status code (span-derived)");
+        for (labels, t) in &spans {
+            out.sample(calls, "_total", &pairs(labels), t.calls as f64, None);
+        }
+        histogram(out, "traces_span_metrics_duration_seconds", "Span durations by service, span name, span kind and status code", &spans);
+        let requests = "traces_service_graph_request";
+        out.family(requests, Kind::Counter, "Calls between services, and to databases, seen as spans with a parent in another service (span-derived)");
+        for (labels, t) in &graph {
+            out.sample(requests, "_total", &pairs(labels), t.calls as f64, None);
+        }
+        let failed = "traces_service_graph_request_failed";
+        out.family(failed, Kind::Counter, "Calls between services that ended in an error status (span-derived)");
+        for (labels, t) in &graph {
+            out.sample(failed, "_total", &pairs(labels), t.errors as f64, None);
+        }
+        histogram(out, "traces_service_graph_request_server_seconds", "Durations of the called side's spans (span-derived)", &graph);
+    }
+}
+
+fn pairs(labels: &Labels) -> Vec<(&str, &str)> {
+    labels.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+fn histogram(out: &mut Out, name: &str, help: &str, series: &BTreeMap<Labels, Totals>) {
+    out.family(name, Kind::Histogram, help);
+    for (labels, t) in series {
+        let base = pairs(labels);
+        let mut cumulative = 0;
+        for (i, n) in t.buckets.iter().enumerate() {
+            cumulative += n;
+            let le = BOUNDS.get(i).map_or_else(|| "+Inf".to_owned(), |b| format!("{b}"));
+            let mut with_le = base.clone();
+            with_le.push(("le", &le));
+            let ids = t.exemplars[i].map(|e| (hex::encode(e.trace_id), hex::encode(e.span_id), e));
+            let exemplar = ids.as_ref().map(|(trace_id, span_id, e)| ExemplarRef { trace_id, span_id, value: e.seconds, time_ns: e.time_ns });
+            out.sample(name, "_bucket", &with_le, cumulative as f64, exemplar);
+        }
+        out.sample(name, "_sum", &base, t.duration_sum_ns as f64 / 1e9, None);
+        out.sample(name, "_count", &base, t.calls as f64, None);
+    }
+}
 
 /// One row of `red_series`.
 pub struct SeriesRow {
