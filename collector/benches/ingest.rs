@@ -2,12 +2,15 @@
 //! spans over OTLP/gRPC from several concurrent clients in batches of 512, and reports spans/s,
 //! export latency percentiles, the collector's peak RSS and bytes on disk per span.
 //!
-//! Run: `cargo bench -p collector --bench ingest -- [--spans N] [--clients N] [--batch N]`
-//! (it builds nothing itself: `cargo build --release -p collector` first, or set COLLECTOR_BIN).
+//! Run: `cargo bench -p collector --bench ingest -- [--spans N] [--clients N] [--batch N]
+//! [--collector-arg ARG]…` (it builds nothing itself: `cargo build --release -p collector` first,
+//! or set COLLECTOR_BIN). `--collector-arg --no-span-metrics` measures ingest without span metrics.
 //!
 //! Spans: 8 services, traces of 8 spans, 10 attributes each, a resource with `service.name`, one
-//! event per ten spans, ~1% errors. Requests are encoded before the clock starts, so the client
-//! spends its CPU on sending, not on protobuf encoding.
+//! event per ten spans, ~1% errors, their start times spread over the last hour in the order they
+//! are sent (as if an hour were replayed). Requests are encoded before the clock starts, so the
+//! client spends its CPU on sending, not on protobuf encoding. After ingest, the service map over
+//! 1 h, the dependencies over 1 h and a service's operation stats over 24 h are each asked 20 times.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -29,6 +32,8 @@ struct Args {
     bin: String,
     /// Send to an already running collector (gRPC address) instead of starting one.
     target: Option<String>,
+    /// Extra flags for the collector.
+    collector_args: Vec<String>,
 }
 
 fn args() -> Args {
@@ -37,6 +42,7 @@ fn args() -> Args {
         clients: 4,
         batch: 512,
         target: None,
+        collector_args: Vec::new(),
         bin: std::env::var("COLLECTOR_BIN").unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/collector").into()),
     };
     let mut it = std::env::args().skip(1);
@@ -47,6 +53,7 @@ fn args() -> Args {
             "--clients" => a.clients = val(),
             "--batch" => a.batch = val(),
             "--target" => a.target = it.next(),
+            "--collector-arg" => a.collector_args.push(it.next().unwrap_or_else(|| panic!("--collector-arg needs a value"))),
             "--bench" => {}
             other => panic!("unknown argument {other}"),
         }
@@ -93,7 +100,7 @@ fn batch(rng: &mut Rng, n: usize, now: u64) -> Bytes {
     while made < n {
         let trace_id = [rng.next().to_be_bytes(), rng.next().to_be_bytes()].concat();
         let mut parent: Vec<u8> = Vec::new();
-        let start = now - rng.below(1_000_000_000);
+        let start = now + rng.below(1_000_000_000);
         for depth in 0..8.min(n - made) {
             let span_id = rng.next().to_be_bytes().to_vec();
             let svc = depth % SERVICES.len();
@@ -281,7 +288,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let n_batches = a.spans.div_ceil(a.batch);
     eprintln!("encoding {n_batches} requests of {} spans…", a.batch);
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    let batches: Vec<Bytes> = (0..n_batches).map(|_| batch(&mut rng, a.batch, now)).collect();
+    // Batch i starts i/n of an hour after an hour ago.
+    let hour = 3_600_000_000_000u64;
+    let batches: Vec<Bytes> = (0..n_batches).map(|i| batch(&mut rng, a.batch, now - hour + hour / n_batches as u64 * i as u64)).collect();
     let wire_bytes: usize = batches.iter().map(Bytes::len).sum();
 
     if let Some(target) = &a.target {
@@ -301,16 +310,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .args(["--otlp-grpc-addr", "127.0.0.1:0", "--otlp-http-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
         .arg("--db")
         .arg(&db)
+        .args(&a.collector_args)
         .env("RUST_LOG", "warn,collector=info")
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("starting {}: {e} (build it with cargo build --release -p collector)", a.bin))?;
     let pid = child.id();
     let mut lines = BufReader::new(child.stderr.take().ok_or("no stderr")?).lines();
-    let grpc_addr = loop {
+    let field = |line: &str, name: &str| line.split(name).nth(1).map(|rest| rest.split_whitespace().next().unwrap_or_default().to_owned());
+    let (grpc_addr, http_addr) = loop {
         let line = lines.next().ok_or("collector exited before listening")??;
-        if let Some(rest) = line.split("otlp_grpc=").nth(1) {
-            break rest.split_whitespace().next().unwrap_or_default().to_owned();
+        if let (Some(grpc), Some(http)) = (field(&line, "otlp_grpc="), field(&line, " http=")) {
+            break (grpc, http);
         }
     };
     std::thread::spawn(move || lines.for_each(drop));
@@ -318,6 +329,33 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (elapsed, mut latencies, retries) = send_all(&grpc_addr, batches, a.clients).await?;
     let peak_kib = rss_peak_kib(pid);
     let cpu = cpu_seconds(pid);
+    let queries = [
+        ("service map, 1 h", "/api/v1/service-map?lookback=1h"),
+        ("dependencies, 1 h", "/api/v1/dependencies?lookback=1h"),
+        ("service stats, 24 h", "/api/v1/services/gateway/stats?lookback=24h"),
+    ];
+    let mut query_lines = Vec::new();
+    let http = reqwest::Client::new();
+    for (what, path) in queries {
+        let mut took = Vec::new();
+        for _ in 0..20 {
+            let t = Instant::now();
+            let r = http.get(format!("http://{http_addr}{path}")).send().await?;
+            let ok = r.status().is_success();
+            r.bytes().await?;
+            took.push(t.elapsed());
+            if !ok {
+                return Err(format!("{path} failed").into());
+            }
+        }
+        took.sort();
+        query_lines.push(format!(
+            "{:<22} p50 {:.1} ms, p99 {:.1} ms",
+            format!("{what}:"),
+            percentile(&took, 0.5).as_secs_f64() * 1e3,
+            percentile(&took, 0.99).as_secs_f64() * 1e3
+        ));
+    }
 
     // Stop gracefully: the collector checkpoints its log into the database file on close.
     Command::new("kill").args(["-TERM", &pid.to_string()]).status()?;
@@ -339,6 +377,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("retries after 503:     {retries}");
     println!("collector peak RSS:    {:.1} MiB", peak_kib as f64 / 1024.0);
     println!("on disk:               {:.1} MiB, {:.1} bytes/span", disk as f64 / 1048576.0, disk as f64 / spans as f64);
+    for line in query_lines {
+        println!("{line}");
+    }
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }

@@ -59,6 +59,12 @@ pub struct Config {
     #[arg(long, env = "COLLECTOR_SPAN_METRICS_MAX_SERIES", default_value_t = 5_000, value_parser = clap::value_parser!(u32).range(1..))]
     pub span_metrics_max_series: u32,
 
+    /// Keeps no span metrics: ingest does less, and the service map, dependencies and operation
+    /// stats are computed from the spans of their window at every request (slow with millions of
+    /// spans), and /metrics has no span-derived series.
+    #[arg(long, env = "COLLECTOR_NO_SPAN_METRICS")]
+    pub no_span_metrics: bool,
+
     /// Seconds to finish in-flight requests on SIGTERM or SIGINT before stopping.
     #[arg(long, env = "COLLECTOR_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_retention)]
     pub shutdown_grace: Duration,

@@ -108,6 +108,8 @@ pub struct StoreConfig {
     pub retention_check_interval: Duration,
     /// Series of span-derived RED metrics kept at most (the rest go to overflow series).
     pub span_metrics_max_series: usize,
+    /// Whether span metrics are kept at all (without, the map and stats rescan the spans).
+    pub span_metrics: bool,
 }
 
 impl StoreConfig {
@@ -120,6 +122,7 @@ impl StoreConfig {
             retention: Duration::from_secs(86_400),
             retention_check_interval: Duration::from_secs(60),
             span_metrics_max_series: 5_000,
+            span_metrics: true,
         }
     }
 }
@@ -137,6 +140,8 @@ pub struct Store {
     health: Arc<Health>,
     /// The span metrics' series and totals since start, for `/metrics`.
     pub span_metrics: red::SharedExposed,
+    /// False with `--no-span-metrics`: the map and stats rescan the spans.
+    pub(crate) span_metrics_kept: bool,
 }
 
 /// Owns the writer task; [`WriterHandle::shutdown`] writes what is queued and closes the database.
@@ -191,7 +196,8 @@ impl Store {
         sqlx::migrate!("../migrations").run(&mut conn).await.map_err(|e| StoreError::Migrate(Arc::new(e)))?;
         let dicts = Arc::new(load_dicts(&mut conn, cfg.trace_cache).await?);
         let span_metrics = red::SharedExposed::default();
-        let red = red::SpanMetrics::load(&mut conn, cfg.span_metrics_max_series, span_metrics.clone(), red::Counters::of(&metrics)).await?;
+        let max_series = if cfg.span_metrics { cfg.span_metrics_max_series } else { 0 };
+        let red = red::SpanMetrics::load(&mut conn, max_series, span_metrics.clone(), red::Counters::of(&metrics)).await?;
 
         // Readers get a smaller page cache than the writer: four of them reading large traces at
         // once would otherwise hold 256 MiB of cache between them.
@@ -215,6 +221,7 @@ impl Store {
             retention: cfg.retention,
             health,
             span_metrics,
+            span_metrics_kept: cfg.span_metrics,
         };
         Ok((store, WriterHandle { tx, task }))
     }

@@ -531,7 +531,8 @@ impl SpanMetrics {
     /// from the database where a minute is not in memory) and the changes [`Self::apply`] makes.
     pub async fn prepare(&self, spans: &[SpanRow], conn: &mut SqliteConnection) -> Result<Prepared, sqlx::Error> {
         let mut p = Prepared::default();
-        if spans.is_empty() {
+        // A cap of none: span metrics are off.
+        if spans.is_empty() || self.max_series == 0 {
             return Ok(p);
         }
         let batch: FxHashMap<u64, i64> = spans.iter().map(|s| (span_key(s.trace, s.span_id), s.service)).collect();

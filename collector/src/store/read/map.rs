@@ -384,6 +384,9 @@ impl Store {
     /// Calls between services in the minutes the window touches: an edge for every span whose
     /// parent belongs to another service, with the child span's latency and status.
     pub async fn dependencies(&self, start_ns: i64, end_ns: i64) -> Result<Vec<Dependency>, StoreError> {
+        if !self.span_metrics_kept {
+            return self.dependencies_rescan(start_ns, end_ns).await;
+        }
         let mut edges: BTreeMap<(i64, i64), Agg> = BTreeMap::new();
         for (key, agg) in self.red_window(start_ns, end_ns, Series::All).await? {
             if let SeriesKey::Call { client, server, .. } = key {
@@ -416,6 +419,9 @@ impl Store {
     /// from each service to the databases and brokers it calls, and from a broker to the services
     /// that consume its messages. Nodes are sorted by id, edges by source and target.
     pub async fn service_map(&self, start_ns: i64, end_ns: i64) -> Result<ServiceMap, StoreError> {
+        if !self.span_metrics_kept {
+            return self.service_map_rescan(start_ns, end_ns).await;
+        }
         let series = self.red_window(start_ns, end_ns, Series::All).await?;
         let dict = self.dicts.strings.snapshot();
         let mut services: HashMap<i64, (Agg, Agg)> = HashMap::new();
@@ -461,6 +467,9 @@ impl Store {
     /// Every operation (span name and kind) of a service with spans in the minutes the window
     /// touches, most called first (then by name and kind). An unknown service has none.
     pub async fn operation_stats(&self, service: &str, start_ns: i64, end_ns: i64) -> Result<Vec<OperationStats>, StoreError> {
+        if !self.span_metrics_kept {
+            return self.operation_stats_rescan(service, start_ns, end_ns).await;
+        }
         let Some(service) = self.dicts.strings.find(service) else { return Ok(Vec::new()) };
         let mut ops: HashMap<(i64, i32), Agg> = HashMap::new();
         for (key, agg) in self.red_window(start_ns, end_ns, Series::SpansOf(service)).await? {
