@@ -59,6 +59,7 @@ impl App {
         store_cfg.retention_check_interval = cfg.retention_check_every();
         store_cfg.span_metrics_max_series = cfg.span_metrics_max_series as usize;
         store_cfg.span_metrics = !cfg.no_span_metrics;
+        store_cfg.max_db_size = cfg.max_db_size;
         let (store, writer) = Store::open(&store_cfg, metrics.clone()).await.with_context(|| format!("opening the database {}", cfg.db.display()))?;
         let bind = |addr: SocketAddr, what: &'static str| async move { TcpListener::bind(addr).await.with_context(|| format!("binding {what} to {addr}")) };
         let grpc = bind(cfg.otlp_grpc_addr, "--otlp-grpc-addr").await?;

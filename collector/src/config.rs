@@ -34,6 +34,13 @@ pub struct Config {
     #[arg(long, env = "COLLECTOR_RETENTION", default_value = "24h", value_parser = parse_retention)]
     pub retention: Duration,
 
+    /// Largest size of the database file, e.g. 500MiB, 10GiB: past 90 % of it the oldest traces
+    /// are removed whole (with older metric points and logs) until it is under 80 %, and the freed
+    /// space is reused. Evictions are counted in /metrics and shown by the dashboard. The
+    /// write-ahead log (up to 64 MiB after a checkpoint) comes on top. No limit by default.
+    #[arg(long, env = "COLLECTOR_MAX_DB_SIZE", value_parser = parse_db_size)]
+    pub max_db_size: Option<u64>,
+
     /// How often retention looks for old data; by default a tenth of --retention, between 1s and 60s.
     #[arg(long, env = "COLLECTOR_RETENTION_CHECK_INTERVAL", value_parser = parse_retention)]
     pub retention_check_interval: Option<Duration>,
@@ -106,11 +113,12 @@ fn parse_retention(s: &str) -> Result<Duration, String> {
 }
 
 /// Bytes with an optional unit: `1000`, `512KiB`, `16MiB`, `1GiB` (also KB, MB, GB as powers of 1000).
-fn parse_size(s: &str) -> Result<usize, String> {
+/// A byte count with an optional unit (KB, KiB, MB, MiB, GB, GiB, TB, TiB).
+fn parse_bytes(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let n: usize = s[..split].parse().map_err(|_| format!("expected a size such as 16MiB, got {s:?}"))?;
-    let mult: usize = match s[split..].trim().to_ascii_lowercase().as_str() {
+    let n: u64 = s[..split].parse().map_err(|_| format!("expected a size such as 16MiB, got {s:?}"))?;
+    let mult: u64 = match s[split..].trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "kb" => 1_000,
         "kib" | "k" => 1 << 10,
@@ -118,11 +126,27 @@ fn parse_size(s: &str) -> Result<usize, String> {
         "mib" | "m" => 1 << 20,
         "gb" => 1_000_000_000,
         "gib" | "g" => 1 << 30,
-        other => return Err(format!("unknown size unit {other:?} (use KiB, MiB or GiB)")),
+        "tb" => 1_000_000_000_000,
+        "tib" | "t" => 1 << 40,
+        other => return Err(format!("unknown size unit {other:?} (use KiB, MiB, GiB or TiB)")),
     };
-    let size = n.checked_mul(mult).ok_or("size too large")?;
+    n.checked_mul(mult).ok_or_else(|| "size too large".into())
+}
+
+/// A message or buffer size: 1 KiB to 1 GiB.
+fn parse_size(s: &str) -> Result<usize, String> {
+    let size = parse_bytes(s)?;
     if !(1024..=(1 << 30)).contains(&size) {
         return Err("must be between 1KiB and 1GiB".into());
+    }
+    Ok(size as usize)
+}
+
+/// A database size: at least 1 MiB.
+fn parse_db_size(s: &str) -> Result<u64, String> {
+    let size = parse_bytes(s)?;
+    if size < 1 << 20 {
+        return Err("must be at least 1MiB".into());
     }
     Ok(size)
 }

@@ -2,7 +2,7 @@
 //!
 //! Label values come from small fixed sets (signal, protocol, encoding, outcome, table).
 
-use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 pub struct Metrics {
     registry: Registry,
@@ -24,6 +24,9 @@ pub struct Metrics {
     pub span_metrics_series: IntGauge,
     pub span_metrics_overflow: IntCounter,
     pub span_metrics_unmatched: IntCounter,
+    pub evicted: IntCounterVec,
+    pub evicted_traces: IntCounter,
+    pub evicted_before: Gauge,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -92,6 +95,16 @@ impl Metrics {
                 "collector_span_metrics_unmatched_spans_total",
                 "Spans with a parent that was not written within two minutes of them: their call is not on the service map",
             ),
+            evicted: counter("collector_evicted_items_total", "Items removed to keep the database under --max-db-size", &["signal"]),
+            evicted_traces: plain_counter("collector_evicted_traces_total", "Traces removed whole to keep the database under --max-db-size"),
+            evicted_before: {
+                let g = must(Gauge::new(
+                    "collector_evicted_before_timestamp_seconds",
+                    "Data that arrived before this time may have been evicted for size (0: none)",
+                ));
+                must(registry.register(Box::new(g.clone())));
+                g
+            },
             registry,
         }
     }

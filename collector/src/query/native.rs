@@ -48,6 +48,25 @@ pub fn router() -> Router<Store> {
         // OTel metric names may contain `/`: the rest of the path is the name.
         .route("/api/v1/metrics/{*name}", get(metric_series))
         .route("/api/v1/logs", get(logs))
+        .route("/api/v1/storage", get(storage))
+}
+
+/// The database's size and what `--max-db-size` has evicted, for the dashboard's notice.
+async fn storage(State(store): State<Store>) -> ApiResult {
+    let e = store.evicted.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+    let ns = |t: Option<i64>| t.map(|t| t.to_string());
+    Ok(Json(json!({
+        "databaseBytes": store.disk_bytes(),
+        "maxDatabaseBytes": store.max_db_size,
+        "evicted": {
+            "traces": e.traces,
+            "spans": e.spans,
+            "metricPoints": e.metric_points,
+            "logRecords": e.log_records,
+            "firstUnixNano": ns(e.first_ns),
+            "beforeUnixNano": ns(e.before_ns),
+        },
+    })))
 }
 
 type ApiResult = Result<Json<Value>, ApiError>;

@@ -358,6 +358,13 @@ impl TraceRefs {
         id
     }
 
+    /// The smallest id new spans may still use: rows below it can be removed whole.
+    pub fn min_reachable(&self) -> i64 {
+        let st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let pending_min = st.pending.iter().map(|r| r.id).min();
+        st.previous.values().chain(st.current.values()).copied().chain(pending_min).min().unwrap_or(st.next)
+    }
+
     /// Forgets the older half, so that retention can remove rows no new span will point to;
     /// returns the smallest id new spans may still use.
     pub fn rotate(&self) -> i64 {

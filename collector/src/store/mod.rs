@@ -12,7 +12,7 @@ pub mod read;
 pub mod red;
 pub mod rows;
 pub mod sketch;
-mod writer;
+pub mod writer;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -110,6 +110,8 @@ pub struct StoreConfig {
     pub span_metrics_max_series: usize,
     /// Whether span metrics are kept at all (without, the map and stats rescan the spans).
     pub span_metrics: bool,
+    /// Largest database file; past 90 % of it the oldest traces are evicted.
+    pub max_db_size: Option<u64>,
 }
 
 impl StoreConfig {
@@ -123,6 +125,7 @@ impl StoreConfig {
             retention_check_interval: Duration::from_secs(60),
             span_metrics_max_series: 5_000,
             span_metrics: true,
+            max_db_size: None,
         }
     }
 }
@@ -142,6 +145,9 @@ pub struct Store {
     pub span_metrics: red::SharedExposed,
     /// False with `--no-span-metrics`: the map and stats rescan the spans.
     pub(crate) span_metrics_kept: bool,
+    /// What `--max-db-size` has evicted (since the database was created).
+    pub evicted: writer::SharedEvicted,
+    pub max_db_size: Option<u64>,
 }
 
 /// Owns the writer task; [`WriterHandle::shutdown`] writes what is queued and closes the database.
@@ -206,7 +212,12 @@ impl Store {
 
         let (tx, rx) = mpsc::unbounded_channel();
         let health = Arc::new(Health::default());
-        let pace = writer::Pace { max_batch_items: cfg.max_batch_items, prune_every: cfg.retention_check_interval };
+        let evicted: writer::SharedEvicted = Arc::new(std::sync::Mutex::new(writer::Evicted::load(&mut conn).await?));
+        if let Some(before) = evicted.lock().unwrap_or_else(std::sync::PoisonError::into_inner).before_ns {
+            metrics.evicted_before.set(before as f64 / 1e9);
+        }
+        let size_limit = cfg.max_db_size.map(|max| writer::SizeLimit::new(max, evicted.clone()));
+        let pace = writer::Pace { max_batch_items: cfg.max_batch_items, prune_every: cfg.retention_check_interval, size_limit };
         let writer = writer::Writer::new(conn, write_options, health.clone(), dicts.clone(), metrics.clone(), red, pace);
         let task = tokio::spawn(writer.run(rx));
         metrics.queue_capacity.set(cfg.queue_capacity as i64);
@@ -222,6 +233,8 @@ impl Store {
             health,
             span_metrics,
             span_metrics_kept: cfg.span_metrics,
+            evicted,
+            max_db_size: cfg.max_db_size,
         };
         Ok((store, WriterHandle { tx, task }))
     }

@@ -695,6 +695,12 @@ impl SpanMetrics {
         }
     }
 
+    /// Forgets the aggregates of minutes before the one of `cutoff_ns` (eviction removed them).
+    pub fn forget_minutes_before(&mut self, cutoff_ns: i64) {
+        let minute = cutoff_ns.div_euclid(MINUTE_NS);
+        self.minutes.retain(|&(_, m), _| m >= minute);
+    }
+
     /// Forgets series last seen before `cutoff_ns` and the aggregates of minutes before it
     /// (retention has removed or is removing their rows).
     pub fn forget_before(&mut self, cutoff_ns: i64) {

@@ -321,4 +321,13 @@ impl Rows {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// About the bytes these rows take in the database, indexes included.
+    pub fn approx_bytes(&self) -> u64 {
+        let blob = |b: &Option<Vec<u8>>| b.as_ref().map_or(0, Vec::len);
+        let spans: usize = self.spans.iter().map(|s| 120 + blob(&s.attributes) + blob(&s.events) + blob(&s.links)).sum();
+        let points: usize = self.points.iter().map(|p| 60 + p.data.len()).sum();
+        let logs: usize = self.logs.iter().map(|l| 100 + blob(&l.body) + blob(&l.attributes)).sum();
+        (spans + points + logs) as u64
+    }
 }

@@ -17,6 +17,10 @@ use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{AssertSqlSafe, Connection, SqliteConnection};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 
+mod evict;
+
+pub use evict::{Evicted, SharedEvicted, SizeLimit};
+
 use super::red::{MINUTE_NS, Prepared, SpanMetrics};
 use super::rows::{Insert, MetricRow, OperationKey, OperationRow, Rows, SeriesRow};
 use super::{Dicts, Health, StoreError};
@@ -55,6 +59,7 @@ pub struct Writer {
     max_batch_items: usize,
     sql: HashMap<(&'static str, usize), String>,
     red: SpanMetrics,
+    size_limit: Option<SizeLimit>,
     prune: Option<Prune>,
     /// The longest a retention pass waits for its next step under load.
     prune_every: Duration,
@@ -71,6 +76,8 @@ struct Prune {
 pub struct Pace {
     pub max_batch_items: usize,
     pub prune_every: Duration,
+    /// `--max-db-size`, with what was evicted so far.
+    pub size_limit: Option<SizeLimit>,
 }
 
 type Pending = (Rows, OwnedSemaphorePermit, oneshot::Sender<Result<(), StoreError>>);
@@ -85,8 +92,8 @@ impl Writer {
         red: SpanMetrics,
         pace: Pace,
     ) -> Self {
-        let Pace { max_batch_items, prune_every } = pace;
-        Self { conn: Some(conn), options, health, dicts, metrics, max_batch_items, sql: HashMap::new(), red, prune: None, prune_every }
+        let Pace { max_batch_items, prune_every, size_limit } = pace;
+        Self { conn: Some(conn), options, health, dicts, metrics, max_batch_items, sql: HashMap::new(), red, size_limit, prune: None, prune_every }
     }
 
     /// The open connection, or a fresh one after a failure.
@@ -152,6 +159,7 @@ impl Writer {
                 }
             }
             if !group.is_empty() {
+                self.make_room(group.iter().map(|(rows, _, _)| rows.approx_bytes()).sum()).await;
                 self.commit(group, items).await;
             }
             if stop {
@@ -450,7 +458,7 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         // Due at every turn, so the test does not depend on how long steps take.
         let red = SpanMetrics::load(&mut conn, 100, Default::default(), Counters::of(&metrics)).await.expect("span metrics");
-        let pace = Pace { max_batch_items: 1, prune_every: Duration::ZERO };
+        let pace = Pace { max_batch_items: 1, prune_every: Duration::ZERO, size_limit: None };
         let writer = Writer::new(conn, connect_options(&path), Arc::default(), dicts.clone(), metrics.clone(), red, pace);
 
         let (tx, rx) = mpsc::unbounded_channel();
@@ -508,7 +516,7 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let health = Arc::new(crate::store::Health::default());
         let red = SpanMetrics::load(&mut conn, 100, Default::default(), Counters::of(&metrics)).await.expect("span metrics");
-        let pace = Pace { max_batch_items: 1 << 20, prune_every: Duration::from_secs(3600) };
+        let pace = Pace { max_batch_items: 1 << 20, prune_every: Duration::from_secs(3600), size_limit: None };
         let writer = Writer::new(conn, options, health.clone(), dicts.clone(), metrics.clone(), red, pace);
         let (tx, rx) = mpsc::unbounded_channel();
         let task = tokio::spawn(writer.run(rx));
