@@ -132,7 +132,9 @@ fn http_router(store: Store, metrics: Arc<Metrics>, registry: RegistryProxy) -> 
     Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(prometheus_metrics))
-        .with_state((store, metrics))
+        .with_state((store.clone(), metrics))
+        .route("/metrics/otlp", get(otlp_metrics))
+        .with_state((store, Arc::new(crate::prometheus_otlp::DeltaTotals::new(crate::store::now_ns()))))
         .merge(api)
         .fallback(|uri: axum::http::Uri| async move { query::ApiError::NotFound(format!("no such endpoint: {}", uri.path())) })
         .layer(CorsLayer::permissive())
@@ -155,6 +157,20 @@ async fn prometheus_metrics(State((store, metrics)): State<(Store, Arc<Metrics>)
     out.registry(&metrics.gather());
     store.write_span_metrics(&mut out);
     (StatusCode::OK, [(header::CONTENT_TYPE, format.content_type())], out.finish())
+}
+
+/// The OTLP metrics services sent, in the Prometheus text format or OpenMetrics (see
+/// [`crate::prometheus_otlp`]).
+async fn otlp_metrics(
+    State((store, deltas)): State<(Store, Arc<crate::prometheus_otlp::DeltaTotals>)>,
+    headers: header::HeaderMap,
+) -> Result<impl IntoResponse, query::ApiError> {
+    let format = Format::negotiate(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
+    let fresh = crate::store::now_ns() - crate::prometheus_otlp::FRESH_NS;
+    let latest = store.latest_points(fresh, |series| deltas.after(series)).await?;
+    let mut out = Out::new(format);
+    crate::prometheus_otlp::write(&mut out, &latest, &deltas);
+    Ok((StatusCode::OK, [(header::CONTENT_TYPE, format.content_type())], out.finish()))
 }
 
 /// Asks the writer to remove data older than the retention, every `every`.

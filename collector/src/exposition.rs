@@ -39,6 +39,7 @@ pub enum Kind {
     Counter,
     Gauge,
     Histogram,
+    Summary,
 }
 
 /// An exemplar: the labels that name a span, its value and when it was taken.
@@ -105,6 +106,7 @@ impl Out {
             (Kind::Counter, Format::OpenMetrics) => (name.to_owned(), "counter"),
             (Kind::Gauge, _) => (name.to_owned(), "gauge"),
             (Kind::Histogram, _) => (name.to_owned(), "histogram"),
+            (Kind::Summary, _) => (name.to_owned(), "summary"),
         };
         let mut help_text = String::new();
         for c in help.chars() {
@@ -152,7 +154,7 @@ impl Out {
                 let pairs: Vec<(&str, &str)> = m.get_label().iter().map(|l| (l.name(), l.value())).collect();
                 match kind {
                     Kind::Counter => self.sample(name, "_total", &pairs, m.get_counter().get_value(), None),
-                    Kind::Gauge => self.sample(name, "", &pairs, m.get_gauge().get_value(), None),
+                    Kind::Gauge | Kind::Summary => self.sample(name, "", &pairs, m.get_gauge().get_value(), None),
                     Kind::Histogram => {
                         let h = m.get_histogram();
                         for b in h.get_bucket() {

@@ -8,5 +8,6 @@ pub mod fuzz;
 pub mod listen;
 pub mod metrics;
 pub mod otlp;
+pub mod prometheus_otlp;
 pub mod query;
 pub mod store;

@@ -537,7 +537,7 @@ impl SpanMetrics {
         }
         let batch: FxHashMap<u64, i64> = spans.iter().map(|s| (span_key(s.trace, s.span_id), s.service)).collect();
         // (series, minute) → aggregate, and series → totals, for this batch.
-        let mut adds: HashMap<SeriesKey, (FxHashMap<i64, Agg>, Totals, i64)> = HashMap::new();
+        let mut adds: FxHashMap<SeriesKey, (FxHashMap<i64, Agg>, Totals, i64)> = FxHashMap::default();
         let mut add = |key: SeriesKey, span: &ExemplarSpan, error: bool| {
             let (minutes, totals, last_seen) = adds.entry(key).or_default();
             minutes.entry(span.start_ns.div_euclid(MINUTE_NS)).or_default().add(span.duration_ns.max(0) as u64, error);

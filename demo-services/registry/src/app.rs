@@ -101,6 +101,7 @@ impl App {
         let quiet = Router::new()
             .route("/v1/instances", get(list_instances))
             .route("/v1/instances/{id}/heartbeat", put(heartbeat))
+            .route("/v1/prometheus/targets", get(prometheus_targets))
             .layer(axum::middleware::from_fn_with_state(r.clone(), outage))
             .with_state(r.clone());
         // The fault API answers during an outage, so it can be ended early.
@@ -354,6 +355,32 @@ async fn list_instances(AxumState(r): AxumState<Arc<Registry>>, Query(q): Query<
         .map(|e| e.view())
         .collect();
     Ok(with_index(index, InstancesResponse { index, instances, faults: s.fault_list() }))
+}
+
+/// A target group of Prometheus' HTTP service discovery.
+#[derive(Serialize)]
+struct TargetGroup {
+    targets: [String; 1],
+    labels: BTreeMap<&'static str, String>,
+}
+
+/// Every registered instance as a Prometheus scrape target (HTTP service discovery): `job` is
+/// its service, `instance_id` its id; `__meta_registry_status` its status, for relabelling.
+async fn prometheus_targets(AxumState(r): AxumState<Arc<Registry>>) -> Response {
+    let s = r.state.lock().await;
+    let groups: Vec<TargetGroup> = s
+        .instances
+        .values()
+        .map(|e| TargetGroup {
+            targets: [e.req.address.clone()],
+            labels: BTreeMap::from([
+                ("job", e.req.service.clone()),
+                ("instance_id", e.req.instance_id.clone()),
+                ("__meta_registry_status", e.status.as_str().to_owned()),
+            ]),
+        })
+        .collect();
+    axum::Json(groups).into_response()
 }
 
 #[derive(Serialize, Default)]

@@ -110,3 +110,63 @@ impl Store {
         Ok(out)
     }
 }
+
+/// A series with a recent point, for `/metrics/otlp`.
+#[derive(Debug, Clone)]
+pub struct LatestSeries {
+    pub id: i64,
+    pub metric: MetricDef,
+    pub resource_attributes: Vec<KeyValue>,
+    pub scope_name: String,
+    pub scope_version: String,
+    pub attributes: Vec<KeyValue>,
+    /// (time, the point as OTLP protobuf without attributes): the latest one, or for a delta
+    /// series every point after the time asked for, oldest first.
+    pub points: Vec<(i64, Vec<u8>)>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct LatestPoints {
+    pub series: Vec<LatestSeries>,
+}
+
+impl Store {
+    /// Every series with a point since `fresh_ns`, with its latest point; a delta sum or
+    /// histogram (temporality 1) with its points after `delta_after(series id)` instead.
+    pub async fn latest_points(&self, fresh_ns: i64, delta_after: impl Fn(i64) -> i64) -> Result<LatestPoints, StoreError> {
+        let mut conn = self.read.acquire().await?;
+        let rows = sqlx::query(
+            "SELECT m.id, m.name, m.description, m.unit, m.type, m.temporality, m.monotonic, 0, \
+             s.id, s.attributes, r.attributes, sc.name, sc.version FROM metric_series s \
+             JOIN metrics m ON m.id = s.metric JOIN resources r ON r.id = s.resource JOIN scopes sc ON sc.id = s.scope \
+             WHERE s.last_seen_ns >= ? ORDER BY m.name, s.id",
+        )
+        .bind(fresh_ns)
+        .fetch_all(&mut *conn)
+        .await?;
+        let mut out = LatestPoints::default();
+        for r in &rows {
+            let metric = metric_def(r)?;
+            let id: i64 = r.try_get(8)?;
+            let delta = metric.temporality == 1 && matches!(metric.metric_type, 2..=4);
+            let q = if delta {
+                sqlx::query("SELECT time_ns, data FROM metric_points WHERE series = ? AND time_ns > ? ORDER BY time_ns").bind(id).bind(delta_after(id))
+            } else {
+                sqlx::query("SELECT time_ns, data FROM metric_points WHERE series = ? AND time_ns >= ? ORDER BY time_ns DESC LIMIT 1").bind(id).bind(fresh_ns)
+            };
+            let points: Vec<(i64, Vec<u8>)> =
+                q.fetch_all(&mut *conn).await?.iter().map(|p| Ok((p.try_get(0)?, p.try_get(1)?))).collect::<Result<_, sqlx::Error>>()?;
+            let dict = self.dicts.strings.snapshot();
+            out.series.push(LatestSeries {
+                id,
+                metric,
+                attributes: decode_attributes(&r.try_get::<Vec<u8>, _>(9)?, &dict)?,
+                resource_attributes: decode_attributes(&r.try_get::<Vec<u8>, _>(10)?, &dict)?,
+                scope_name: r.try_get(11)?,
+                scope_version: r.try_get(12)?,
+                points,
+            });
+        }
+        Ok(out)
+    }
+}
