@@ -363,3 +363,24 @@ def test_a_selected_span_deep_in_a_big_trace_is_brought_into_view(dashboard, pag
     page.click("[data-testid=next-match]")
     page.wait_for_url(f"**span={ids[399]}**")
     page.wait_for_selector(f".row.selected.match[data-span-id='{ids[399]}']")
+
+
+def test_a_notice_says_what_the_size_limit_removed(tmp_path, page):
+    """Retention by size is never silent: every page says how much went and since when."""
+    from test_max_db_size import SPANS_PER_TRACE, export
+    c = Collector(tmp_path / "collector.db", ["--ui-dir", str(SITE), "--registry-url", "http://127.0.0.1:9",
+                                               "--max-db-size", "8MiB"]).start()
+    try:
+        open_page(page, f"{c.http}/traces")
+        assert page.locator("[data-testid=storage-notice]").count() == 0, "nothing removed, no notice"
+        for n in range(30):
+            export(c, n * 10)
+        evicted = c.api("/api/v1/storage")["evicted"]
+        assert evicted["traces"] > 0
+        open_page(page, f"{c.http}/")
+        notice = page.wait_for_selector("[data-testid=storage-notice]").inner_text()
+        assert f"{evicted['traces']} traces ({evicted['traces'] * SPANS_PER_TRACE} spans)" in notice, notice
+        assert "under 8.0 MiB" in notice and "may be incomplete" in notice and "UTC" in notice, notice
+        shot(page, "storage-notice")
+    finally:
+        c.stop()

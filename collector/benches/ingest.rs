@@ -4,7 +4,8 @@
 //!
 //! Run: `cargo bench -p collector --bench ingest -- [--spans N] [--clients N] [--batch N]
 //! [--collector-arg ARG]…` (it builds nothing itself: `cargo build --release -p collector` first,
-//! or set COLLECTOR_BIN). `--collector-arg --no-span-metrics` measures ingest without span metrics.
+//! or set COLLECTOR_BIN). `--collector-arg --no-span-metrics` measures ingest without span metrics
+//! (with `--skip-queries`: the map and stats would then rescan every span).
 //!
 //! Spans: 8 services, traces of 8 spans, 10 attributes each, a resource with `service.name`, one
 //! event per ten spans, ~1% errors, their start times spread over the last hour in the order they
@@ -34,6 +35,8 @@ struct Args {
     target: Option<String>,
     /// Extra flags for the collector.
     collector_args: Vec<String>,
+    /// Skips the queries after ingest (without span metrics they rescan every span, for minutes).
+    skip_queries: bool,
 }
 
 fn args() -> Args {
@@ -43,6 +46,7 @@ fn args() -> Args {
         batch: 512,
         target: None,
         collector_args: Vec::new(),
+        skip_queries: false,
         bin: std::env::var("COLLECTOR_BIN").unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/collector").into()),
     };
     let mut it = std::env::args().skip(1);
@@ -54,6 +58,7 @@ fn args() -> Args {
             "--batch" => a.batch = val(),
             "--target" => a.target = it.next(),
             "--collector-arg" => a.collector_args.push(it.next().unwrap_or_else(|| panic!("--collector-arg needs a value"))),
+            "--skip-queries" => a.skip_queries = true,
             "--bench" => {}
             other => panic!("unknown argument {other}"),
         }
@@ -336,7 +341,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     ];
     let mut query_lines = Vec::new();
     let http = reqwest::Client::new();
-    for (what, path) in queries {
+    for (what, path) in queries.into_iter().filter(|_| !a.skip_queries) {
         let mut took = Vec::new();
         for _ in 0..20 {
             let t = Instant::now();

@@ -6,6 +6,26 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+/// `GET /api/v1/storage`: the database's size and what `--max-db-size` evicted.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Storage {
+    pub database_bytes: u64,
+    pub max_database_bytes: Option<u64>,
+    pub evicted: Evicted,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Evicted {
+    pub traces: u64,
+    pub spans: u64,
+    pub metric_points: u64,
+    pub log_records: u64,
+    pub first_unix_nano: Option<String>,
+    pub before_unix_nano: Option<String>,
+}
+
 /// Where the API is, during server rendering (the collector's own address).
 #[derive(Clone, Debug)]
 pub struct ApiBase(pub String);

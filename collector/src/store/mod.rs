@@ -76,6 +76,8 @@ pub struct Dicts {
     pub traces: TraceRefs,
     pub metrics: Ids<MetricKey>,
     pub series: Ids<SeriesKey>,
+    /// Whether converting aggregates span metrics (off with `--no-span-metrics`).
+    pub span_metrics: bool,
 }
 
 impl Dicts {
@@ -88,6 +90,7 @@ impl Dicts {
             traces: TraceRefs::new(1, 1024),
             metrics: Ids::new(std::iter::empty()),
             series: Ids::new(std::iter::empty()),
+            span_metrics: true,
         }
     }
 }
@@ -200,7 +203,9 @@ impl Store {
         let mut conn = SqliteConnection::connect_with(&write_options).await?;
 
         sqlx::migrate!("../migrations").run(&mut conn).await.map_err(|e| StoreError::Migrate(Arc::new(e)))?;
-        let dicts = Arc::new(load_dicts(&mut conn, cfg.trace_cache).await?);
+        let mut dicts = load_dicts(&mut conn, cfg.trace_cache).await?;
+        dicts.span_metrics = cfg.span_metrics;
+        let dicts = Arc::new(dicts);
         let span_metrics = red::SharedExposed::default();
         let max_series = if cfg.span_metrics { cfg.span_metrics_max_series } else { 0 };
         let red = red::SpanMetrics::load(&mut conn, max_series, span_metrics.clone(), red::Counters::of(&metrics)).await?;
@@ -334,6 +339,7 @@ async fn load_dicts(conn: &mut SqliteConnection, trace_cache: usize) -> Result<D
         traces: TraceRefs::new(next_trace, trace_cache),
         metrics: Ids::new(metrics),
         series: Ids::new(series),
+        span_metrics: true,
     })
 }
 

@@ -51,9 +51,9 @@ const RECENT: usize = 1 << 17;
 const PENDING_FOR: Duration = Duration::from_secs(120);
 /// Spans waiting for their parent at most; past it the oldest are counted as unmatched.
 const MAX_PENDING: usize = 100_000;
-/// Minutes before the current one whose aggregates stay in memory (others are read back from
-/// the database when a span adds to them).
-const CACHED_MINUTES: i64 = 5;
+/// Aggregates of (series, minute) kept in memory at most (others are read back from the database
+/// when a span adds to them).
+const CACHED_MINUTES: usize = 20_000;
 
 /// Upper bounds (seconds) of the duration histogram on `/metrics`.
 pub const BOUNDS: [f64; 16] = [0.002, 0.004, 0.006, 0.008, 0.01, 0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.4, 2.0, 5.0, 10.0, 15.0];
@@ -415,6 +415,89 @@ impl Insert for MinuteRow {
     }
 }
 
+/// What one series gains from some spans: per minute, and in totals since start.
+#[derive(Debug, Clone, Default)]
+struct SeriesDelta {
+    /// (minute, aggregate), few: the minutes a request's spans started in.
+    minutes: Vec<(i64, Agg)>,
+    totals: Totals,
+    last_seen: i64,
+}
+
+impl SeriesDelta {
+    fn add(&mut self, span: &ExemplarSpan, error: bool) {
+        let minute = span.start_ns.div_euclid(MINUTE_NS);
+        let duration = span.duration_ns.max(0) as u64;
+        match self.minutes.iter_mut().find(|(m, _)| *m == minute) {
+            Some((_, agg)) => agg.add(duration, error),
+            None => {
+                let mut agg = Agg::default();
+                agg.add(duration, error);
+                self.minutes.push((minute, agg));
+            }
+        }
+        self.totals.add(span, error);
+        self.last_seen = self.last_seen.max(span.start_ns);
+    }
+
+    fn merge(&mut self, o: SeriesDelta) {
+        for (minute, agg) in o.minutes {
+            match self.minutes.iter_mut().find(|(m, _)| *m == minute) {
+                Some((_, a)) => a.merge(&agg),
+                None => self.minutes.push((minute, agg)),
+            }
+        }
+        self.totals.merge(&o.totals);
+        self.last_seen = self.last_seen.max(o.last_seen);
+    }
+}
+
+/// One export request's span metrics, aggregated while it is converted (on the ingest side, so
+/// the single writer only merges them).
+#[derive(Debug, Default)]
+pub struct RedBatch {
+    adds: FxHashMap<SeriesKey, SeriesDelta>,
+    /// Every span's (key, service), for later children to find their parent's service.
+    spans: Vec<(u64, i64)>,
+    /// Spans whose parent is not in the request.
+    orphans: Vec<(u64, Child)>,
+}
+
+impl RedBatch {
+    /// Aggregates the spans of one request.
+    pub fn of(spans: &[SpanRow]) -> Self {
+        let mut b = RedBatch { spans: spans.iter().map(|s| (span_key(s.trace, s.span_id), s.service)).collect(), ..Default::default() };
+        let here: FxHashMap<u64, i64> = b.spans.iter().copied().collect();
+        for s in spans {
+            let error = s.status_code == STATUS_ERROR;
+            let facts = ExemplarSpan::of(s);
+            let span =
+                SeriesKey::Span { service: s.service, operation: s.operation, span_kind: s.kind, status_code: s.status_code, root: s.parent_span_id.is_none() };
+            b.adds.entry(span).or_default().add(&facts, error);
+            let via_broker = s.kind == SPAN_KIND_CONSUMER && s.peer.as_ref().is_some_and(|p| p.kind == NodeKind::Broker);
+            if let Some(peer) = &s.peer {
+                let key = if via_broker {
+                    SeriesKey::Consumed { service: s.service, peer: peer.clone() }
+                } else {
+                    SeriesKey::Remote { service: s.service, peer: peer.clone() }
+                };
+                b.adds.entry(key).or_default().add(&facts, error);
+            }
+            if let Some(parent) = s.parent_span_id {
+                let key = span_key(s.trace, parent);
+                match here.get(&key) {
+                    Some(&client) if client != s.service => {
+                        b.adds.entry(SeriesKey::Call { client, server: s.service, via_broker }).or_default().add(&facts, error)
+                    }
+                    Some(_) => {}
+                    None => b.orphans.push((key, Child { server: s.service, via_broker, error, row: facts })),
+                }
+            }
+        }
+        b
+    }
+}
+
 /// A span whose parent had not been written yet.
 #[derive(Debug, Clone)]
 struct Child {
@@ -451,7 +534,7 @@ pub struct Prepared {
     new_series: Vec<(SeriesKey, i64)>,
     totals: Vec<(i64, SeriesKey, Totals)>,
     minutes: Vec<((i64, i64), Agg)>,
-    recent: Vec<(u64, i64)>,
+    recent: Vec<Vec<(u64, i64)>>,
     new_pending: Vec<(u64, Child)>,
     resolved_pending: Vec<u64>,
     overflowed: u64,
@@ -488,10 +571,8 @@ pub struct SpanMetrics {
     pending: FxHashMap<u64, Vec<Child>>,
     pending_order: VecDeque<(Instant, u64)>,
     pending_len: usize,
-    /// Aggregates of recent minutes, exactly as they are in the database.
+    /// Aggregates of the latest minutes written, exactly as they are in the database.
     minutes: FxHashMap<(i64, i64), Agg>,
-    /// The minute the cache was last trimmed for.
-    cached_to: i64,
     exposed: SharedExposed,
     counters: Counters,
 }
@@ -517,75 +598,75 @@ impl SpanMetrics {
             pending_order: VecDeque::new(),
             pending_len: 0,
             minutes: FxHashMap::default(),
-            cached_to: 0,
             exposed,
             counters,
         })
     }
 
-    fn parent_service(&self, batch: &FxHashMap<u64, i64>, key: u64) -> Option<i64> {
-        batch.get(&key).or_else(|| self.recent[0].get(&key)).or_else(|| self.recent[1].get(&key)).copied()
+    fn recent_service(&self, key: u64) -> Option<i64> {
+        self.recent[0].get(&key).or_else(|| self.recent[1].get(&key)).copied()
     }
 
-    /// What the spans of one transaction add: the series and minute rows to write (read back
-    /// from the database where a minute is not in memory) and the changes [`Self::apply`] makes.
-    pub async fn prepare(&self, spans: &[SpanRow], conn: &mut SqliteConnection) -> Result<Prepared, sqlx::Error> {
+    /// What the requests of one transaction add: their aggregates merged, the calls of spans
+    /// whose parent came in another request (or earlier), the series and minute rows to write
+    /// (a minute not in memory is read back from the database) and the changes [`Self::apply`]
+    /// makes.
+    pub async fn prepare(&self, batches: Vec<RedBatch>, conn: &mut SqliteConnection) -> Result<Prepared, sqlx::Error> {
         let mut p = Prepared::default();
         // A cap of none: span metrics are off.
-        if spans.is_empty() || self.max_series == 0 {
+        if batches.is_empty() || self.max_series == 0 {
             return Ok(p);
         }
-        let batch: FxHashMap<u64, i64> = spans.iter().map(|s| (span_key(s.trace, s.span_id), s.service)).collect();
-        // (series, minute) → aggregate, and series → totals, for this batch.
-        let mut adds: FxHashMap<SeriesKey, (FxHashMap<i64, Agg>, Totals, i64)> = FxHashMap::default();
-        let mut add = |key: SeriesKey, span: &ExemplarSpan, error: bool| {
-            let (minutes, totals, last_seen) = adds.entry(key).or_default();
-            minutes.entry(span.start_ns.div_euclid(MINUTE_NS)).or_default().add(span.duration_ns.max(0) as u64, error);
-            totals.add(span, error);
-            *last_seen = (*last_seen).max(span.start_ns);
-        };
-        for s in spans {
-            let error = s.status_code == STATUS_ERROR;
-            let facts = ExemplarSpan::of(s);
-            let span =
-                SeriesKey::Span { service: s.service, operation: s.operation, span_kind: s.kind, status_code: s.status_code, root: s.parent_span_id.is_none() };
-            add(span, &facts, error);
-            let via_broker = s.kind == SPAN_KIND_CONSUMER && s.peer.as_ref().is_some_and(|p| p.kind == NodeKind::Broker);
-            if let Some(peer) = &s.peer {
-                let key = if via_broker {
-                    SeriesKey::Consumed { service: s.service, peer: peer.clone() }
-                } else {
-                    SeriesKey::Remote { service: s.service, peer: peer.clone() }
-                };
-                add(key, &facts, error);
-            }
-            if let Some(parent) = s.parent_span_id {
-                let key = span_key(s.trace, parent);
-                match self.parent_service(&batch, key) {
-                    Some(client) if client != s.service => add(SeriesKey::Call { client, server: s.service, via_broker }, &facts, error),
-                    Some(_) => {}
-                    None => p.new_pending.push((key, Child { server: s.service, via_broker, error, row: facts.clone() })),
-                }
-            }
-            // A span that earlier children were waiting for.
-            if let Some(children) = self.pending.get(&span_key(s.trace, s.span_id)) {
-                for c in children {
-                    if c.server != s.service {
-                        add(SeriesKey::Call { client: s.service, server: c.server, via_broker: c.via_broker }, &c.row, c.error);
+        let mut adds: FxHashMap<SeriesKey, SeriesDelta> = FxHashMap::default();
+        let mut orphans: Vec<(u64, Child)> = Vec::new();
+        for mut b in batches {
+            if adds.is_empty() {
+                adds = std::mem::take(&mut b.adds);
+            } else {
+                for (key, delta) in b.adds {
+                    match adds.entry(key) {
+                        Entry::Occupied(mut e) => e.get_mut().merge(delta),
+                        Entry::Vacant(e) => {
+                            e.insert(delta);
+                        }
                     }
                 }
-                p.resolved_pending.push(span_key(s.trace, s.span_id));
+            }
+            orphans.append(&mut b.orphans);
+            p.recent.push(b.spans);
+        }
+        let mut add = |key: SeriesKey, span: &ExemplarSpan, error: bool| adds.entry(key).or_default().add(span, error);
+        // Spans whose parent was not in their own request: in another request of this
+        // transaction, among the recent spans, or still to come.
+        if !orphans.is_empty() {
+            let this_tx: FxHashMap<u64, i64> = p.recent.iter().flatten().copied().collect();
+            for (key, c) in orphans {
+                match this_tx.get(&key).copied().or_else(|| self.recent_service(key)) {
+                    Some(client) if client != c.server => add(SeriesKey::Call { client, server: c.server, via_broker: c.via_broker }, &c.row, c.error),
+                    Some(_) => {}
+                    None => p.new_pending.push((key, c)),
+                }
             }
         }
-        p.recent = batch.into_iter().collect();
+        // Spans that earlier children were waiting for.
+        if !self.pending.is_empty() {
+            for &(key, service) in p.recent.iter().flatten() {
+                if let Some(children) = self.pending.get(&key) {
+                    for c in children.iter().filter(|c| c.server != service) {
+                        add(SeriesKey::Call { client: service, server: c.server, via_broker: c.via_broker }, &c.row, c.error);
+                    }
+                    p.resolved_pending.push(key);
+                }
+            }
+        }
 
         // Series ids: new series up to the cap, the rest into their kind's overflow series.
         let mut new_ids: HashMap<SeriesKey, i64> = HashMap::new();
         let mut next = self.next_id;
-        let mut by_id: BTreeMap<i64, (SeriesKey, FxHashMap<i64, Agg>, Totals, i64)> = BTreeMap::new();
+        let mut by_id: BTreeMap<i64, (SeriesKey, SeriesDelta)> = BTreeMap::new();
         let mut keys: Vec<_> = adds.into_iter().collect();
         keys.sort_by(|a, b| a.0.cmp(&b.0));
-        for (key, (minutes, totals, last_seen)) in keys {
+        for (key, delta) in keys {
             let (key, id) = match self.ids.get(&key).map(|&(id, _)| id).or_else(|| new_ids.get(&key).copied()) {
                 Some(id) => (key, id),
                 None if self.ids.len() + new_ids.len() < self.max_series => {
@@ -594,7 +675,7 @@ impl SpanMetrics {
                     (key.clone(), next - 1)
                 }
                 None => {
-                    p.overflowed += totals.calls;
+                    p.overflowed += delta.totals.calls;
                     let over = SeriesKey::Overflow(key.kind());
                     let id = match self.ids.get(&over).map(|&(id, _)| id).or_else(|| new_ids.get(&over).copied()) {
                         Some(id) => id,
@@ -607,16 +688,17 @@ impl SpanMetrics {
                     (over, id)
                 }
             };
-            let e = by_id.entry(id).or_insert_with(|| (key, FxHashMap::default(), Totals::default(), 0));
-            for (minute, agg) in minutes {
-                e.1.entry(minute).or_default().merge(&agg);
+            match by_id.entry(id) {
+                std::collections::btree_map::Entry::Occupied(mut e) => e.get_mut().1.merge(delta),
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    e.insert((key, delta));
+                }
             }
-            e.2.merge(&totals);
-            e.3 = e.3.max(last_seen);
         }
         p.new_series = new_ids.into_iter().collect();
 
-        for (id, (key, minutes, totals, last_seen)) in by_id {
+        for (id, (key, delta)) in by_id {
+            let SeriesDelta { minutes, totals, last_seen } = delta;
             for (minute, agg) in minutes {
                 let mut merged = match self.minutes.get(&(id, minute)) {
                     Some(a) => a.clone(),
@@ -645,18 +727,16 @@ impl SpanMetrics {
         }
         self.counters.series.set(self.ids.len() as i64);
         self.counters.overflow.inc_by(p.overflowed);
-        // Only recent minutes stay in memory (by the clock, so spans from the far past or future
-        // cannot fill it); any other is read back when a span adds to it.
-        let this_minute = super::now_ns().div_euclid(MINUTE_NS);
-        let cached = this_minute - CACHED_MINUTES..=this_minute + 1;
-        for ((id, minute), agg) in p.minutes {
-            if cached.contains(&minute) {
-                self.minutes.insert((id, minute), agg);
-            }
+        // The latest minutes written stay in memory, up to a bound: past it the older half goes
+        // (any minute not in memory is read back from the database when a span adds to it).
+        for (key, agg) in p.minutes {
+            self.minutes.insert(key, agg);
         }
-        if self.cached_to != this_minute {
-            self.cached_to = this_minute;
-            self.minutes.retain(|(_, m), _| cached.contains(m));
+        if self.minutes.len() > CACHED_MINUTES {
+            let mut minutes: Vec<i64> = self.minutes.keys().map(|&(_, m)| m).collect();
+            let middle = minutes.len() / 2;
+            let (_, &mut cut, _) = minutes.select_nth_unstable(middle);
+            self.minutes.retain(|&(_, m), _| m > cut);
         }
         {
             let mut exposed = self.exposed.lock().unwrap_or_else(PoisonError::into_inner);
@@ -664,7 +744,7 @@ impl SpanMetrics {
                 exposed.series.entry(id).or_insert_with(|| (key, Totals::default())).1.merge(&totals);
             }
         }
-        for (key, service) in p.recent {
+        for (key, service) in p.recent.into_iter().flatten() {
             if self.recent[0].len() >= RECENT {
                 self.recent[1] = std::mem::take(&mut self.recent[0]);
             }

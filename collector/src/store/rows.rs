@@ -7,7 +7,7 @@ use sqlx::query::Query;
 use sqlx::sqlite::SqliteArguments;
 
 use super::dict::TraceRow;
-use super::red::Peer;
+use super::red::{Peer, RedBatch};
 
 pub type Q<'q> = Query<'q, Sqlite, SqliteArguments>;
 
@@ -310,6 +310,8 @@ pub struct Rows {
     pub operations: Vec<OperationRow>,
     pub metrics: Vec<MetricRow>,
     pub series: Vec<SeriesRow>,
+    /// The spans' contribution to the span metrics, aggregated while converting.
+    pub red: Box<RedBatch>,
 }
 
 impl Rows {

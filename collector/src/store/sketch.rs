@@ -50,14 +50,38 @@ impl Sketch {
         }
     }
 
+    /// Adds another sketch's counts: one pass over both sorted bucket lists.
     pub fn merge(&mut self, other: &Sketch) {
         if self.buckets.is_empty() {
             self.buckets.clone_from(&other.buckets);
             return;
         }
-        for &(i, c) in &other.buckets {
-            self.add_count(i, c);
+        let mut merged = Vec::with_capacity(self.buckets.len() + other.buckets.len());
+        let (mut a, mut b) = (self.buckets.iter().peekable(), other.buckets.iter().peekable());
+        loop {
+            let next = match (a.peek(), b.peek()) {
+                (Some(&&(i, c)), Some(&&(j, d))) if i == j => {
+                    a.next();
+                    b.next();
+                    (i, c + d)
+                }
+                (Some(&&x), Some(&&y)) if x.0 < y.0 => {
+                    a.next();
+                    x
+                }
+                (_, Some(&&y)) => {
+                    b.next();
+                    y
+                }
+                (Some(&&x), None) => {
+                    a.next();
+                    x
+                }
+                (None, None) => break,
+            };
+            merged.push(next);
         }
+        self.buckets = merged;
     }
 
     pub fn count(&self) -> u64 {

@@ -196,7 +196,9 @@ impl Writer {
         let mut operations: BTreeMap<OperationKey, i64> = BTreeMap::new();
         let mut metric_defs: BTreeMap<i64, MetricRow> = BTreeMap::new();
         let mut series: BTreeMap<i64, SeriesRow> = BTreeMap::new();
-        for (rows, permit, ack) in group {
+        let mut reds = Vec::with_capacity(group.len());
+        for (mut rows, permit, ack) in group {
+            reds.push(*std::mem::take(&mut rows.red));
             all.spans.extend(rows.spans);
             all.points.extend(rows.points);
             all.logs.extend(rows.logs);
@@ -220,7 +222,7 @@ impl Writer {
             let conn = Self::connection(&mut self.conn, options).await?;
             let mut tx = conn.begin().await?;
             // Read before anything is written: the minutes it reads back are as committed.
-            let mut red = red.prepare(&all.spans, &mut tx).await?;
+            let mut red = red.prepare(std::mem::take(&mut reds), &mut tx).await?;
             insert(sql, &mut tx, strings.clone()).await?;
             insert(sql, &mut tx, resources.clone()).await?;
             insert(sql, &mut tx, scopes.clone()).await?;
