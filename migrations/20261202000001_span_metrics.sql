@@ -32,3 +32,13 @@ CREATE TABLE red_minutes (
     sketch          BLOB NOT NULL,
     PRIMARY KEY (series, minute)
 ) WITHOUT ROWID;
+
+-- How far the aggregates go: spans with a rowid above `spans_rowid` are not counted in them yet
+-- (the writer writes aggregates at most once a second, with the spans of that transaction). At
+-- start the collector counts those spans again from the table, so a crash loses nothing; on a
+-- database from before span metrics, that is every span already stored.
+CREATE TABLE red_state (
+    id          INTEGER PRIMARY KEY CHECK (id = 1),
+    spans_rowid INTEGER NOT NULL
+);
+INSERT INTO red_state VALUES (1, 0);

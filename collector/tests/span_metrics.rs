@@ -185,6 +185,37 @@ async fn aggregates_answer_as_a_rescan_would() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Spans stored but not in the aggregates (the last second before a crash, or a database from
+/// before span metrics) are counted when the collector starts.
+#[tokio::test]
+async fn spans_not_yet_counted_are_counted_at_start() {
+    use sqlx::{Connection, SqliteConnection};
+    let dir = tempdir("recover");
+    let cfg = StoreConfig::new(dir.join("c.db"));
+    let start = now_minute() - 20 * MINUTE;
+    let (window_start, window_end) = (start as i64, (start + 4 * MINUTE - 1) as i64);
+    let (store, writer) = Store::open(&cfg, Arc::new(Metrics::new())).await.expect("open");
+    let mut spans = traces(4, 300, start, 3);
+    spans.reverse();
+    write(&store, &spans, 70).await;
+    drop(store);
+    writer.shutdown().await;
+
+    let mut conn = SqliteConnection::connect(&format!("sqlite://{}", dir.join("c.db").display())).await.expect("open");
+    for sql in ["DELETE FROM red_minutes", "DELETE FROM red_series", "UPDATE red_state SET spans_rowid = 0"] {
+        sqlx::query(sql).execute(&mut conn).await.expect(sql);
+    }
+    conn.close().await.expect("close");
+
+    let (store, writer) = Store::open(&cfg, Arc::new(Metrics::new())).await.expect("reopen");
+    let map = store.service_map(window_start, window_end).await.expect("map");
+    assert_eq!(map.nodes.iter().find(|n| n.id == "gateway").map(|n| n.stats.calls), Some(300), "every stored span counted again");
+    same_answers(&store, window_start, window_end).await;
+    drop(store);
+    writer.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test]
 async fn series_past_the_cap_count_in_overflow_series() {
     let dir = tempdir("cap");

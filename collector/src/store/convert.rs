@@ -197,7 +197,7 @@ pub fn traces(req: ExportTraceServiceRequest, dicts: &Dicts) -> Converted {
     }
     out.rows.operations = operations.into_iter().map(|(key, last_seen_ns)| OperationRow { key, last_seen_ns }).collect();
     if dicts.span_metrics {
-        out.rows.red = Box::new(red::RedBatch::of(&out.rows.spans));
+        out.rows.red = Box::new(red::RedBatch::of(out.rows.spans.iter().map(red::Facts::from)));
     }
     out.finish()
 }

@@ -223,7 +223,8 @@ impl Store {
         }
         let size_limit = cfg.max_db_size.map(|max| writer::SizeLimit::new(max, evicted.clone()));
         let pace = writer::Pace { max_batch_items: cfg.max_batch_items, prune_every: cfg.retention_check_interval, size_limit };
-        let writer = writer::Writer::new(conn, write_options, health.clone(), dicts.clone(), metrics.clone(), red, pace);
+        let mut writer = writer::Writer::new(conn, write_options, health.clone(), dicts.clone(), metrics.clone(), red, pace);
+        writer.recover_span_metrics().await?;
         let task = tokio::spawn(writer.run(rx));
         metrics.queue_capacity.set(cfg.queue_capacity as i64);
         let store = Store {

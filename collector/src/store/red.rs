@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value};
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 use sqlx::{Row, SqliteConnection};
 
 use super::dict::StringsSnapshot;
@@ -54,6 +54,11 @@ const MAX_PENDING: usize = 100_000;
 /// Aggregates of (series, minute) kept in memory at most (others are read back from the database
 /// when a span adds to them).
 const CACHED_MINUTES: usize = 20_000;
+
+/// Aggregates are written at most this often (with the transaction of the spans then), …
+const FLUSH_EVERY: Duration = Duration::from_secs(1);
+/// … or sooner once this many minutes of series wait.
+const FLUSH_PAST: usize = 20_000;
 
 /// Upper bounds (seconds) of the duration histogram on `/metrics`.
 pub const BOUNDS: [f64; 16] = [0.002, 0.004, 0.006, 0.008, 0.01, 0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.4, 2.0, 5.0, 10.0, 15.0];
@@ -463,19 +468,53 @@ pub struct RedBatch {
     orphans: Vec<(u64, Child)>,
 }
 
+/// What the span metrics need of a span (borrowed from a row being written, or read back).
+#[derive(Debug, Clone, Copy)]
+pub struct Facts<'a> {
+    pub trace: i64,
+    pub trace_id: [u8; 16],
+    pub span_id: i64,
+    pub parent_span_id: Option<i64>,
+    pub service: i64,
+    pub operation: i64,
+    pub kind: i32,
+    pub status_code: i32,
+    pub start_ns: i64,
+    pub duration_ns: i64,
+    pub peer: Option<&'a Peer>,
+}
+
+impl<'a> From<&'a SpanRow> for Facts<'a> {
+    fn from(s: &'a SpanRow) -> Self {
+        Facts {
+            trace: s.trace,
+            trace_id: s.trace_id,
+            span_id: s.span_id,
+            parent_span_id: s.parent_span_id,
+            service: s.service,
+            operation: s.operation,
+            kind: s.kind,
+            status_code: s.status_code,
+            start_ns: s.start_ns,
+            duration_ns: s.duration_ns,
+            peer: s.peer.as_ref(),
+        }
+    }
+}
+
 impl RedBatch {
     /// Aggregates the spans of one request.
-    pub fn of(spans: &[SpanRow]) -> Self {
-        let mut b = RedBatch { spans: spans.iter().map(|s| (span_key(s.trace, s.span_id), s.service)).collect(), ..Default::default() };
+    pub fn of<'a>(spans: impl IntoIterator<Item = Facts<'a>> + Clone) -> Self {
+        let mut b = RedBatch { spans: spans.clone().into_iter().map(|s| (span_key(s.trace, s.span_id), s.service)).collect(), ..Default::default() };
         let here: FxHashMap<u64, i64> = b.spans.iter().copied().collect();
         for s in spans {
             let error = s.status_code == STATUS_ERROR;
-            let facts = ExemplarSpan::of(s);
+            let facts = ExemplarSpan { trace_id: s.trace_id, span_id: s.span_id, start_ns: s.start_ns, duration_ns: s.duration_ns };
             let span =
                 SeriesKey::Span { service: s.service, operation: s.operation, span_kind: s.kind, status_code: s.status_code, root: s.parent_span_id.is_none() };
             b.adds.entry(span).or_default().add(&facts, error);
-            let via_broker = s.kind == SPAN_KIND_CONSUMER && s.peer.as_ref().is_some_and(|p| p.kind == NodeKind::Broker);
-            if let Some(peer) = &s.peer {
+            let via_broker = s.kind == SPAN_KIND_CONSUMER && s.peer.is_some_and(|p| p.kind == NodeKind::Broker);
+            if let Some(peer) = s.peer {
                 let key = if via_broker {
                     SeriesKey::Consumed { service: s.service, peer: peer.clone() }
                 } else {
@@ -490,7 +529,7 @@ impl RedBatch {
                         b.adds.entry(SeriesKey::Call { client, server: s.service, via_broker }).or_default().add(&facts, error)
                     }
                     Some(_) => {}
-                    None => b.orphans.push((key, Child { server: s.service, via_broker, error, row: facts })),
+                    None => b.orphans.push((key, Child { server: s.service, via_broker, error, row: facts, trace: s.trace, parent })),
                 }
             }
         }
@@ -505,6 +544,9 @@ struct Child {
     via_broker: bool,
     error: bool,
     row: ExemplarSpan,
+    /// Where its parent is: to look it up in the database when recovering.
+    trace: i64,
+    parent: i64,
 }
 
 /// What [`Totals`] and the minute aggregates need of a span.
@@ -516,12 +558,6 @@ struct ExemplarSpan {
     duration_ns: i64,
 }
 
-impl ExemplarSpan {
-    fn of(s: &SpanRow) -> Self {
-        Self { trace_id: s.trace_id, span_id: s.span_id, start_ns: s.start_ns, duration_ns: s.duration_ns }
-    }
-}
-
 fn span_key(trace: i64, span_id: i64) -> u64 {
     (trace as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29) ^ span_id as u64
 }
@@ -529,8 +565,10 @@ fn span_key(trace: i64, span_id: i64) -> u64 {
 /// What one batch adds; nothing is changed until [`SpanMetrics::apply`].
 #[derive(Default)]
 pub struct Prepared {
-    series_rows: Vec<SeriesRow>,
-    minute_rows: Vec<MinuteRow>,
+    /// (id, key, latest span start) of every series the batch adds to.
+    series: Vec<(i64, SeriesKey, i64)>,
+    /// Set when this transaction writes every aggregate changed since the last flush.
+    flushed: bool,
     new_series: Vec<(SeriesKey, i64)>,
     totals: Vec<(i64, SeriesKey, Totals)>,
     minutes: Vec<((i64, i64), Agg)>,
@@ -538,16 +576,6 @@ pub struct Prepared {
     new_pending: Vec<(u64, Child)>,
     resolved_pending: Vec<u64>,
     overflowed: u64,
-}
-
-impl Prepared {
-    pub fn series_rows(&mut self) -> Vec<SeriesRow> {
-        std::mem::take(&mut self.series_rows)
-    }
-
-    pub fn minute_rows(&mut self) -> Vec<MinuteRow> {
-        std::mem::take(&mut self.minute_rows)
-    }
 }
 
 /// Counters of what the span metrics could not attribute, for `/metrics`.
@@ -571,8 +599,12 @@ pub struct SpanMetrics {
     pending: FxHashMap<u64, Vec<Child>>,
     pending_order: VecDeque<(Instant, u64)>,
     pending_len: usize,
-    /// Aggregates of the latest minutes written, exactly as they are in the database.
+    /// Aggregates of the latest minutes written: as in the database, or newer for the dirty ones.
     minutes: FxHashMap<(i64, i64), Agg>,
+    /// Minutes and series changed since the last flush (their rows are not written yet).
+    dirty_minutes: FxHashSet<(i64, i64)>,
+    dirty_series: FxHashMap<i64, (SeriesKey, i64)>,
+    last_flush: Instant,
     exposed: SharedExposed,
     counters: Counters,
 }
@@ -598,6 +630,9 @@ impl SpanMetrics {
             pending_order: VecDeque::new(),
             pending_len: 0,
             minutes: FxHashMap::default(),
+            dirty_minutes: FxHashSet::default(),
+            dirty_series: FxHashMap::default(),
+            last_flush: Instant::now(),
             exposed,
             counters,
         })
@@ -705,13 +740,35 @@ impl SpanMetrics {
                     None => read_minute(conn, id, minute).await?,
                 };
                 merged.merge(&agg);
-                p.minute_rows.push(MinuteRow { series: id, minute, agg: merged.clone() });
                 p.minutes.push(((id, minute), merged));
             }
-            p.series_rows.push(SeriesRow { id, key: key.clone(), last_seen_ns: last_seen });
+            p.series.push((id, key.clone(), last_seen));
             p.totals.push((id, key, totals));
         }
         Ok(p)
+    }
+
+    /// The rows to write with this transaction when a flush is due (a second since the last one,
+    /// many aggregates waiting, or `force`): every aggregate changed since the last flush and by
+    /// this batch. The transaction also moves `red_state` to the spans it commits.
+    pub fn rows_to_flush(&self, p: &mut Prepared, force: bool) -> Option<(Vec<SeriesRow>, Vec<MinuteRow>)> {
+        let due = force || self.last_flush.elapsed() >= FLUSH_EVERY || self.dirty_minutes.len() >= FLUSH_PAST;
+        if !due {
+            return None;
+        }
+        p.flushed = true;
+        let mut series: BTreeMap<i64, (SeriesKey, i64)> = self.dirty_series.iter().map(|(&id, (k, t))| (id, (k.clone(), *t))).collect();
+        for (id, key, last_seen) in &p.series {
+            let e = series.entry(*id).or_insert_with(|| (key.clone(), *last_seen));
+            e.1 = e.1.max(*last_seen);
+        }
+        let mut minutes: BTreeMap<(i64, i64), &Agg> = self.dirty_minutes.iter().filter_map(|k| Some((*k, self.minutes.get(k)?))).collect();
+        for (k, agg) in &p.minutes {
+            minutes.insert(*k, agg);
+        }
+        let series = series.into_iter().map(|(id, (key, last_seen_ns))| SeriesRow { id, key, last_seen_ns }).collect();
+        let minutes = minutes.into_iter().map(|((series, minute), agg)| MinuteRow { series, minute, agg: agg.clone() }).collect();
+        Some((series, minutes))
     }
 
     /// Takes in a committed batch.
@@ -720,23 +777,37 @@ impl SpanMetrics {
             self.ids.insert(key, (id, 0));
             self.next_id = self.next_id.max(id + 1);
         }
-        for row in &p.series_rows {
-            if let Some(e) = self.ids.get_mut(&row.key) {
-                e.1 = e.1.max(row.last_seen_ns);
+        for (id, key, last_seen) in p.series {
+            if let Some(e) = self.ids.get_mut(&key) {
+                e.1 = e.1.max(last_seen);
             }
+            if !p.flushed {
+                let d = self.dirty_series.entry(id).or_insert((key, last_seen));
+                d.1 = d.1.max(last_seen);
+            }
+        }
+        if p.flushed {
+            self.dirty_series.clear();
+            self.dirty_minutes.clear();
+            self.last_flush = Instant::now();
         }
         self.counters.series.set(self.ids.len() as i64);
         self.counters.overflow.inc_by(p.overflowed);
         // The latest minutes written stay in memory, up to a bound: past it the older half goes
         // (any minute not in memory is read back from the database when a span adds to it).
+        // Aggregates not yet written stay until the next flush.
         for (key, agg) in p.minutes {
+            if !p.flushed {
+                self.dirty_minutes.insert(key);
+            }
             self.minutes.insert(key, agg);
         }
         if self.minutes.len() > CACHED_MINUTES {
             let mut minutes: Vec<i64> = self.minutes.keys().map(|&(_, m)| m).collect();
             let middle = minutes.len() / 2;
             let (_, &mut cut, _) = minutes.select_nth_unstable(middle);
-            self.minutes.retain(|&(_, m), _| m > cut);
+            let dirty = &self.dirty_minutes;
+            self.minutes.retain(|k, _| k.1 > cut || dirty.contains(k));
         }
         {
             let mut exposed = self.exposed.lock().unwrap_or_else(PoisonError::into_inner);
@@ -779,6 +850,7 @@ impl SpanMetrics {
     pub fn forget_minutes_before(&mut self, cutoff_ns: i64) {
         let minute = cutoff_ns.div_euclid(MINUTE_NS);
         self.minutes.retain(|&(_, m), _| m >= minute);
+        self.dirty_minutes.retain(|&(_, m)| m >= minute);
     }
 
     /// Forgets series last seen before `cutoff_ns` and the aggregates of minutes before it
@@ -787,6 +859,7 @@ impl SpanMetrics {
         let minute = cutoff_ns.div_euclid(MINUTE_NS);
         let cutoff_ns = minute * MINUTE_NS;
         self.minutes.retain(|&(_, m), _| m >= minute);
+        self.dirty_minutes.retain(|&(_, m)| m >= minute);
         let gone: Vec<i64> = self.ids.values().filter(|&&(_, seen)| seen < cutoff_ns).map(|&(id, _)| id).collect();
         self.ids.retain(|_, &mut (_, seen)| seen >= cutoff_ns);
         let mut exposed = self.exposed.lock().unwrap_or_else(PoisonError::into_inner);
@@ -794,6 +867,95 @@ impl SpanMetrics {
             exposed.series.remove(&id);
         }
         self.counters.series.set(self.ids.len() as i64);
+    }
+}
+
+/// Spans read back from the table to be counted again, with the peers their facts borrow.
+struct StoredSpan {
+    facts: Facts<'static>,
+    peer: Option<Peer>,
+}
+
+impl SpanMetrics {
+    /// The spans the aggregates do not cover: rowids after `red_state`'s up to the last one now
+    /// (none when span metrics are off).
+    pub async fn recovery_range(&self, conn: &mut SqliteConnection) -> Result<Option<(i64, i64)>, sqlx::Error> {
+        if self.max_series == 0 {
+            return Ok(None);
+        }
+        let after: i64 = sqlx::query("SELECT spans_rowid FROM red_state WHERE id = 1").fetch_one(&mut *conn).await?.try_get(0)?;
+        let last: i64 = sqlx::query("SELECT COALESCE(max(rowid), 0) FROM spans").fetch_one(&mut *conn).await?.try_get(0)?;
+        Ok((last > after).then_some((after, last)))
+    }
+
+    /// The next stored spans after rowid `after` (up to `last`), aggregated as one request: calls
+    /// whose parent is elsewhere are looked up in the database. Returns the batch and the last
+    /// rowid it covers.
+    pub async fn recovery_chunk(
+        &self,
+        conn: &mut SqliteConnection,
+        after: i64,
+        last: i64,
+        names: &StringsSnapshot,
+        other_operations: i64,
+    ) -> Result<Option<(RedBatch, i64)>, crate::store::StoreError> {
+        let rows = sqlx::query(
+            "SELECT s.rowid, s.trace, t.trace_id, s.span_id, s.parent_span_id, s.service, s.name, s.kind, s.start_ns, s.duration_ns, \
+             s.status_code, CASE WHEN s.kind IN (3, 4, 5) THEN s.attributes END FROM spans s JOIN traces t ON t.id = s.trace \
+             WHERE s.rowid > ? AND s.rowid <= ? ORDER BY s.rowid LIMIT 20000",
+        )
+        .bind(after)
+        .bind(last)
+        .fetch_all(&mut *conn)
+        .await?;
+        let Some(end) = rows.last().map(|r| r.try_get::<i64, _>(0)).transpose()? else { return Ok(None) };
+        let mut spans = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let kind: i32 = r.try_get(7)?;
+            let peer = match r.try_get::<Option<Vec<u8>>, _>(11)? {
+                Some(attrs) => peer(kind, &super::codec::decode_attributes(&attrs, names)?),
+                None => None,
+            };
+            let trace_id: Vec<u8> = r.try_get(2)?;
+            spans.push(StoredSpan {
+                facts: Facts {
+                    trace: r.try_get(1)?,
+                    trace_id: trace_id.try_into().unwrap_or([0; 16]),
+                    span_id: r.try_get(3)?,
+                    parent_span_id: r.try_get(4)?,
+                    service: r.try_get(5)?,
+                    operation: match super::read::stored_name(r, 6)? {
+                        super::rows::SpanName::Id(id) => id,
+                        super::rows::SpanName::Inline(_) => other_operations,
+                    },
+                    kind,
+                    status_code: r.try_get(10)?,
+                    start_ns: r.try_get(8)?,
+                    duration_ns: r.try_get(9)?,
+                    peer: None,
+                },
+                peer,
+            });
+        }
+        let mut batch = RedBatch::of(spans.iter().map(|s| Facts { peer: s.peer.as_ref(), ..s.facts }));
+        // Parents in other chunks, or written before: the database has them.
+        let mut waiting = Vec::new();
+        for (key, c) in std::mem::take(&mut batch.orphans) {
+            let parent: Option<i64> = sqlx::query_scalar("SELECT service FROM spans WHERE trace = ? AND span_id = ? LIMIT 1")
+                .bind(c.trace)
+                .bind(c.parent)
+                .fetch_optional(&mut *conn)
+                .await?;
+            match parent {
+                Some(client) if client != c.server => {
+                    batch.adds.entry(SeriesKey::Call { client, server: c.server, via_broker: c.via_broker }).or_default().add(&c.row, c.error)
+                }
+                Some(_) => {}
+                None => waiting.push((key, c)),
+            }
+        }
+        batch.orphans = waiting;
+        Ok(Some((batch, end)))
     }
 }
 

@@ -115,6 +115,35 @@ impl Writer {
         }
     }
 
+    /// Counts into the span metrics the spans stored after their last flush (written in the
+    /// second before a crash, or before span metrics existed), in chunks, before the writer
+    /// takes exports: the aggregates then cover every stored span again.
+    pub async fn recover_span_metrics(&mut self) -> Result<(), StoreError> {
+        let conn = Self::connection(&mut self.conn, &self.options).await?;
+        let Some((first, last)) = self.red.recovery_range(conn).await? else { return Ok(()) };
+        let other = self.dicts.strings.find(super::rows::OTHER_OPERATIONS).unwrap_or(0);
+        let started = Instant::now();
+        let mut after = first;
+        while after < last {
+            let names = self.dicts.strings.snapshot();
+            let conn = Self::connection(&mut self.conn, &self.options).await?;
+            let Some((batch, end)) = self.red.recovery_chunk(conn, after, last, &names, other).await? else { break };
+            let mut tx = conn.begin().await?;
+            let mut p = self.red.prepare(vec![batch], &mut tx).await?;
+            if let Some((series_rows, minute_rows)) = self.red.rows_to_flush(&mut p, true) {
+                insert(&mut self.sql, &mut tx, series_rows).await?;
+                insert(&mut self.sql, &mut tx, minute_rows).await?;
+            }
+            sqlx::query("UPDATE red_state SET spans_rowid = ? WHERE id = 1").bind(end).execute(&mut *tx).await?;
+            tx.commit().await?;
+            self.red.apply(p);
+            after = end;
+            tracing::info!(counted = after - first, of = last - first, "counting stored spans into the span metrics");
+        }
+        tracing::info!(spans = last - first, secs = started.elapsed().as_secs_f64(), "span metrics cover every stored span");
+        Ok(())
+    }
+
     /// Runs until every sender is gone and the queue is drained, then closes the connection.
     ///
     /// A retention pass takes a step whenever the queue is empty, and between transactions when
@@ -158,9 +187,13 @@ impl Writer {
                     next = rx.try_recv().ok();
                 }
             }
-            if !group.is_empty() {
+            // Span-metric aggregates are written with the transaction when nothing else waits
+            // (so queries see them as soon as an export is answered), under load at most once a
+            // second, and with the last transaction.
+            if !group.is_empty() || stop {
                 self.make_room(group.iter().map(|(rows, _, _)| rows.approx_bytes()).sum()).await;
-                self.commit(group, items).await;
+                let flush = stop || rx.is_empty();
+                self.commit(group, items, flush).await;
             }
             if stop {
                 break;
@@ -181,7 +214,9 @@ impl Writer {
         }
     }
 
-    async fn commit(&mut self, group: Vec<Pending>, items: usize) {
+    /// Writes the group in one transaction; with `flush`, also every span-metric aggregate
+    /// changed since the last flush.
+    async fn commit(&mut self, group: Vec<Pending>, items: usize, flush: bool) {
         let started = Instant::now();
         let d = &self.dicts;
         let strings = d.strings.take_pending();
@@ -217,12 +252,12 @@ impl Writer {
         }
         let operations: Vec<OperationRow> = operations.into_iter().map(|(key, last_seen_ns)| OperationRow { key, last_seen_ns }).collect();
 
-        let (sql, options, red) = (&mut self.sql, &self.options, &self.red);
+        let (sql, options, span_metrics) = (&mut self.sql, &self.options, &self.red);
         let result: Result<Prepared, sqlx::Error> = async {
             let conn = Self::connection(&mut self.conn, options).await?;
             let mut tx = conn.begin().await?;
             // Read before anything is written: the minutes it reads back are as committed.
-            let mut red = red.prepare(std::mem::take(&mut reds), &mut tx).await?;
+            let mut red = span_metrics.prepare(std::mem::take(&mut reds), &mut tx).await?;
             insert(sql, &mut tx, strings.clone()).await?;
             insert(sql, &mut tx, resources.clone()).await?;
             insert(sql, &mut tx, scopes.clone()).await?;
@@ -233,8 +268,11 @@ impl Writer {
             insert(sql, &mut tx, all.spans).await?;
             insert(sql, &mut tx, all.points).await?;
             insert(sql, &mut tx, all.logs).await?;
-            insert(sql, &mut tx, red.series_rows()).await?;
-            insert(sql, &mut tx, red.minute_rows()).await?;
+            if let Some((series_rows, minute_rows)) = span_metrics.rows_to_flush(&mut red, flush) {
+                insert(sql, &mut tx, series_rows).await?;
+                insert(sql, &mut tx, minute_rows).await?;
+                sqlx::query("UPDATE red_state SET spans_rowid = (SELECT COALESCE(max(rowid), 0) FROM spans) WHERE id = 1").execute(&mut *tx).await?;
+            }
             tx.commit().await?;
             Ok(red)
         }
@@ -243,8 +281,10 @@ impl Writer {
         let outcome = match result {
             Ok(red) => {
                 self.red.apply(red);
-                self.metrics.write_batch_items.observe(items as f64);
-                self.metrics.write_batch_requests.observe(n_requests as f64);
+                if items > 0 {
+                    self.metrics.write_batch_items.observe(items as f64);
+                    self.metrics.write_batch_requests.observe(n_requests as f64);
+                }
                 self.metrics.commit_duration.observe(started.elapsed().as_secs_f64());
                 self.health.set_problem(None);
                 Ok(())

@@ -65,7 +65,7 @@ const SPAN_COLUMNS: &str = "t.trace_id, s.span_id, s.parent_span_id, s.service, 
      s.events, s.links, s.dropped_attributes_count, s.dropped_events_count, s.dropped_links_count";
 
 /// `spans.name` at column `i`: an id, or a name stored inline (a BLOB).
-fn stored_name(r: &sqlx::sqlite::SqliteRow, i: usize) -> Result<SpanName, sqlx::Error> {
+pub(crate) fn stored_name(r: &sqlx::sqlite::SqliteRow, i: usize) -> Result<SpanName, sqlx::Error> {
     let inline = {
         let raw = r.try_get_raw(i)?;
         raw.type_info().name() == "BLOB"
