@@ -148,6 +148,8 @@ pub struct Store {
     pub span_metrics: red::SharedExposed,
     /// False with `--no-span-metrics`: the map and stats rescan the spans.
     pub(crate) span_metrics_kept: bool,
+    /// Set while span-metric aggregates wait in the writer's memory.
+    span_metrics_unwritten: Arc<std::sync::atomic::AtomicBool>,
     /// What `--max-db-size` has evicted (since the database was created).
     pub evicted: writer::SharedEvicted,
     pub max_db_size: Option<u64>,
@@ -208,7 +210,8 @@ impl Store {
         let dicts = Arc::new(dicts);
         let span_metrics = red::SharedExposed::default();
         let max_series = if cfg.span_metrics { cfg.span_metrics_max_series } else { 0 };
-        let red = red::SpanMetrics::load(&mut conn, max_series, span_metrics.clone(), red::Counters::of(&metrics)).await?;
+        let unwritten = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let red = red::SpanMetrics::load(&mut conn, max_series, span_metrics.clone(), unwritten.clone(), red::Counters::of(&metrics)).await?;
 
         // Readers get a smaller page cache than the writer: four of them reading large traces at
         // once would otherwise hold 256 MiB of cache between them.
@@ -239,10 +242,23 @@ impl Store {
             health,
             span_metrics,
             span_metrics_kept: cfg.span_metrics,
+            span_metrics_unwritten: unwritten,
             evicted,
             max_db_size: cfg.max_db_size,
         };
         Ok((store, WriterHandle { tx, task }))
+    }
+
+    /// Has the writer write the span metrics' aggregates it holds, if any, before a query reads
+    /// them (under load it writes them at most once a second).
+    pub(crate) async fn settle_span_metrics(&self) {
+        if !self.span_metrics_unwritten.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
+        let (done, written) = oneshot::channel();
+        if self.tx.send(Command::FlushSpanMetrics { done }).is_ok() {
+            let _ = written.await;
+        }
     }
 
     /// Writes the span-derived metrics (totals since start) for `/metrics`.

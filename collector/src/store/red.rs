@@ -25,6 +25,7 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -605,13 +606,21 @@ pub struct SpanMetrics {
     dirty_minutes: FxHashSet<(i64, i64)>,
     dirty_series: FxHashMap<i64, (SeriesKey, i64)>,
     last_flush: Instant,
+    /// Set while aggregates wait to be written (shared with the readers, which ask for a flush).
+    unwritten: Arc<AtomicBool>,
     exposed: SharedExposed,
     counters: Counters,
 }
 
 impl SpanMetrics {
     /// Loads the series already in the database (id, key, last seen).
-    pub async fn load(conn: &mut SqliteConnection, max_series: usize, exposed: SharedExposed, counters: Counters) -> Result<Self, sqlx::Error> {
+    pub async fn load(
+        conn: &mut SqliteConnection,
+        max_series: usize,
+        exposed: SharedExposed,
+        unwritten: Arc<AtomicBool>,
+        counters: Counters,
+    ) -> Result<Self, sqlx::Error> {
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT id, last_seen_ns, {SERIES_COLUMNS} FROM red_series"))).fetch_all(&mut *conn).await?;
         let mut ids = HashMap::with_capacity(rows.len());
         let mut next_id = 1;
@@ -633,6 +642,7 @@ impl SpanMetrics {
             dirty_minutes: FxHashSet::default(),
             dirty_series: FxHashMap::default(),
             last_flush: Instant::now(),
+            unwritten,
             exposed,
             counters,
         })
@@ -732,12 +742,16 @@ impl SpanMetrics {
         }
         p.new_series = new_ids.into_iter().collect();
 
+        // Minutes not in memory are read back, all in one query.
+        let missing: Vec<(i64, i64)> =
+            by_id.iter().flat_map(|(&id, (_, d))| d.minutes.iter().map(move |&(m, _)| (id, m))).filter(|k| !self.minutes.contains_key(k)).collect();
+        let mut stored = read_minutes(conn, &missing).await?;
         for (id, (key, delta)) in by_id {
             let SeriesDelta { minutes, totals, last_seen } = delta;
             for (minute, agg) in minutes {
                 let mut merged = match self.minutes.get(&(id, minute)) {
                     Some(a) => a.clone(),
-                    None => read_minute(conn, id, minute).await?,
+                    None => stored.remove(&(id, minute)).unwrap_or_default(),
                 };
                 merged.merge(&agg);
                 p.minutes.push(((id, minute), merged));
@@ -791,6 +805,7 @@ impl SpanMetrics {
             self.dirty_minutes.clear();
             self.last_flush = Instant::now();
         }
+        self.unwritten.store(!self.dirty_minutes.is_empty() || (!p.flushed && !p.minutes.is_empty()), std::sync::atomic::Ordering::Release);
         self.counters.series.set(self.ids.len() as i64);
         self.counters.overflow.inc_by(p.overflowed);
         // The latest minutes written stay in memory, up to a bound: past it the older half goes
@@ -959,18 +974,26 @@ impl SpanMetrics {
     }
 }
 
-async fn read_minute(conn: &mut SqliteConnection, series: i64, minute: i64) -> Result<Agg, sqlx::Error> {
-    let row = sqlx::query("SELECT calls, errors, duration_sum_ns, sketch FROM red_minutes WHERE series = ? AND minute = ?")
-        .bind(series)
-        .bind(minute)
-        .fetch_optional(&mut *conn)
-        .await?;
-    let Some(r) = row else { return Ok(Agg::default()) };
-    let sketch: Vec<u8> = r.try_get(3)?;
-    Ok(Agg {
-        calls: r.try_get::<i64, _>(0)? as u64,
-        errors: r.try_get::<i64, _>(1)? as u64,
-        duration_sum_ns: r.try_get::<i64, _>(2)? as u64,
-        sketch: Sketch::decode(&sketch).unwrap_or_default(),
-    })
+/// The stored aggregates of these (series, minute) pairs (those that have one).
+async fn read_minutes(conn: &mut SqliteConnection, keys: &[(i64, i64)]) -> Result<FxHashMap<(i64, i64), Agg>, sqlx::Error> {
+    let mut out = FxHashMap::default();
+    for chunk in keys.chunks(400) {
+        let pairs = vec!["(?, ?)"; chunk.len()].join(", ");
+        let sql = format!("SELECT series, minute, calls, errors, duration_sum_ns, sketch FROM red_minutes WHERE (series, minute) IN (VALUES {pairs})");
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for &(series, minute) in chunk {
+            q = q.bind(series).bind(minute);
+        }
+        for r in q.fetch_all(&mut *conn).await? {
+            let sketch: Vec<u8> = r.try_get(5)?;
+            let agg = Agg {
+                calls: r.try_get::<i64, _>(2)? as u64,
+                errors: r.try_get::<i64, _>(3)? as u64,
+                duration_sum_ns: r.try_get::<i64, _>(4)? as u64,
+                sketch: Sketch::decode(&sketch).unwrap_or_default(),
+            };
+            out.insert((r.try_get(0)?, r.try_get(1)?), agg);
+        }
+    }
+    Ok(out)
 }

@@ -36,6 +36,10 @@ pub enum Command {
     Prune {
         cutoff_ns: i64,
     },
+    /// Write the span metrics' aggregates still in memory (a query is about to read them).
+    FlushSpanMetrics {
+        done: oneshot::Sender<()>,
+    },
     /// Write what was queued before, then stop.
     Shutdown,
 }
@@ -173,6 +177,7 @@ impl Writer {
             let mut group: Vec<Pending> = Vec::new();
             let mut items = 0;
             let mut stop = false;
+            let mut flushed = Vec::new();
             let mut next = Some(first);
             while let Some(cmd) = next.take() {
                 match cmd {
@@ -181,19 +186,22 @@ impl Writer {
                         group.push((rows, permit, ack));
                     }
                     Command::Prune { cutoff_ns } => self.start_prune(cutoff_ns),
+                    Command::FlushSpanMetrics { done } => flushed.push(done),
                     Command::Shutdown => stop = true,
                 }
                 if items < self.max_batch_items && !stop {
                     next = rx.try_recv().ok();
                 }
             }
-            // Span-metric aggregates are written with the transaction when nothing else waits
-            // (so queries see them as soon as an export is answered), under load at most once a
-            // second, and with the last transaction.
-            if !group.is_empty() || stop {
+            // Span-metric aggregates are written with a transaction at most once a second, when a
+            // query is about to read them, and with the last transaction.
+            if !group.is_empty() || stop || !flushed.is_empty() {
                 self.make_room(group.iter().map(|(rows, _, _)| rows.approx_bytes()).sum()).await;
-                let flush = stop || rx.is_empty();
+                let flush = stop || !flushed.is_empty();
                 self.commit(group, items, flush).await;
+            }
+            for done in flushed {
+                let _ = done.send(());
             }
             if stop {
                 break;
@@ -499,7 +507,7 @@ mod tests {
         let dicts: Arc<Dicts> = Arc::new(load_dicts(&mut conn, 1000).await.expect("dicts"));
         let metrics = Arc::new(Metrics::new());
         // Due at every turn, so the test does not depend on how long steps take.
-        let red = SpanMetrics::load(&mut conn, 100, Default::default(), Counters::of(&metrics)).await.expect("span metrics");
+        let red = SpanMetrics::load(&mut conn, 100, Default::default(), Default::default(), Counters::of(&metrics)).await.expect("span metrics");
         let pace = Pace { max_batch_items: 1, prune_every: Duration::ZERO, size_limit: None };
         let writer = Writer::new(conn, connect_options(&path), Arc::default(), dicts.clone(), metrics.clone(), red, pace);
 
@@ -557,7 +565,7 @@ mod tests {
         let mut conn = SqliteConnection::connect_with(&options).await.expect("open limited");
         let metrics = Arc::new(Metrics::new());
         let health = Arc::new(crate::store::Health::default());
-        let red = SpanMetrics::load(&mut conn, 100, Default::default(), Counters::of(&metrics)).await.expect("span metrics");
+        let red = SpanMetrics::load(&mut conn, 100, Default::default(), Default::default(), Counters::of(&metrics)).await.expect("span metrics");
         let pace = Pace { max_batch_items: 1 << 20, prune_every: Duration::from_secs(3600), size_limit: None };
         let writer = Writer::new(conn, options, health.clone(), dicts.clone(), metrics.clone(), red, pace);
         let (tx, rx) = mpsc::unbounded_channel();

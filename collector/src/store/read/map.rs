@@ -344,6 +344,7 @@ enum Series {
 impl Store {
     /// Every series with data in the minutes the window touches, with its aggregates merged.
     async fn red_window(&self, start_ns: i64, end_ns: i64, which: Series) -> Result<Vec<(SeriesKey, Agg)>, StoreError> {
+        self.settle_span_metrics().await;
         let (first, last) = (start_ns.div_euclid(MINUTE_NS), end_ns.div_euclid(MINUTE_NS));
         // The series are the outer loop (CROSS JOIN keeps that order): one seek per series into
         // the minutes' primary key.
