@@ -131,6 +131,37 @@ impl Sketch {
     }
 }
 
+/// Buckets a sketch can have: index 0 for zero, then 8 per doubling of a u64.
+const BUCKETS: usize = 8 * 64 + 2;
+
+/// A sketch being summed from many stored ones: a count per possible bucket, so adding an encoded
+/// sketch allocates nothing.
+pub struct Dense(Box<[u64; BUCKETS]>);
+
+impl Default for Dense {
+    fn default() -> Self {
+        Self(Box::new([0; BUCKETS]))
+    }
+}
+
+impl Dense {
+    /// Adds a sketch as [`Sketch::encode`] wrote it; `None` for a blob it did not write.
+    pub fn add_encoded(&mut self, mut b: &[u8]) -> Option<()> {
+        let n = get_varint(&mut b)?;
+        let mut index: u64 = 0;
+        for _ in 0..n {
+            index += get_varint(&mut b)?;
+            let count = get_varint(&mut b)?;
+            *self.0.get_mut(usize::try_from(index).ok()?)? += count;
+        }
+        b.is_empty().then_some(())
+    }
+
+    pub fn into_sketch(self) -> Sketch {
+        Sketch { buckets: self.0.iter().enumerate().filter(|&(_, &c)| c > 0).map(|(i, &c)| (i as u16, c)).collect() }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,6 +193,10 @@ mod tests {
             b.add(v);
             all.add(v);
         }
+        let mut dense = Dense::default();
+        dense.add_encoded(&a.encode()).expect("decodes");
+        dense.add_encoded(&b.encode()).expect("decodes");
+        assert_eq!(dense.into_sketch(), all);
         a.merge(&b);
         assert_eq!(a, all);
         assert_eq!(Sketch::decode(&all.encode()), Some(all.clone()));

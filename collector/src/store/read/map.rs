@@ -15,7 +15,7 @@ use crate::store::codec::decode_attributes;
 pub use crate::store::red::NodeKind;
 use crate::store::red::{self, Agg, MINUTE_NS, SERIES_COLUMNS, SeriesKey};
 use crate::store::rows::{OTHER_OPERATIONS, SpanName};
-use crate::store::sketch::Sketch;
+use crate::store::sketch::Dense;
 use crate::store::{Store, StoreError};
 
 /// Spans a computation over a whole window (dependencies, service map, operation stats) reads at most.
@@ -362,24 +362,24 @@ impl Store {
             q = q.bind(service);
         }
         let mut rows = q.fetch(&self.read);
-        let mut out: HashMap<i64, (SeriesKey, Agg)> = HashMap::new();
+        // Per series: its key, calls, errors, duration sum, and the sketches summed.
+        let mut out: HashMap<i64, (SeriesKey, u64, u64, u64, Dense)> = HashMap::new();
         while let Some(r) = rows.try_next().await? {
             let id: i64 = r.try_get(0)?;
-            let blob: Vec<u8> = r.try_get(4)?;
-            let agg = Agg {
-                calls: r.try_get::<i64, _>(1)? as u64,
-                errors: r.try_get::<i64, _>(2)? as u64,
-                duration_sum_ns: r.try_get::<i64, _>(3)? as u64,
-                sketch: Sketch::decode(&blob).ok_or(crate::store::codec::CodecError::Truncated)?,
+            let e = match out.entry(id) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => e.insert((SeriesKey::from_row(&r, 5)?, 0, 0, 0, Dense::default())),
             };
-            match out.entry(id) {
-                std::collections::hash_map::Entry::Occupied(mut e) => e.get_mut().1.merge(&agg),
-                std::collections::hash_map::Entry::Vacant(e) => {
-                    e.insert((SeriesKey::from_row(&r, 5)?, agg));
-                }
-            }
+            e.1 += r.try_get::<i64, _>(1)? as u64;
+            e.2 += r.try_get::<i64, _>(2)? as u64;
+            e.3 = e.3.saturating_add(r.try_get::<i64, _>(3)? as u64);
+            let blob: &[u8] = r.try_get(4)?;
+            e.4.add_encoded(blob).ok_or(crate::store::codec::CodecError::Truncated)?;
         }
-        Ok(out.into_values().collect())
+        Ok(out
+            .into_values()
+            .map(|(key, calls, errors, duration_sum_ns, dense)| (key, Agg { calls, errors, duration_sum_ns, sketch: dense.into_sketch() }))
+            .collect())
     }
 
     /// Calls between services in the minutes the window touches: an edge for every span whose
