@@ -209,3 +209,31 @@ def test_registry_proxy_answers_502_when_the_registry_is_away(make_collector):
     assert body["param"] is None
     prefix = f"the registry at http://127.0.0.1:{port} is unreachable: "
     assert body["error"].startswith(prefix) and "refused" in body["error"][len(prefix):].lower(), body
+
+
+def test_red_series_over_time(collector):
+    """Rate, errors and percentiles per minute from the span metrics, for the service page's charts."""
+    base = time.time_ns() - 60 * 10**9
+    emit_shop_traces(collector, base)
+    r = collector.api("/api/v1/services/users/red", lookback="1h")
+    assert (r["service"], r["counted"], r["stepSeconds"]) == ("users", "server", 60)
+    points = r["points"]
+    assert len(points) == 61 and all(int(b["timeUnixNano"]) - int(a["timeUnixNano"]) == 60 * 10**9 for a, b in zip(points, points[1:]))
+    busy = [p for p in points if p["calls"]]
+    assert sum(p["calls"] for p in points) == 3 and sum(p["errors"] for p in points) == 1  # the old trace is 30 minutes back
+    # The two recent GET /me spans (34 and 76 ms, the slower one failed), in one minute or two.
+    recent = [p for p in busy if int(p["timeUnixNano"]) > base - 120 * 10**9]
+    assert sum(p["calls"] for p in recent) == 2 and sum(p["errors"] for p in recent) == 1
+    for p in recent:
+        want = {2: (34, 76), 1: (p["p99Nanos"] / MS, p["p99Nanos"] / MS)}[p["calls"]]
+        assert (p["p50Nanos"], p["p99Nanos"]) == (pytest.approx(want[0] * MS, rel=SKETCH_ERROR), pytest.approx(want[1] * MS, rel=SKETCH_ERROR))
+        assert p["ratePerSecond"] == p["calls"] / 60 and p["errorRate"] == p["errors"] / p["calls"]
+    # A service without SERVER spans counts its root spans; one operation can be asked for.
+    assert collector.api("/api/v1/services/loadgen/red", lookback="1h")["counted"] == "root"
+    op = collector.api("/api/v1/services/users/red", lookback="1h", operation="SELECT users")
+    assert op["counted"] == "operation" and sum(p["calls"] for p in op["points"]) == 3
+    assert sum(p["calls"] for p in collector.api("/api/v1/services/users/red", lookback="1h", step="5m")["points"]) == 3
+    assert all(p["calls"] == 0 for p in collector.api("/api/v1/services/nobody/red")["points"])
+    for step in ("90s", "0s", "soon"):
+        bad = collector.get("/api/v1/services/users/red", step=step)
+        assert bad.status_code == 400 and bad.json()["param"] == "step", bad.text

@@ -37,6 +37,7 @@ pub fn router() -> Router<Store> {
         .route("/api/v1/services", get(services))
         .route("/api/v1/services/{service}/operations", get(operations))
         .route("/api/v1/services/{service}/stats", get(service_stats))
+        .route("/api/v1/services/{service}/red", get(service_red))
         .route("/api/v1/service-map", get(service_map))
         .route("/api/v1/traces", get(search))
         .route("/api/v1/traces/{trace_id}", get(trace))
@@ -409,6 +410,46 @@ async fn service_stats(State(store): State<Store>, Path(service): Path<String>, 
     Ok(Json(json!({
         "service": service, "startTimeUnixNano": start.to_string(), "endTimeUnixNano": end.to_string(),
         "windowSeconds": window_s, "operations": ops,
+    })))
+}
+
+/// Points a RED series answers at most; the step grows (in whole minutes) to stay under it.
+const MAX_RED_POINTS: i64 = 240;
+
+/// Rate, errors and percentiles of a service (or of one of its operations) over time, from the
+/// span metrics: `step` (whole minutes; by default the smallest that gives at most 240 points).
+async fn service_red(State(store): State<Store>, Path(service): Path<String>, RawQuery(q): RawQuery) -> ApiResult {
+    let p = Params::parse(q.as_deref());
+    let (start, end) = p.window(STATS_LOOKBACK_NS)?;
+    let minute = 60 * 1_000_000_000i64;
+    let minutes = end.div_euclid(minute) - start.div_euclid(minute) + 1;
+    let step = match p.duration_ns("step")? {
+        Some(s) if s <= 0 || s % minute != 0 => {
+            return Err(ApiError::bad("step", format!("must be a whole number of minutes, e.g. 1m or 5m, got {}", p.get("step").unwrap_or(""))));
+        }
+        Some(s) if minutes / (s / minute) > MAX_RED_POINTS * 4 => {
+            return Err(ApiError::bad("step", format!("would give more than {} points over this window", MAX_RED_POINTS * 4)));
+        }
+        Some(s) => s / minute,
+        None => (minutes + MAX_RED_POINTS - 1) / MAX_RED_POINTS,
+    };
+    let operation = p.get("operation").filter(|o| !o.is_empty());
+    let (points, counted) = store.red_series(&service, operation, start, end, step).await?;
+    let step_s = (step * 60) as f64;
+    let points: Vec<Value> = points
+        .iter()
+        .map(|pt| {
+            json!({
+                "timeUnixNano": pt.time_ns.to_string(), "calls": pt.calls, "errors": pt.errors,
+                "ratePerSecond": pt.calls as f64 / step_s,
+                "errorRate": if pt.calls > 0 { pt.errors as f64 / pt.calls as f64 } else { 0.0 },
+                "p50Nanos": pt.p50_ns, "p95Nanos": pt.p95_ns, "p99Nanos": pt.p99_ns,
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "service": service, "operation": operation, "counted": counted,
+        "startTimeUnixNano": start.to_string(), "endTimeUnixNano": end.to_string(), "stepSeconds": step * 60, "points": points,
     })))
 }
 

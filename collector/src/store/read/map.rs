@@ -486,6 +486,96 @@ impl Store {
     }
 }
 
+/// One step of a service's RED series.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RedPoint {
+    /// Start of the step (Unix ns, a whole minute).
+    pub time_ns: i64,
+    pub calls: u64,
+    pub errors: u64,
+    pub p50_ns: u64,
+    pub p95_ns: u64,
+    pub p99_ns: u64,
+}
+
+impl Store {
+    /// Rate, errors and duration of a service over time, one point per `step_minutes` from the
+    /// minute of `start_ns` through that of `end_ns` (steps without spans have zeros): its SERVER
+    /// and CONSUMER spans, else its root spans, as on the map; with `operation`, every span of
+    /// that name instead. Also says which spans it counted (`"server"`, `"root"` or `"operation"`).
+    pub async fn red_series(
+        &self,
+        service: &str,
+        operation: Option<&str>,
+        start_ns: i64,
+        end_ns: i64,
+        step_minutes: i64,
+    ) -> Result<(Vec<RedPoint>, &'static str), StoreError> {
+        let (first, last) = (start_ns.div_euclid(MINUTE_NS), end_ns.div_euclid(MINUTE_NS));
+        let step = step_minutes.max(1);
+        let n = ((last - first) / step + 1) as usize;
+        let empty = |i: usize| RedPoint { time_ns: (first + i as i64 * step) * MINUTE_NS, calls: 0, errors: 0, p50_ns: 0, p95_ns: 0, p99_ns: 0 };
+        let Some(service) = self.dicts.strings.find(service) else { return Ok(((0..n).map(empty).collect(), "server")) };
+        let operation = match operation {
+            Some(name) => match self.dicts.strings.find(name) {
+                Some(id) => Some(id),
+                None => return Ok(((0..n).map(empty).collect(), "operation")),
+            },
+            None => None,
+        };
+        self.settle_span_metrics().await;
+        let mut rows = sqlx::query(
+            "SELECT s.operation, s.span_kind, s.flag, m.minute, m.calls, m.errors, m.sketch FROM red_series s CROSS JOIN red_minutes m \
+             ON m.series = s.id AND m.minute >= ?2 AND m.minute <= ?3 WHERE s.service = ?1 AND s.kind = 0 AND s.overflow = 0",
+        )
+        .bind(service)
+        .bind(first)
+        .bind(last)
+        .fetch(&self.read);
+        // Per step: served spans, root spans, the operation's spans.
+        let mut steps: Vec<[(u64, u64, Dense); 3]> = (0..n).map(|_| Default::default()).collect();
+        while let Some(r) = rows.try_next().await? {
+            let (op, kind, root): (i64, i32, i64) = (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?);
+            let minute: i64 = r.try_get(3)?;
+            let Some(step_aggs) = steps.get_mut(((minute - first) / step) as usize) else { continue };
+            let which = if operation.is_some() {
+                if Some(op) != operation {
+                    continue;
+                }
+                2
+            } else if matches!(kind, SERVER | CONSUMER) {
+                0
+            } else if root != 0 {
+                1
+            } else {
+                continue;
+            };
+            let e = &mut step_aggs[which];
+            e.0 += r.try_get::<i64, _>(4)? as u64;
+            e.1 += r.try_get::<i64, _>(5)? as u64;
+            e.2.add_encoded(r.try_get::<&[u8], _>(6)?).ok_or(crate::store::codec::CodecError::Truncated)?;
+        }
+        drop(rows);
+        let which = if operation.is_some() {
+            2
+        } else if steps.iter().any(|s| s[0].0 > 0) {
+            0
+        } else {
+            1
+        };
+        let points = steps
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let (calls, errors, dense) = s.into_iter().nth(which).unwrap_or_default();
+                let sketch = dense.into_sketch();
+                RedPoint { calls, errors, p50_ns: sketch.percentile(0.5), p95_ns: sketch.percentile(0.95), p99_ns: sketch.percentile(0.99), ..empty(i) }
+            })
+            .collect();
+        Ok((points, ["server", "root", "operation"][which]))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
