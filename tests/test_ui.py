@@ -384,3 +384,27 @@ def test_a_notice_says_what_the_size_limit_removed(tmp_path, page):
         shot(page, "storage-notice")
     finally:
         c.stop()
+
+
+def test_service_page_charts_rate_errors_and_latency_and_a_step_lists_its_traces(dashboard, page):
+    charge = dashboard.spans["charge"]
+    tid = trace_id(charge)
+    open_page(page, f"{dashboard.http}/services/checkout")
+    charts = page.wait_for_selector("[data-testid=red-charts]")
+    for testid in ("red-rate", "red-errors", "red-latency"):
+        assert page.locator(f"[data-testid={testid}] path.line").count() >= 1, testid
+    # Each line is labelled at its end: no legend to look up.
+    labels = page.locator("[data-testid=red-latency] text.end").all_inner_texts()
+    assert [l.split()[0] for l in labels] == ["p99", "p95", "p50"], labels
+    assert "SERVER and CONSUMER" in charts.inner_text()
+    # The step that holds `charge` (the checkout SERVER span, failed) says so, and opens its traces.
+    start = charge.start_time
+    step = page.locator("[data-testid=red-errors] a[data-step]").evaluate_all(
+        f"els => els.map(e => e.dataset.step).filter(s => BigInt(s) <= {start}n && {start}n < BigInt(s) + 60000000000n)")
+    assert len(step) == 1, step
+    link = page.locator(f"[data-testid=red-errors] a[data-step='{step[0]}']")
+    assert "1 calls, 1 errors" in link.locator("title").inner_text()
+    shot(page, "service-red")
+    link.click()
+    page.wait_for_url(f"**/traces?service=checkout&start={step[0]}*errors=true*")
+    page.wait_for_selector(f"table.results tbody tr[data-trace-id='{tid}']")

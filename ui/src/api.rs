@@ -350,6 +350,35 @@ pub struct ServiceStats {
     pub operations: Vec<OperationStats>,
 }
 
+/// `GET /api/v1/services/{service}/red`: rate, errors and percentiles per step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RedSeries {
+    pub service: String,
+    pub counted: String,
+    pub step_seconds: i64,
+    pub points: Vec<RedPoint>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RedPoint {
+    pub time_unix_nano: String,
+    pub calls: u64,
+    pub errors: u64,
+    pub rate_per_second: f64,
+    pub error_rate: f64,
+    pub p50_nanos: i64,
+    pub p95_nanos: i64,
+    pub p99_nanos: i64,
+}
+
+impl RedPoint {
+    pub fn time_ns(&self) -> i64 {
+        self.time_unix_nano.parse().unwrap_or(0)
+    }
+}
+
 /// An instance as the registry reports it (through the collector's `/api/v1/registry/` proxy).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -6,7 +6,7 @@ use leptos_router::components::A;
 use leptos_router::hooks::{use_params_map, use_query_map};
 use serde::{Deserialize, Serialize};
 
-use crate::api::{self, Instance, SearchResult, ServiceStats, enc};
+use crate::api::{self, Instance, RedPoint, RedSeries, SearchResult, ServiceStats, enc};
 use crate::format;
 use crate::pages::map::refresh_tick;
 use crate::pages::registry::InstanceTable;
@@ -35,6 +35,13 @@ pub fn ServicePage() -> impl IntoView {
         let base = base.clone();
         Resource::new(move || (name.get(), tick.get()), move |(n, _)| api::get::<ServiceInstances>(&base, &format!("/api/v1/registry/services/{}", enc(&n))))
     };
+    let red = {
+        let base = base.clone();
+        Resource::new(
+            move || (name.get(), window.get(), tick.get()),
+            move |(n, w, _)| api::get::<RedSeries>(&base, &format!("/api/v1/services/{}/red?lookback={}", enc(&n), enc(&w))),
+        )
+    };
     let traces = Resource::new(
         move || (name.get(), window.get(), tick.get()),
         move |(n, w, _)| api::get::<SearchResult>(&base, &format!("/api/v1/traces?service={}&lookback={}&limit=20", enc(&n), enc(&w))),
@@ -44,6 +51,12 @@ pub fn ServicePage() -> impl IntoView {
         <section class="service-page">
             <h1>{move || name.get()}</h1>
             <p class="muted">{move || format!("Last {} · ", window.get())}<A href=move || format!("/traces?service={}", enc(&name.get()))>"search its traces"</A></p>
+            <Transition fallback=|| view! { <p class="notice">"Loading…"</p> }>
+                {move || red.get().map(|r| match r {
+                    Err(e) => view! { <p class="notice error">{e}</p> }.into_any(),
+                    Ok(series) => view! { <RedCharts series/> }.into_any(),
+                })}
+            </Transition>
             <h2>"Operations"</h2>
             <Transition fallback=|| view! { <p class="notice">"Loading…"</p> }>
                 {move || stats.get().map(|r| match r {
@@ -95,5 +108,116 @@ pub fn ServicePage() -> impl IntoView {
                 })}
             </Transition>
         </section>
+    }
+}
+
+/// One line of a chart: its points' values, its CSS class and the label written at its end.
+struct Line {
+    values: Vec<f64>,
+    class: &'static str,
+    label: String,
+}
+
+/// A small line chart over the steps, its maximum on the axis, each line labelled at its end (no
+/// legend to look up); every step is a link to the traces of that step (`extra` adds filters).
+/// What a chart shows: its title, test id, the filters its steps' links add, and its unit.
+struct Chart {
+    title: &'static str,
+    testid: &'static str,
+    extra: &'static str,
+    unit: fn(f64) -> String,
+}
+
+fn chart(c: Chart, points: &[RedPoint], step_ns: i64, service: &str, lines: Vec<Line>) -> impl IntoView + use<> {
+    let Chart { title, testid, extra, unit } = c;
+    let (w, h, left, right, top, bottom) = (300.0_f64, 120.0_f64, 8.0_f64, 70.0_f64, 18.0_f64, 16.0_f64);
+    let n = points.len().max(1);
+    let max = lines.iter().flat_map(|l| l.values.iter().copied()).fold(0.0_f64, f64::max);
+    let scale = if max > 0.0 { max } else { 1.0 };
+    let x = |i: usize| left + (i as f64 + 0.5) / n as f64 * (w - left - right);
+    let y = |v: f64| top + (1.0 - v / scale) * (h - top - bottom);
+    let paths = lines
+        .into_iter()
+        .map(|l| {
+            let d = l.values.iter().enumerate().map(|(i, &v)| format!("{}{:.1},{:.1}", if i == 0 { "M" } else { "L" }, x(i), y(v))).collect::<String>();
+            let last = l.values.last().copied().unwrap_or(0.0);
+            let label = format!("{} {}", l.label, unit(last));
+            view! {
+                <path d=d class=format!("line {}", l.class)/>
+                <text x=format!("{:.1}", w - right + 4.0) y=format!("{:.1}", y(last) + 4.0) class=format!("end {}", l.class)>{label}</text>
+            }
+        })
+        .collect_view();
+    let columns = points
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let t = p.time_ns();
+            let href = format!("/traces?service={}&start={}&end={}{extra}", enc(service), t, t + step_ns);
+            let width = (w - left - right) / n as f64;
+            let tip = format!("{}: {} calls, {} errors, p99 {}", format::time(t, false), p.calls, p.errors, format::duration(p.p99_nanos));
+            view! {
+                <a href=href data-step=t.to_string()>
+                    <rect x=format!("{:.1}", x(i) - width / 2.0) y=top width=format!("{width:.1}") height=h - top - bottom class="step"><title>{tip}</title></rect>
+                </a>
+            }
+        })
+        .collect_view();
+    let first = points.first().map(|p| format::time(p.time_ns(), false)).unwrap_or_default();
+    view! {
+        <figure class="red-chart" data-testid=testid>
+            <svg viewBox=format!("0 0 {w} {h}")>
+                <text x=left y="12" class="title">{title}</text>
+                <text x=w - right + 4.0 y=top + 4.0 class="axis">{unit(max)}</text>
+                <line x1=left y1=h - bottom x2=w - right y2=h - bottom class="axis"/>
+                <text x=left y=h - 3.0 class="axis">{first.get(11..16).unwrap_or_default().to_owned()}</text>
+                {columns}
+                {paths}
+            </svg>
+        </figure>
+    }
+}
+
+/// Rate, error rate and latency percentiles of the service over the window (from the span
+/// metrics); a click on a step lists the traces of that step.
+#[component]
+fn RedCharts(series: RedSeries) -> impl IntoView {
+    let step_ns = series.step_seconds * 1_000_000_000;
+    let p = &series.points;
+    let counted = match series.counted.as_str() {
+        "root" => "its root spans (it serves no requests)",
+        _ => "its SERVER and CONSUMER spans",
+    };
+    let rate = chart(
+        Chart { title: "Requests / s", testid: "red-rate", extra: "", unit: |v| format!("{v:.2}/s") },
+        p,
+        step_ns,
+        &series.service,
+        vec![Line { values: p.iter().map(|x| x.rate_per_second).collect(), class: "rate", label: "now".into() }],
+    );
+    let errors = chart(
+        Chart { title: "Error rate", testid: "red-errors", extra: "&errors=true", unit: |v| format!("{v:.1}%") },
+        p,
+        step_ns,
+        &series.service,
+        vec![Line { values: p.iter().map(|x| x.error_rate * 100.0).collect(), class: "errors", label: "now".into() }],
+    );
+    let ms = |f: fn(&RedPoint) -> i64| p.iter().map(|x| f(x) as f64 / 1e6).collect::<Vec<_>>();
+    let latency = chart(
+        Chart { title: "Latency", testid: "red-latency", extra: "", unit: |v| format::duration((v * 1e6) as i64) },
+        p,
+        step_ns,
+        &series.service,
+        vec![
+            Line { values: ms(|x| x.p99_nanos), class: "p99", label: "p99".into() },
+            Line { values: ms(|x| x.p95_nanos), class: "p95", label: "p95".into() },
+            Line { values: ms(|x| x.p50_nanos), class: "p50", label: "p50".into() },
+        ],
+    );
+    view! {
+        <div class="red-charts" data-testid="red-charts">
+            {rate}{errors}{latency}
+            <p class="muted">{format!("Per {} s, from {counted}; click a step for its traces.", series.step_seconds)}</p>
+        </div>
     }
 }
