@@ -206,15 +206,15 @@ fn job_instance(resource: &[KeyValue]) -> (String, String) {
 
 /// Histogram buckets as (upper bound, count in that bucket), bounds increasing.
 #[derive(Debug, Clone, Default, PartialEq)]
-struct Buckets {
-    bounds: Vec<(f64, u64)>,
-    overflow: u64,
-    sum: f64,
-    count: u64,
+pub(crate) struct Buckets {
+    pub(crate) bounds: Vec<(f64, u64)>,
+    pub(crate) overflow: u64,
+    pub(crate) sum: f64,
+    pub(crate) count: u64,
 }
 
 impl Buckets {
-    fn add(&mut self, o: &Buckets) {
+    pub(crate) fn add(&mut self, o: &Buckets) {
         for &(b, c) in &o.bounds {
             match self.bounds.iter_mut().find(|(x, _)| *x == b) {
                 Some(e) => e.1 += c,
@@ -227,7 +227,7 @@ impl Buckets {
         self.count += o.count;
     }
 
-    fn explicit(p: &HistogramDataPoint) -> Self {
+    pub(crate) fn explicit(p: &HistogramDataPoint) -> Self {
         let mut bounds: Vec<(f64, u64)> = p.explicit_bounds.iter().copied().zip(p.bucket_counts.iter().copied()).collect();
         let overflow = if p.bucket_counts.len() > p.explicit_bounds.len() { p.bucket_counts[p.explicit_bounds.len()] } else { 0 };
         if p.bucket_counts.is_empty() {
@@ -237,7 +237,7 @@ impl Buckets {
     }
 
     /// An exponential histogram's buckets as explicit ones: each bucket's upper bound is `le`.
-    fn exponential(p: &ExponentialHistogramDataPoint) -> Self {
+    pub(crate) fn exponential(p: &ExponentialHistogramDataPoint) -> Self {
         let base = 2f64.powf(2f64.powi(-p.scale));
         let mut bounds: Vec<(f64, u64)> = Vec::new();
         if let Some(neg) = &p.negative {

@@ -3,6 +3,7 @@
 //! read-only proxy to the service registry under `/api/v1/registry/` ([`registry`]). All are
 //! documented in `docs/API.md`.
 
+pub mod chart;
 pub mod jaeger;
 pub mod json;
 pub mod native;

@@ -46,7 +46,8 @@ pub fn router() -> Router<Store> {
         .route("/api/v1/traces/{trace_id}/search", get(find_in_trace))
         .route("/api/v1/dependencies", get(dependencies))
         .route("/api/v1/metrics", get(metrics))
-        // OTel metric names may contain `/`: the rest of the path is the name.
+        // OTel metric names may contain `/`: the rest of the path is the name (a chart ends in
+        // `/chart`).
         .route("/api/v1/metrics/{*name}", get(metric_series))
         .route("/api/v1/logs", get(logs))
         .route("/api/v1/storage", get(storage))
@@ -513,8 +514,63 @@ fn point_json(metric_type: i32, data: &[u8]) -> Value {
     v
 }
 
+/// Steps a metric chart answers at most by default.
+const CHART_STEPS: i64 = 120;
+
+/// `GET /api/v1/metrics/{name}/chart`: the metric's series drawn per step, grouped by `by`.
+async fn metric_chart(store: Store, name: &str, p: &Params) -> ApiResult {
+    let (start, end) = p.window(HOUR_NS)?;
+    let step = match p.duration_ns("step")? {
+        Some(s) if s < 1_000_000_000 => return Err(ApiError::bad("step", format!("must be at least 1s, got {}", p.get("step").unwrap_or("")))),
+        Some(s) if (end - start) / s > 2_000 => return Err(ApiError::bad("step", "would give more than 2000 steps over this window".into())),
+        Some(s) => s,
+        None => (((end - start) / CHART_STEPS).max(1_000_000_000) + 999_999_999) / 1_000_000_000 * 1_000_000_000,
+    };
+    let steps = ((end - start) / step + 1) as usize;
+    let filters: Vec<(String, String)> = p
+        .all("attr")
+        .map(|a| a.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())).ok_or_else(|| ApiError::bad("attr", format!("expected key=value, got {a:?}"))))
+        .collect::<Result<_, _>>()?;
+    let by = p.get("by").filter(|b| !b.is_empty());
+    let series = store.metric_series(name, start, end, 100_000).await?;
+    let Some(first) = series.first() else {
+        if store.metric_defs().await?.iter().any(|m| m.name == name) {
+            return Ok(Json(json!({ "name": name, "groups": [], "labels": [], "steps": [], "stepSeconds": step as f64 / 1e9 })));
+        }
+        return Err(ApiError::NotFound(format!("metric {name} not found")));
+    };
+    let (metric_type, unit) = (first.metric.metric_type, first.metric.unit.clone());
+    let mut labels: std::collections::BTreeSet<String> = series.iter().flat_map(|s| s.attributes.iter().map(|kv| kv.key.clone())).collect();
+    labels.insert("service".into());
+    let series: Vec<_> = series
+        .into_iter()
+        .filter(|s| {
+            filters.iter().all(|(k, v)| {
+                if k == "service" {
+                    &*s.service == v
+                } else {
+                    s.attributes.iter().any(|kv| kv.key == *k && crate::store::read::value_text(kv.value.as_ref()) == *v)
+                }
+            })
+        })
+        .collect();
+    let groups: Vec<Value> = super::chart::chart(&series, by, start, step, steps)
+        .into_iter()
+        .map(|g| json!({ "key": g.key, "lines": g.lines.iter().map(|l| json!({ "name": l.name, "values": l.values })).collect::<Vec<_>>() }))
+        .collect();
+    Ok(Json(json!({
+        "name": name, "type": metric_type_name(metric_type), "unit": unit, "by": by, "series": series.len(),
+        "startTimeUnixNano": start.to_string(), "stepSeconds": step as f64 / 1e9,
+        "steps": (0..steps).map(|i| (start + i as i64 * step).to_string()).collect::<Vec<_>>(),
+        "labels": labels, "groups": groups,
+    })))
+}
+
 async fn metric_series(State(store): State<Store>, Path(name): Path<String>, RawQuery(q): RawQuery) -> ApiResult {
     let p = Params::parse(q.as_deref());
+    if let Some(metric) = name.strip_suffix("/chart") {
+        return metric_chart(store, metric, &p).await;
+    }
     let (start, end) = p.window(HOUR_NS)?;
     let limit = p.limit("limit", 1000, 100_000)?;
     let filters: Vec<(String, String)> = p
