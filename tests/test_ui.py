@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -408,3 +409,28 @@ def test_service_page_charts_rate_errors_and_latency_and_a_step_lists_its_traces
     link.click()
     page.wait_for_url(f"**/traces?service=checkout&start={step[0]}*errors=true*")
     page.wait_for_selector(f"table.results tbody tr[data-trace-id='{tid}']")
+
+
+def test_metrics_page_lists_searches_charts_and_groups(dashboard, page):
+    from test_metrics_chart import S, counter, export
+    t0 = (time.time_ns() // (60 * S) - 10) * 60 * S
+    export(dashboard, "alpha", [counter("ui.requests", t0, [10, 70, 190], "/a"), counter("ui.queue.events", t0, [1, 2, 3], "/q")])
+    export(dashboard, "beta", [counter("ui.requests", t0, [0, 60, 60], "/b")])
+    open_page(page, f"{dashboard.http}/explore?q=ui.")
+    rows = page.locator("[data-testid=metrics] tbody tr")
+    assert rows.count() == 2 and page.locator("[data-metric='ui.requests'] td").nth(1).inner_text() == "sum"
+    page.fill("[data-testid=metric-search]", "queue")
+    page.press("[data-testid=metric-search]", "Enter")
+    page.wait_for_function("document.querySelectorAll('[data-testid=metrics] tbody tr').length === 1")
+    open_page(page, f"{dashboard.http}/explore?q=ui.&name=ui.requests&lookback=1h")
+    page.wait_for_selector("[data-testid=metric-chart] path.line")
+    assert page.locator("[data-testid=chart-title]").inner_text() == "ui.requests"
+    assert "rate per second" in page.locator(".metric-chart p.muted").inner_text()
+    assert page.locator("[data-testid=metric-chart] text.end").all_inner_texts()[0].startswith("rate ")
+    page.select_option("[data-testid=group-by]", "service")
+    page.click(".metric-chart button[type=submit]")
+    page.wait_for_url("**by=service**")
+    page.wait_for_function("document.querySelectorAll('[data-testid=metric-chart] path.line').length === 2")
+    ends = sorted(page.locator("[data-testid=metric-chart] text.end").all_inner_texts())
+    assert [e.split(" rate ")[0] for e in ends] == ["alpha ·", "beta ·"], ends
+    shot(page, "metrics")

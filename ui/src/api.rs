@@ -350,6 +350,52 @@ pub struct ServiceStats {
     pub operations: Vec<OperationStats>,
 }
 
+/// `GET /api/v1/metrics`: the metrics with data within the retention.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MetricList {
+    pub metrics: Vec<MetricDef>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MetricDef {
+    pub name: String,
+    pub description: String,
+    pub unit: String,
+    #[serde(rename = "type")]
+    pub metric_type: String,
+    pub series_count: i64,
+}
+
+/// `GET /api/v1/metrics/{name}/chart`: one value per step and line, per group.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MetricChart {
+    pub name: String,
+    #[serde(default, rename = "type")]
+    pub metric_type: String,
+    #[serde(default)]
+    pub unit: String,
+    #[serde(default)]
+    pub series: usize,
+    pub steps: Vec<String>,
+    pub labels: Vec<String>,
+    pub groups: Vec<ChartGroup>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChartGroup {
+    pub key: String,
+    pub lines: Vec<ChartLine>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChartLine {
+    pub name: String,
+    pub values: Vec<Option<f64>>,
+}
+
 /// `GET /api/v1/services/{service}/red`: rate, errors and percentiles per step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

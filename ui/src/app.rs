@@ -46,6 +46,7 @@ pub fn App() -> impl IntoView {
                 <nav>
                     <A href="/" exact=true>"Service map"</A>
                     <A href="/traces">"Traces"</A>
+                    <A href="/explore">"Metrics"</A>
                     <A href="/registry">"Registry"</A>
                 </nav>
             </header>
@@ -56,6 +57,7 @@ pub fn App() -> impl IntoView {
                     <Route path=path!("/services/:name") view=pages::service::ServicePage/>
                     <Route path=path!("/registry") view=pages::registry::RegistryPage/>
                     <Route path=path!("/traces") view=pages::traces::TracesPage/>
+                    <Route path=path!("/explore") view=pages::metrics::MetricsPage/>
                     <Route path=path!("/traces/:id") view=pages::trace::TracePage/>
                 </Routes>
             </main>
