@@ -81,11 +81,12 @@ def test_prometheus_scrapes_span_metrics_otlp_metrics_every_service_and_exemplar
     edges = wait_until(lambda: query(prom, 'traces_service_graph_request_total{client="gateway",server="catalog"}'),
                        timeout=60, what="the gateway -> catalog edge in Prometheus")
     assert float(edges[0]["value"][1]) >= 5
-    # A series a service sent over OTLP, with job and instance from its resource.
-    otlp = wait_until(lambda: query(prom, 'http_server_request_duration_seconds_count{job="catalog",otel_scope_name!=""}'),
+    # A series a service sent over OTLP, with job (service.namespace/service.name) and instance
+    # (service.instance.id) from its resource.
+    otlp = wait_until(lambda: query(prom, 'http_server_request_duration_seconds_count{job="switchyard/catalog",otel_scope_name!=""}'),
                       timeout=60, what="OTLP metrics in Prometheus")
-    assert otlp[0]["metric"]["instance"] and float(otlp[0]["value"][1]) >= 1
-    info = wait_until(lambda: query(prom, 'target_info{job="catalog"}'), timeout=60, what="target_info")
+    assert otlp[0]["metric"]["instance"] == shop.catalogs[0].instance_id and float(otlp[0]["value"][1]) >= 1
+    info = wait_until(lambda: query(prom, 'target_info{job="switchyard/catalog"}'), timeout=60, what="target_info")
     assert info[0]["metric"]["deployment_environment_name"] == "test"
     # A service's own /metrics series, scraped through service discovery.
     own = wait_until(lambda: query(prom, 'http_server_requests_total{job="catalog",instance_id!=""}'), timeout=60, what="catalog's /metrics")

@@ -395,7 +395,7 @@ def test_service_page_charts_rate_errors_and_latency_and_a_step_lists_its_traces
     for testid in ("red-rate", "red-errors", "red-latency"):
         assert page.locator(f"[data-testid={testid}] path.line").count() >= 1, testid
     # Each line is labelled at its end: no legend to look up.
-    labels = page.locator("[data-testid=red-latency] text.end").all_inner_texts()
+    labels = page.locator("[data-testid=red-latency] text.end").all_text_contents()
     assert [l.split()[0] for l in labels] == ["p99", "p95", "p50"], labels
     assert "SERVER and CONSUMER" in charts.inner_text()
     # The step that holds `charge` (the checkout SERVER span, failed) says so, and opens its traces.
@@ -404,7 +404,7 @@ def test_service_page_charts_rate_errors_and_latency_and_a_step_lists_its_traces
         f"els => els.map(e => e.dataset.step).filter(s => BigInt(s) <= {start}n && {start}n < BigInt(s) + 60000000000n)")
     assert len(step) == 1, step
     link = page.locator(f"[data-testid=red-errors] a[data-step='{step[0]}']")
-    assert "1 calls, 1 errors" in link.locator("title").inner_text()
+    assert "1 calls, 1 errors" in link.locator("title").text_content()
     shot(page, "service-red")
     link.click()
     page.wait_for_url(f"**/traces?service=checkout&start={step[0]}*errors=true*")
@@ -423,14 +423,15 @@ def test_metrics_page_lists_searches_charts_and_groups(dashboard, page):
     page.press("[data-testid=metric-search]", "Enter")
     page.wait_for_function("document.querySelectorAll('[data-testid=metrics] tbody tr').length === 1")
     open_page(page, f"{dashboard.http}/explore?q=ui.&name=ui.requests&lookback=1h")
-    page.wait_for_selector("[data-testid=metric-chart] path.line")
+    page.wait_for_selector("[data-testid=metric-chart] text.end")
+    assert page.locator("[data-testid=metric-chart] path.line").count() == 1 and page.locator("[data-testid=metric-chart] circle").count() >= 2
     assert page.locator("[data-testid=chart-title]").inner_text() == "ui.requests"
     assert "rate per second" in page.locator(".metric-chart p.muted").inner_text()
-    assert page.locator("[data-testid=metric-chart] text.end").all_inner_texts()[0].startswith("rate ")
+    assert page.locator("[data-testid=metric-chart] text.end").all_text_contents()[0].startswith("rate ")
     page.select_option("[data-testid=group-by]", "service")
     page.click(".metric-chart button[type=submit]")
     page.wait_for_url("**by=service**")
     page.wait_for_function("document.querySelectorAll('[data-testid=metric-chart] path.line').length === 2")
-    ends = sorted(page.locator("[data-testid=metric-chart] text.end").all_inner_texts())
+    ends = sorted(page.locator("[data-testid=metric-chart] text.end").all_text_contents())
     assert [e.split(" rate ")[0] for e in ends] == ["alpha ·", "beta ·"], ends
     shot(page, "metrics")

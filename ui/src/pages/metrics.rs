@@ -139,29 +139,36 @@ fn ChartView(chart: MetricChart, query: Query) -> impl IntoView {
     let y = move |v: f64| top + (1.0 - v / scale) * (h - top - bottom);
     let unit = chart.unit.clone();
     let shown = move |v: f64| if v.abs() >= 100.0 { format!("{v:.0}") } else { format!("{v:.3}") };
+    // End labels one under the other when their lines end close together.
+    let mut ends: Vec<(usize, f64)> =
+        lines.iter().enumerate().filter_map(|(k, (_, values))| values.iter().rev().flatten().next().map(|&v| (k, y(v) + 4.0))).collect();
+    ends.sort_by(|a, b| a.1.total_cmp(&b.1));
+    for i in 1..ends.len() {
+        ends[i].1 = ends[i].1.max(ends[i - 1].1 + 13.0);
+    }
     let paths = lines
         .iter()
         .enumerate()
         .map(|(k, (label, values))| {
-            let mut d = String::new();
-            let mut pen_up = true;
-            for (i, v) in values.iter().enumerate() {
-                match v {
-                    Some(v) => {
-                        d.push_str(&format!("{}{:.1},{:.1}", if pen_up { "M" } else { "L" }, x(i), y(*v)));
-                        pen_up = false;
-                    }
-                    None => pen_up = true,
-                }
-            }
+            // Steps without data are passed over (services export less often than a step can
+            // be); every point also gets a dot, so a lone one shows.
+            let known: Vec<(usize, f64)> = values.iter().enumerate().filter_map(|(i, v)| v.map(|v| (i, v))).collect();
+            let d: String = known.iter().enumerate().map(|(k, &(i, v))| format!("{}{:.1},{:.1}", if k == 0 { "M" } else { "L" }, x(i), y(v))).collect();
             let colour = format::service_colour(label);
+            let dots = known
+                .iter()
+                .map(|&(i, v)| view! { <circle cx=format!("{:.1}", x(i)) cy=format!("{:.1}", y(v)) r="2.5" style=format!("fill:{colour}")/> })
+                .collect_view();
             let last = values.iter().rposition(Option::is_some);
+            let per_second = if label.ends_with("rate") { "/s" } else { "" };
+            let label_y = ends.iter().find(|e| e.0 == k).map_or(0.0, |e| e.1);
             let end = last.and_then(|i| values[i]).map(|v| {
-                let text = format!("{label} {} {}", shown(v), unit);
-                view! { <text x=format!("{:.1}", w - right + 6.0) y=format!("{:.1}", y(v) + 4.0 + (k % 3) as f64) class="end" style=format!("fill:{colour}")>{text}</text> }
+                let text = format!("{label} {} {unit}{per_second}", shown(v));
+                view! { <text x=format!("{:.1}", w - right + 6.0) y=format!("{label_y:.1}") class="end" style=format!("fill:{colour}")>{text}</text> }
             });
             view! {
                 <path d=d class="line" style=format!("stroke:{colour}") data-line=label.clone()/>
+                {dots}
                 {end}
             }
         })

@@ -136,15 +136,23 @@ fn chart(c: Chart, points: &[RedPoint], step_ns: i64, service: &str, lines: Vec<
     let scale = if max > 0.0 { max } else { 1.0 };
     let x = |i: usize| left + (i as f64 + 0.5) / n as f64 * (w - left - right);
     let y = |v: f64| top + (1.0 - v / scale) * (h - top - bottom);
+    // End labels one under the other when their lines end close together.
+    let mut ends: Vec<(usize, f64)> = lines.iter().enumerate().map(|(k, l)| (k, y(l.values.last().copied().unwrap_or(0.0)) + 4.0)).collect();
+    ends.sort_by(|a, b| a.1.total_cmp(&b.1));
+    for i in 1..ends.len() {
+        ends[i].1 = ends[i].1.max(ends[i - 1].1 + 10.0);
+    }
+    let label_y = |k: usize| ends.iter().find(|e| e.0 == k).map_or(0.0, |e| e.1);
     let paths = lines
         .into_iter()
-        .map(|l| {
+        .enumerate()
+        .map(|(k, l)| {
             let d = l.values.iter().enumerate().map(|(i, &v)| format!("{}{:.1},{:.1}", if i == 0 { "M" } else { "L" }, x(i), y(v))).collect::<String>();
             let last = l.values.last().copied().unwrap_or(0.0);
             let label = format!("{} {}", l.label, unit(last));
             view! {
                 <path d=d class=format!("line {}", l.class)/>
-                <text x=format!("{:.1}", w - right + 4.0) y=format!("{:.1}", y(last) + 4.0) class=format!("end {}", l.class)>{label}</text>
+                <text x=format!("{:.1}", w - right + 4.0) y=format!("{:.1}", label_y(k)) class=format!("end {}", l.class)>{label}</text>
             }
         })
         .collect_view();
@@ -167,8 +175,7 @@ fn chart(c: Chart, points: &[RedPoint], step_ns: i64, service: &str, lines: Vec<
     view! {
         <figure class="red-chart" data-testid=testid>
             <svg viewBox=format!("0 0 {w} {h}")>
-                <text x=left y="12" class="title">{title}</text>
-                <text x=w - right + 4.0 y=top + 4.0 class="axis">{unit(max)}</text>
+                <text x=left y="12" class="title">{format!("{title} (max {})", unit(max))}</text>
                 <line x1=left y1=h - bottom x2=w - right y2=h - bottom class="axis"/>
                 <text x=left y=h - 3.0 class="axis">{first.get(11..16).unwrap_or_default().to_owned()}</text>
                 {columns}
