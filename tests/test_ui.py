@@ -3,6 +3,7 @@ collector filled by real OpenTelemetry SDK exports."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -404,7 +405,9 @@ def test_service_page_charts_rate_errors_and_latency_and_a_step_lists_its_traces
         f"els => els.map(e => e.dataset.step).filter(s => BigInt(s) <= {start}n && {start}n < BigInt(s) + 60000000000n)")
     assert len(step) == 1, step
     link = page.locator(f"[data-testid=red-errors] a[data-step='{step[0]}']")
-    assert "1 calls, 1 errors" in link.locator("title").text_content()
+    # Every `charge` fails (other tests of this module may have sent more in the same minute).
+    calls, errors = map(int, re.search(r"(\d+) calls, (\d+) errors", link.locator("title").text_content()).groups())
+    assert calls >= 1 and errors == calls
     shot(page, "service-red")
     link.click()
     page.wait_for_url(f"**/traces?service=checkout&start={step[0]}*errors=true*")

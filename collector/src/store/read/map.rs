@@ -163,25 +163,25 @@ impl Store {
     /// span whose parent belongs to another service, with the child span's latency and status.
     pub async fn dependencies_rescan(&self, start_ns: i64, end_ns: i64) -> Result<Vec<Dependency>, StoreError> {
         let scan = self.scan_window(start_ns, end_ns, false).await?;
+        Ok(self.dependency_list(scan.service_edges(true).into_iter().map(|(k, calls)| (k, calls.stats()))))
+    }
+
+    /// Dependencies from (parent service, child service) ids and their stats, sorted by names.
+    fn dependency_list(&self, edges: impl Iterator<Item = ((i64, i64), CallStats)>) -> Vec<Dependency> {
         let dict = self.dicts.strings.snapshot();
-        let mut out: Vec<Dependency> = scan
-            .service_edges(true)
-            .into_iter()
-            .map(|((p, c), calls)| {
-                let s = calls.stats();
-                Dependency {
-                    parent: dict.get(p).to_owned(),
-                    child: dict.get(c).to_owned(),
-                    call_count: s.calls,
-                    error_count: s.errors,
-                    p50_ns: s.p50_ns,
-                    p90_ns: s.p90_ns,
-                    p99_ns: s.p99_ns,
-                }
+        let mut out: Vec<Dependency> = edges
+            .map(|((p, c), s)| Dependency {
+                parent: dict.get(p).to_owned(),
+                child: dict.get(c).to_owned(),
+                call_count: s.calls,
+                error_count: s.errors,
+                p50_ns: s.p50_ns,
+                p90_ns: s.p90_ns,
+                p99_ns: s.p99_ns,
             })
             .collect();
         out.sort_by(|a, b| (&a.parent, &a.child).cmp(&(&b.parent, &b.child)));
-        Ok(out)
+        out
     }
 
     /// The service map of the spans that started within the window: a node per service (its
@@ -394,24 +394,7 @@ impl Store {
                 edges.entry((client, server)).or_default().merge(&agg);
             }
         }
-        let dict = self.dicts.strings.snapshot();
-        let mut out: Vec<Dependency> = edges
-            .into_iter()
-            .map(|((p, c), agg)| {
-                let s = CallStats::of(&agg);
-                Dependency {
-                    parent: dict.get(p).to_owned(),
-                    child: dict.get(c).to_owned(),
-                    call_count: s.calls,
-                    error_count: s.errors,
-                    p50_ns: s.p50_ns,
-                    p90_ns: s.p90_ns,
-                    p99_ns: s.p99_ns,
-                }
-            })
-            .collect();
-        out.sort_by(|a, b| (&a.parent, &a.child).cmp(&(&b.parent, &b.child)));
-        Ok(out)
+        Ok(self.dependency_list(edges.into_iter().map(|(k, agg)| (k, CallStats::of(&agg)))))
     }
 
     /// The service map of the minutes the window touches: a node per service (its SERVER and
