@@ -10,7 +10,9 @@
 //! Spans: 8 services, traces of 8 spans, 10 attributes each, a resource with `service.name`, one
 //! event per ten spans, ~1% errors, their start times spread over the last hour in the order they
 //! are sent (as if an hour were replayed). Requests are encoded before the clock starts, so the
-//! client spends its CPU on sending, not on protobuf encoding. After ingest, the service map over
+//! client spends its CPU on sending, not on protobuf encoding. Before the collector starts it
+//! measures SQLite's bare append rate for comparable rows on this machine and prints the
+//! throughput's ratio to it, which holds across machines of different speed. After ingest, the service map over
 //! 1 h, the dependencies over 1 h and a service's operation stats over 24 h are each asked 20 times.
 
 use std::io::{BufRead, BufReader};
@@ -235,6 +237,54 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 type Sent = (Duration, Vec<Duration>, u64);
 
 /// Sends every batch once, from `clients` connections; retries a batch refused as UNAVAILABLE.
+/// SQLite's bare append rate on this machine, now: rows shaped like stored spans (ids, times, a
+/// 130-byte attribute blob) into a table with one time index, 512 rows a transaction, WAL with
+/// `synchronous=NORMAL` as the collector uses it. Figures are reported as a ratio to it, so they
+/// hold across machines of different speed.
+async fn sqlite_bare_append_rate(dir: &std::path::Path, rows: usize) -> Result<f64, Box<dyn std::error::Error>> {
+    use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
+    use sqlx::{Connection, SqliteConnection};
+    let path = dir.join("bare.db");
+    let options = SqliteConnectOptions::new()
+        .filename(&path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Normal)
+        .pragma("cache_size", "-65536");
+    let mut conn = SqliteConnection::connect_with(&options).await?;
+    sqlx::query(
+        "CREATE TABLE rows (trace INTEGER NOT NULL, span_id INTEGER NOT NULL, parent INTEGER, service INTEGER NOT NULL, \
+         name INTEGER NOT NULL, start_ns INTEGER NOT NULL, duration_ns INTEGER NOT NULL, attributes BLOB)",
+    )
+    .execute(&mut conn)
+    .await?;
+    sqlx::query("CREATE INDEX rows_start ON rows (start_ns)").execute(&mut conn).await?;
+    let per_tx = 512;
+    let one = "(?, ?, ?, ?, ?, ?, ?, ?)";
+    let sql = format!("INSERT INTO rows VALUES {}", vec![one; per_tx].join(", "));
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let started = Instant::now();
+    let mut written = 0;
+    while written < rows {
+        let mut tx = conn.begin().await?;
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.as_str()));
+        for i in 0..per_tx {
+            let n = (written + i) as i64;
+            let blob: Vec<u8> = (0..130).map(|_| rng.below(256) as u8).collect();
+            q = q.bind(n / 8).bind(rng.next() as i64).bind(rng.next() as i64).bind(n % 8).bind(n % 20).bind(n).bind(50_000i64).bind(blob);
+        }
+        q.execute(&mut *tx).await?;
+        tx.commit().await?;
+        written += per_tx;
+    }
+    let rate = written as f64 / started.elapsed().as_secs_f64();
+    conn.close().await?;
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(dir.join(format!("bare.db{suffix}")));
+    }
+    Ok(rate)
+}
+
 async fn send_all(grpc_addr: &str, batches: Vec<Bytes>, clients: usize) -> Result<Sent, Box<dyn std::error::Error>> {
     let grpc_addr = grpc_addr.to_owned();
     let a_clients = clients;
@@ -298,11 +348,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let batches: Vec<Bytes> = (0..n_batches).map(|i| batch(&mut rng, a.batch, now - hour + hour / n_batches as u64 * i as u64)).collect();
     let wire_bytes: usize = batches.iter().map(Bytes::len).sum();
 
+    eprintln!("measuring SQLite's bare append rate on this machine…");
+    let bare = sqlite_bare_append_rate(&dir, 500_000).await?;
+
     if let Some(target) = &a.target {
         let (elapsed, mut latencies, retries) = send_all(target, batches, a.clients).await?;
         latencies.sort();
         let spans = n_batches * a.batch;
-        println!("throughput:            {:.0} spans/s", spans as f64 / elapsed.as_secs_f64());
+        let throughput = spans as f64 / elapsed.as_secs_f64();
+        println!("throughput:            {throughput:.0} spans/s");
+        println!("SQLite bare append:    {bare:.0} rows/s (one time index, 512 a transaction, same run)");
+        println!("ratio to SQLite:       {:.2}", throughput / bare);
         println!(
             "export latency:        p50 {:.1} ms, p99 {:.1} ms",
             percentile(&latencies, 0.5).as_secs_f64() * 1e3,
@@ -371,7 +427,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("spans sent:            {spans} in {n_batches} requests of {} ({:.0} bytes/span on the wire)", a.batch, wire_bytes as f64 / spans as f64);
     println!("clients:               {}", a.clients);
     println!("elapsed:               {:.2} s", elapsed.as_secs_f64());
-    println!("throughput:            {:.0} spans/s (acknowledged after commit)", spans as f64 / elapsed.as_secs_f64());
+    let throughput = spans as f64 / elapsed.as_secs_f64();
+    println!("throughput:            {throughput:.0} spans/s (acknowledged after commit)");
+    println!("SQLite bare append:    {bare:.0} rows/s (one time index, 512 a transaction, same run)");
+    println!("ratio to SQLite:       {:.2}", throughput / bare);
     println!(
         "export latency:        p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
         percentile(&latencies, 0.50).as_secs_f64() * 1e3,
