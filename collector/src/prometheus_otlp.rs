@@ -35,16 +35,22 @@ const EXPONENTIAL_HISTOGRAM: i32 = 4;
 const SUMMARY: i32 = 5;
 const DELTA: i32 = 1;
 
+/// Characters `keep` accepts stay, the rest become `_`, and runs of `_` become one (so no name
+/// starts with Prometheus's reserved `__`).
+fn squash(s: &str, keep: fn(char) -> bool) -> String {
+    let mut out = String::with_capacity(s.len() + 4);
+    for c in s.chars() {
+        let c = if keep(c) { c } else { '_' };
+        if !(c == '_' && out.ends_with('_')) {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// `[a-zA-Z0-9_:]` kept, the rest `_`, runs of `_` made one; a leading digit gets `_` before it.
 pub fn sanitize_name(name: &str) -> String {
-    let mut out = String::with_capacity(name.len() + 1);
-    for c in name.chars() {
-        let c = if c.is_ascii_alphanumeric() || c == ':' { c } else { '_' };
-        if c == '_' && out.ends_with('_') {
-            continue;
-        }
-        out.push(c);
-    }
+    let mut out = squash(name, |c| c.is_ascii_alphanumeric() || c == ':');
     if out.starts_with(|c: char| c.is_ascii_digit()) {
         out.insert(0, '_');
     }
@@ -54,14 +60,7 @@ pub fn sanitize_name(name: &str) -> String {
 /// A label name from an attribute key: as [`sanitize_name`] but without `:`, and `key_` before a
 /// leading digit.
 pub fn sanitize_label(key: &str) -> String {
-    let mut out = String::with_capacity(key.len() + 4);
-    for c in key.chars() {
-        let c = if c.is_ascii_alphanumeric() { c } else { '_' };
-        if c == '_' && out.ends_with('_') && !out.is_empty() && out.len() > 1 {
-            continue;
-        }
-        out.push(c);
-    }
+    let mut out = squash(key, |c| c.is_ascii_alphanumeric());
     if out.starts_with(|c: char| c.is_ascii_digit()) {
         out.insert_str(0, "key_");
     }
@@ -457,6 +456,7 @@ mod tests {
         assert_eq!(metric_name("9lives..x", "", GAUGE, false), "_9lives_x");
         assert_eq!(sanitize_label("http.request.method"), "http_request_method");
         assert_eq!(sanitize_label("2xx"), "key_2xx");
+        assert_eq!(sanitize_label("__reserved.key"), "_reserved_key");
     }
 
     #[test]
