@@ -4,7 +4,6 @@ growing."""
 
 import os
 import signal
-import sqlite3
 import subprocess
 import time
 
@@ -15,6 +14,7 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
 
 from conftest import COLLECTOR_BIN, Collector
+from stored_spans import span_counts
 
 SPANS_PER_TRACE = 40
 TRACES_PER_EXPORT = 10
@@ -77,11 +77,7 @@ def test_the_oldest_traces_are_evicted_whole_counted_and_the_file_stops_growing(
 
     # Stopped cleanly, the write-ahead log is in the file: its size is the database's.
     assert db.stat().st_size <= LIMIT, f"{db.stat().st_size} bytes"
-    con = sqlite3.connect(db)
-    try:
-        per_trace = con.execute("SELECT t.trace_id, count(*) FROM spans s JOIN traces t ON s.trace = t.id GROUP BY t.trace_id").fetchall()
-    finally:
-        con.close()
+    per_trace = list(span_counts(db).items())
     assert per_trace and all(n == SPANS_PER_TRACE for _, n in per_trace), "never half a trace"
     # Nothing lost silently: every trace is stored or counted as evicted.
     assert len(per_trace) + evicted["traces"] == sent_traces

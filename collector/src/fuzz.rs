@@ -56,13 +56,13 @@ fn check(converted: Converted, dicts: &Dicts) {
     let dict: StringsSnapshot = dicts.strings.snapshot();
     let rows = converted.rows;
     for s in &rows.spans {
-        if let Some(b) = &s.attributes {
+        if let Some(b) = &s.span.attributes {
             decode_attributes(b, &dict).expect("span attributes the encoder wrote decode");
         }
-        if let Some(b) = &s.events {
-            Reader::new(b, &dict).events(s.start_ns as u64).expect("events the encoder wrote decode");
+        if let Some(b) = &s.span.events {
+            Reader::new(b, &dict).events(s.span.start_ns as u64).expect("events the encoder wrote decode");
         }
-        if let Some(b) = &s.links {
+        if let Some(b) = &s.span.links {
             Reader::new(b, &dict).links().expect("links the encoder wrote decode");
         }
     }

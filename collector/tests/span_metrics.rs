@@ -202,7 +202,7 @@ async fn spans_not_yet_counted_are_counted_at_start() {
     writer.shutdown().await;
 
     let mut conn = SqliteConnection::connect(&format!("sqlite://{}", dir.join("c.db").display())).await.expect("open");
-    for sql in ["DELETE FROM red_minutes", "DELETE FROM red_series", "UPDATE red_state SET spans_rowid = 0"] {
+    for sql in ["DELETE FROM red_minutes", "DELETE FROM red_series", "UPDATE red_state SET block = 0"] {
         sqlx::query(sql).execute(&mut conn).await.expect(sql);
     }
     conn.close().await.expect("close");

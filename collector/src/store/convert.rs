@@ -12,6 +12,7 @@ use opentelemetry_proto::tonic::metrics::v1::{Metric, metric};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use prost::Message;
 
+use super::blocks::StoredSpan;
 use super::codec::{self, encode_attributes};
 use super::red;
 use super::rows::{LogRow, MetricRow, OTHER_OPERATIONS, OperationKey, OperationRow, PointRow, ResourceRow, Rows, ScopeRow, SeriesRow, SpanName, SpanRow};
@@ -168,29 +169,31 @@ pub fn traces(req: ExportTraceServiceRequest, dicts: &Dicts) -> Converted {
                 });
                 let status = span.status.unwrap_or_default();
                 out.rows.spans.push(SpanRow {
-                    trace,
                     trace_id,
                     operation,
                     peer: red::peer(kind, &span.attributes),
-                    span_id,
-                    parent_span_id,
-                    service,
-                    name,
-                    kind,
-                    start_ns,
-                    duration_ns: span.end_time_unix_nano.wrapping_sub(span.start_time_unix_nano) as i64,
-                    status_code: status.code,
-                    status_message: (!status.message.is_empty()).then_some(status.message),
-                    resource,
-                    scope,
-                    trace_state: (!span.trace_state.is_empty()).then_some(span.trace_state),
-                    flags: i64::from(span.flags),
-                    attributes: encode_opt(&span.attributes, dicts),
-                    events,
-                    links,
-                    dropped_attributes_count: i64::from(span.dropped_attributes_count),
-                    dropped_events_count: i64::from(span.dropped_events_count),
-                    dropped_links_count: i64::from(span.dropped_links_count),
+                    span: StoredSpan {
+                        trace,
+                        span_id,
+                        parent_span_id,
+                        service,
+                        name,
+                        kind,
+                        start_ns,
+                        duration_ns: span.end_time_unix_nano.wrapping_sub(span.start_time_unix_nano) as i64,
+                        status_code: status.code,
+                        status_message: (!status.message.is_empty()).then_some(status.message),
+                        resource,
+                        scope,
+                        trace_state: (!span.trace_state.is_empty()).then_some(span.trace_state),
+                        flags: i64::from(span.flags),
+                        attributes: encode_opt(&span.attributes, dicts),
+                        events,
+                        links,
+                        dropped_attributes_count: i64::from(span.dropped_attributes_count),
+                        dropped_events_count: i64::from(span.dropped_events_count),
+                        dropped_links_count: i64::from(span.dropped_links_count),
+                    },
                 });
             }
         }

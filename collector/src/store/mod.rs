@@ -5,6 +5,7 @@
 //! read-only connections ([`read`]). Export requests are turned into rows by [`convert`] on the
 //! ingest side, so the writer only inserts.
 
+pub mod blocks;
 pub mod codec;
 pub mod convert;
 pub mod dict;
@@ -227,6 +228,7 @@ impl Store {
         let size_limit = cfg.max_db_size.map(|max| writer::SizeLimit::new(max, evicted.clone()));
         let pace = writer::Pace { max_batch_items: cfg.max_batch_items, prune_every: cfg.retention_check_interval, size_limit };
         let mut writer = writer::Writer::new(conn, write_options, health.clone(), dicts.clone(), metrics.clone(), red, pace);
+        writer.move_row_spans().await?;
         writer.recover_span_metrics().await?;
         let task = tokio::spawn(writer.run(rx));
         metrics.queue_capacity.set(cfg.queue_capacity as i64);

@@ -486,19 +486,20 @@ pub struct Facts<'a> {
 }
 
 impl<'a> From<&'a SpanRow> for Facts<'a> {
-    fn from(s: &'a SpanRow) -> Self {
+    fn from(row: &'a SpanRow) -> Self {
+        let s = &row.span;
         Facts {
             trace: s.trace,
-            trace_id: s.trace_id,
+            trace_id: row.trace_id,
             span_id: s.span_id,
             parent_span_id: s.parent_span_id,
             service: s.service,
-            operation: s.operation,
+            operation: row.operation,
             kind: s.kind,
             status_code: s.status_code,
             start_ns: s.start_ns,
             duration_ns: s.duration_ns,
-            peer: s.peer.as_ref(),
+            peer: row.peer.as_ref(),
         }
     }
 }
@@ -885,27 +886,27 @@ impl SpanMetrics {
     }
 }
 
-/// Spans read back from the table to be counted again, with the peers their facts borrow.
-struct StoredSpan {
+/// Spans read back from their blocks to be counted again, with the peers their facts borrow.
+struct Recounted {
     facts: Facts<'static>,
     peer: Option<Peer>,
 }
 
 impl SpanMetrics {
-    /// The spans the aggregates do not cover: rowids after `red_state`'s up to the last one now
-    /// (none when span metrics are off).
+    /// The span blocks the aggregates do not cover: ids after `red_state`'s up to the last one
+    /// now (none when span metrics are off).
     pub async fn recovery_range(&self, conn: &mut SqliteConnection) -> Result<Option<(i64, i64)>, sqlx::Error> {
         if self.max_series == 0 {
             return Ok(None);
         }
-        let after: i64 = sqlx::query("SELECT spans_rowid FROM red_state WHERE id = 1").fetch_one(&mut *conn).await?.try_get(0)?;
-        let last: i64 = sqlx::query("SELECT COALESCE(max(rowid), 0) FROM spans").fetch_one(&mut *conn).await?.try_get(0)?;
+        let after: i64 = sqlx::query("SELECT block FROM red_state WHERE id = 1").fetch_one(&mut *conn).await?.try_get(0)?;
+        let last: i64 = sqlx::query("SELECT COALESCE(max(id), 0) FROM span_blocks").fetch_one(&mut *conn).await?.try_get(0)?;
         Ok((last > after).then_some((after, last)))
     }
 
-    /// The next stored spans after rowid `after` (up to `last`), aggregated as one request: calls
-    /// whose parent is elsewhere are looked up in the database. Returns the batch and the last
-    /// rowid it covers.
+    /// The spans of the next blocks after `after` (up to `last`, about 20,000 spans), aggregated
+    /// as one request: calls whose parent is elsewhere are looked up in the blocks of their trace.
+    /// Returns the batch and the last block it covers.
     pub async fn recovery_chunk(
         &self,
         conn: &mut SqliteConnection,
@@ -914,54 +915,65 @@ impl SpanMetrics {
         names: &StringsSnapshot,
         other_operations: i64,
     ) -> Result<Option<(RedBatch, i64)>, crate::store::StoreError> {
-        let rows = sqlx::query(
-            "SELECT s.rowid, s.trace, t.trace_id, s.span_id, s.parent_span_id, s.service, s.name, s.kind, s.start_ns, s.duration_ns, \
-             s.status_code, CASE WHEN s.kind IN (3, 4, 5) THEN s.attributes END FROM spans s JOIN traces t ON t.id = s.trace \
-             WHERE s.rowid > ? AND s.rowid <= ? ORDER BY s.rowid LIMIT 20000",
-        )
-        .bind(after)
-        .bind(last)
-        .fetch_all(&mut *conn)
-        .await?;
+        let rows =
+            sqlx::query("SELECT id, data FROM span_blocks WHERE id > ? AND id <= ? ORDER BY id LIMIT 40").bind(after).bind(last).fetch_all(&mut *conn).await?;
         let Some(end) = rows.last().map(|r| r.try_get::<i64, _>(0)).transpose()? else { return Ok(None) };
-        let mut spans = Vec::with_capacity(rows.len());
+        let mut stored = Vec::new();
         for r in &rows {
-            let kind: i32 = r.try_get(7)?;
-            let peer = match r.try_get::<Option<Vec<u8>>, _>(11)? {
-                Some(attrs) => peer(kind, &super::codec::decode_attributes(&attrs, names)?),
-                None => None,
+            stored.extend(super::blocks::decode(&r.try_get::<Vec<u8>, _>(1)?)?);
+        }
+        drop(rows);
+        let mut trace_ids: FxHashMap<i64, [u8; 16]> = FxHashMap::default();
+        for s in &stored {
+            if let std::collections::hash_map::Entry::Vacant(e) = trace_ids.entry(s.trace) {
+                let id: Option<Vec<u8>> = sqlx::query_scalar("SELECT trace_id FROM traces WHERE id = ?").bind(s.trace).fetch_optional(&mut *conn).await?;
+                e.insert(id.and_then(|id| id.try_into().ok()).unwrap_or([0; 16]));
+            }
+        }
+        let mut spans = Vec::with_capacity(stored.len());
+        for s in &stored {
+            let peer = match (&s.attributes, s.kind) {
+                (Some(attrs), 3..=5) => peer(s.kind, &super::codec::decode_attributes(attrs, names)?),
+                _ => None,
             };
-            let trace_id: Vec<u8> = r.try_get(2)?;
-            spans.push(StoredSpan {
+            spans.push(Recounted {
                 facts: Facts {
-                    trace: r.try_get(1)?,
-                    trace_id: trace_id.try_into().unwrap_or([0; 16]),
-                    span_id: r.try_get(3)?,
-                    parent_span_id: r.try_get(4)?,
-                    service: r.try_get(5)?,
-                    operation: match super::read::stored_name(r, 6)? {
-                        super::rows::SpanName::Id(id) => id,
+                    trace: s.trace,
+                    trace_id: trace_ids.get(&s.trace).copied().unwrap_or([0; 16]),
+                    span_id: s.span_id,
+                    parent_span_id: s.parent_span_id,
+                    service: s.service,
+                    operation: match &s.name {
+                        super::rows::SpanName::Id(id) => *id,
                         super::rows::SpanName::Inline(_) => other_operations,
                     },
-                    kind,
-                    status_code: r.try_get(10)?,
-                    start_ns: r.try_get(8)?,
-                    duration_ns: r.try_get(9)?,
+                    kind: s.kind,
+                    status_code: s.status_code,
+                    start_ns: s.start_ns,
+                    duration_ns: s.duration_ns,
                     peer: None,
                 },
                 peer,
             });
         }
         let mut batch = RedBatch::of(spans.iter().map(|s| Facts { peer: s.peer.as_ref(), ..s.facts }));
-        // Parents in other chunks, or written before: the database has them.
+        // Parents in other blocks: the blocks of their traces have them.
+        let mut owners: FxHashMap<(i64, i64), i64> = FxHashMap::default();
+        let mut looked_up: std::collections::HashSet<i64> = Default::default();
         let mut waiting = Vec::new();
         for (key, c) in std::mem::take(&mut batch.orphans) {
-            let parent: Option<i64> = sqlx::query_scalar("SELECT service FROM spans WHERE trace = ? AND span_id = ? LIMIT 1")
-                .bind(c.trace)
-                .bind(c.parent)
-                .fetch_optional(&mut *conn)
-                .await?;
-            match parent {
+            if looked_up.insert(c.trace) {
+                let blocks: Vec<Vec<u8>> = sqlx::query_scalar("SELECT data FROM span_blocks WHERE id IN (SELECT block FROM trace_blocks WHERE trace = ?)")
+                    .bind(c.trace)
+                    .fetch_all(&mut *conn)
+                    .await?;
+                for data in blocks {
+                    for s in super::blocks::decode(&data)?.into_iter().filter(|s| s.trace == c.trace) {
+                        owners.entry((s.trace, s.span_id)).or_insert(s.service);
+                    }
+                }
+            }
+            match owners.get(&(c.trace, c.parent)).copied() {
                 Some(client) if client != c.server => {
                     batch.adds.entry(SeriesKey::Call { client, server: c.server, via_broker: c.via_broker }).or_default().add(&c.row, c.error)
                 }

@@ -6,6 +6,7 @@ use sqlx::Sqlite;
 use sqlx::query::Query;
 use sqlx::sqlite::SqliteArguments;
 
+use super::blocks::StoredSpan;
 use super::dict::TraceRow;
 use super::red::{Peer, RedBatch};
 
@@ -20,84 +21,17 @@ pub trait Insert {
     fn bind(self, q: Q<'_>) -> Q<'_>;
 }
 
+/// A span as converted: what is stored of it, and what the span metrics need besides.
 #[derive(Debug)]
 pub struct SpanRow {
-    pub trace: i64,
-    /// Not a column (`trace` refers to it): for exemplars of the span metrics.
+    /// Of the trace `span.trace` refers to: for exemplars of the span metrics.
     pub trace_id: [u8; 16],
-    /// Not a column: the operation the span counts under (its name's id, or that of
-    /// [`OTHER_OPERATIONS`] for an inline name).
+    /// The operation the span counts under (its name's id, or that of [`OTHER_OPERATIONS`] for an
+    /// inline name).
     pub operation: i64,
-    /// Not a column: the database or broker the span names, for the span metrics.
+    /// The database or broker the span names, for the span metrics.
     pub peer: Option<Peer>,
-    pub span_id: i64,
-    pub parent_span_id: Option<i64>,
-    pub service: i64,
-    pub name: SpanName,
-    pub kind: i32,
-    pub start_ns: i64,
-    pub duration_ns: i64,
-    pub status_code: i32,
-    pub status_message: Option<String>,
-    pub resource: i64,
-    pub scope: i64,
-    pub trace_state: Option<String>,
-    pub flags: i64,
-    pub attributes: Option<Vec<u8>>,
-    pub events: Option<Vec<u8>>,
-    pub links: Option<Vec<u8>>,
-    pub dropped_attributes_count: i64,
-    pub dropped_events_count: i64,
-    pub dropped_links_count: i64,
-}
-
-impl Insert for SpanRow {
-    const TABLE: &'static str = "spans";
-    const COLUMNS: &'static [&'static str] = &[
-        "trace",
-        "span_id",
-        "parent_span_id",
-        "service",
-        "name",
-        "kind",
-        "start_ns",
-        "duration_ns",
-        "status_code",
-        "status_message",
-        "resource",
-        "scope",
-        "trace_state",
-        "flags",
-        "attributes",
-        "events",
-        "links",
-        "dropped_attributes_count",
-        "dropped_events_count",
-        "dropped_links_count",
-    ];
-    fn bind(self, q: Q<'_>) -> Q<'_> {
-        let q = q.bind(self.trace).bind(self.span_id).bind(self.parent_span_id).bind(self.service);
-        let q = match self.name {
-            SpanName::Id(id) => q.bind(id),
-            // A BLOB: SQLite never turns it into a number, so it cannot be taken for an id.
-            SpanName::Inline(name) => q.bind(name.into_bytes()),
-        };
-        q.bind(self.kind)
-            .bind(self.start_ns)
-            .bind(self.duration_ns)
-            .bind(self.status_code)
-            .bind(self.status_message)
-            .bind(self.resource)
-            .bind(self.scope)
-            .bind(self.trace_state)
-            .bind(self.flags)
-            .bind(self.attributes)
-            .bind(self.events)
-            .bind(self.links)
-            .bind(self.dropped_attributes_count)
-            .bind(self.dropped_events_count)
-            .bind(self.dropped_links_count)
-    }
+    pub span: StoredSpan,
 }
 
 #[derive(Debug)]
@@ -284,11 +218,52 @@ impl Insert for OperationRow {
     }
 }
 
-impl Insert for TraceRow {
+/// A trace row with the spans a transaction adds to it: inserted when new, its count raised
+/// when it is there.
+#[derive(Debug, Clone)]
+pub struct TraceUpsert {
+    pub row: TraceRow,
+    pub spans: i64,
+}
+
+impl Insert for TraceUpsert {
     const TABLE: &'static str = "traces";
-    const COLUMNS: &'static [&'static str] = &["id", "trace_id", "first_seen_ns"];
+    const COLUMNS: &'static [&'static str] = &["id", "trace_id", "first_seen_ns", "spans"];
+    const UPSERT: &'static str = "ON CONFLICT (id) DO UPDATE SET spans = spans + excluded.spans";
     fn bind(self, q: Q<'_>) -> Q<'_> {
-        q.bind(self.id).bind(self.trace_id.to_vec()).bind(self.first_seen_ns)
+        q.bind(self.row.id).bind(self.row.trace_id.to_vec()).bind(self.row.first_seen_ns).bind(self.spans)
+    }
+}
+
+/// A block of spans (see [`super::blocks`]) with the id the writer gave it.
+#[derive(Debug)]
+pub struct BlockRow {
+    pub id: i64,
+    pub block: super::blocks::Block,
+}
+
+impl Insert for BlockRow {
+    const TABLE: &'static str = "span_blocks";
+    const COLUMNS: &'static [&'static str] = &["id", "start_min", "start_max", "spans", "summary", "traces", "data"];
+    fn bind(self, q: Q<'_>) -> Q<'_> {
+        let b = self.block;
+        q.bind(self.id).bind(b.start_min).bind(b.start_max).bind(b.spans as i64).bind(b.summary).bind(b.trace_list).bind(b.data)
+    }
+}
+
+/// A trace has spans in a block.
+#[derive(Debug, Clone, Copy)]
+pub struct TraceBlockRow {
+    pub trace: i64,
+    pub block: i64,
+}
+
+impl Insert for TraceBlockRow {
+    const TABLE: &'static str = "trace_blocks";
+    const COLUMNS: &'static [&'static str] = &["trace", "block"];
+    const UPSERT: &'static str = "ON CONFLICT DO NOTHING";
+    fn bind(self, q: Q<'_>) -> Q<'_> {
+        q.bind(self.trace).bind(self.block)
     }
 }
 
@@ -327,7 +302,8 @@ impl Rows {
     /// About the bytes these rows take in the database, indexes included.
     pub fn approx_bytes(&self) -> u64 {
         let blob = |b: &Option<Vec<u8>>| b.as_ref().map_or(0, Vec::len);
-        let spans: usize = self.spans.iter().map(|s| 120 + blob(&s.attributes) + blob(&s.events) + blob(&s.links)).sum();
+        // Spans are stored compressed, at about a fifth of their encoded size.
+        let spans: usize = self.spans.iter().map(|s| (40 + s.span.blob_len()) / 5).sum();
         let points: usize = self.points.iter().map(|p| 60 + p.data.len()).sum();
         let logs: usize = self.logs.iter().map(|l| 100 + blob(&l.body) + blob(&l.attributes)).sum();
         (spans + points + logs) as u64

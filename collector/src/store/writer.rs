@@ -14,15 +14,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sqlx::sqlite::SqliteConnectOptions;
-use sqlx::{AssertSqlSafe, Connection, SqliteConnection};
+use sqlx::{AssertSqlSafe, Connection, Row, SqliteConnection};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 
 mod evict;
 
 pub use evict::{Evicted, SharedEvicted, SizeLimit};
 
+use super::blocks::{self, Block, StoredSpan};
+use super::dict::TraceRow;
 use super::red::{MINUTE_NS, Prepared, SpanMetrics};
-use super::rows::{Insert, MetricRow, OperationKey, OperationRow, Rows, SeriesRow};
+use super::rows::{BlockRow, Insert, MetricRow, OperationKey, OperationRow, Rows, SeriesRow, SpanRow, TraceBlockRow, TraceUpsert};
 use super::{Dicts, Health, StoreError};
 use crate::metrics::Metrics;
 
@@ -47,6 +49,8 @@ pub enum Command {
 /// Row counts a multi-row INSERT is built for; a batch is split into these, so the statement
 /// cache holds a few statements per table instead of one per batch size.
 const CHUNKS: [usize; 4] = [512, 64, 8, 1];
+/// Spans of an older database's `spans` table moved into blocks per transaction.
+const MOVE_CHUNK: i64 = 50_000;
 /// Rows one retention step deletes per table before ingest gets the database back.
 const PRUNE_CHUNK: i64 = 5_000;
 /// Under load, ingest gets at least this many times as long as the last retention step took
@@ -119,6 +123,96 @@ impl Writer {
         }
     }
 
+    /// Moves the spans of a database from before span blocks (the `spans` table) into blocks,
+    /// oldest rows first, in transactions of [`MOVE_CHUNK`] spans with progress in the log, then
+    /// drops the table. Interrupted, it goes on at the next start. The span metrics' mark moves
+    /// along: blocks of rows they had counted are marked counted.
+    pub async fn move_row_spans(&mut self) -> Result<(), StoreError> {
+        let conn = Self::connection(&mut self.conn, &self.options).await?;
+        let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'spans'").fetch_optional(&mut *conn).await?;
+        if exists.is_none() {
+            return Ok(());
+        }
+        let total: i64 = sqlx::query_scalar("SELECT count(*) FROM spans").fetch_one(&mut *conn).await?;
+        let counted: i64 = sqlx::query_scalar("SELECT spans_rowid FROM red_state WHERE id = 1").fetch_one(&mut *conn).await?;
+        let started = Instant::now();
+        let mut moved = 0i64;
+        if total > 0 {
+            tracing::info!(spans = total, "moving the spans of an older database into span blocks");
+        }
+        loop {
+            let mut tx = conn.begin().await?;
+            let first: Option<i64> = sqlx::query_scalar("SELECT min(rowid) FROM spans").fetch_one(&mut *tx).await?;
+            let Some(first) = first else { break };
+            // A chunk ends at the span metrics' mark, so the mark falls between blocks.
+            let upto = if first <= counted { counted } else { i64::MAX };
+            let rows = sqlx::query(
+                "SELECT rowid, trace, span_id, parent_span_id, service, name, kind, start_ns, duration_ns, status_code, status_message, \
+                 resource, scope, trace_state, flags, attributes, events, links, dropped_attributes_count, dropped_events_count, \
+                 dropped_links_count FROM spans WHERE rowid <= ? ORDER BY rowid LIMIT ?",
+            )
+            .bind(upto)
+            .bind(MOVE_CHUNK)
+            .fetch_all(&mut *tx)
+            .await?;
+            let last: i64 = match rows.last() {
+                Some(r) => r.try_get(0)?,
+                None => break,
+            };
+            let mut spans = Vec::with_capacity(rows.len());
+            for r in &rows {
+                spans.push(StoredSpan {
+                    trace: r.try_get(1)?,
+                    span_id: r.try_get(2)?,
+                    parent_span_id: r.try_get(3)?,
+                    service: r.try_get(4)?,
+                    name: super::read::stored_name(r, 5)?,
+                    kind: r.try_get(6)?,
+                    start_ns: r.try_get(7)?,
+                    duration_ns: r.try_get(8)?,
+                    status_code: r.try_get(9)?,
+                    status_message: r.try_get(10)?,
+                    resource: r.try_get(11)?,
+                    scope: r.try_get(12)?,
+                    trace_state: r.try_get(13)?,
+                    flags: r.try_get(14)?,
+                    attributes: r.try_get(15)?,
+                    events: r.try_get(16)?,
+                    links: r.try_get(17)?,
+                    dropped_attributes_count: r.try_get(18)?,
+                    dropped_events_count: r.try_get(19)?,
+                    dropped_links_count: r.try_get(20)?,
+                });
+            }
+            drop(rows);
+            let mut per_trace: BTreeMap<i64, i64> = BTreeMap::new();
+            for s in &spans {
+                *per_trace.entry(s.trace).or_default() += 1;
+            }
+            let built = blocks::build(spans.iter().collect());
+            let first_block: i64 = sqlx::query_scalar("SELECT COALESCE(max(id), 0) + 1 FROM span_blocks").fetch_one(&mut *tx).await?;
+            let links: Vec<TraceBlockRow> =
+                (first_block..).zip(&built).flat_map(|(block, b)| b.traces.iter().map(move |&(trace, _)| TraceBlockRow { trace, block })).collect();
+            insert(&mut self.sql, &mut tx, (first_block..).zip(built).map(|(id, block)| BlockRow { id, block }).collect()).await?;
+            insert(&mut self.sql, &mut tx, links).await?;
+            for (trace, n) in per_trace {
+                sqlx::query("UPDATE traces SET spans = spans + ? WHERE id = ?").bind(n).bind(trace).execute(&mut *tx).await?;
+            }
+            sqlx::query("DELETE FROM spans WHERE rowid <= ?").bind(last).execute(&mut *tx).await?;
+            if last <= counted {
+                sqlx::query("UPDATE red_state SET block = (SELECT max(id) FROM span_blocks) WHERE id = 1").execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+            moved += spans.len() as i64;
+            tracing::info!(moved, of = total, "moving spans into span blocks");
+        }
+        sqlx::query("DROP TABLE spans").execute(&mut *conn).await?;
+        if total > 0 {
+            tracing::info!(spans = moved, secs = started.elapsed().as_secs_f64(), "every span is in span blocks");
+        }
+        Ok(())
+    }
+
     /// Counts into the span metrics the spans stored after their last flush (written in the
     /// second before a crash, or before span metrics existed), in chunks, before the writer
     /// takes exports: the aggregates then cover every stored span again.
@@ -138,13 +232,13 @@ impl Writer {
                 insert(&mut self.sql, &mut tx, series_rows).await?;
                 insert(&mut self.sql, &mut tx, minute_rows).await?;
             }
-            sqlx::query("UPDATE red_state SET spans_rowid = ? WHERE id = 1").bind(end).execute(&mut *tx).await?;
+            sqlx::query("UPDATE red_state SET block = ? WHERE id = 1").bind(end).execute(&mut *tx).await?;
             tx.commit().await?;
             self.red.apply(p);
             after = end;
-            tracing::info!(counted = after - first, of = last - first, "counting stored spans into the span metrics");
+            tracing::info!(counted = after - first, of = last - first, "counting stored span blocks into the span metrics");
         }
-        tracing::info!(spans = last - first, secs = started.elapsed().as_secs_f64(), "span metrics cover every stored span");
+        tracing::info!(blocks = last - first, secs = started.elapsed().as_secs_f64(), "span metrics cover every stored span");
         Ok(())
     }
 
@@ -259,6 +353,14 @@ impl Writer {
             acks.push((permit, ack));
         }
         let operations: Vec<OperationRow> = operations.into_iter().map(|(key, last_seen_ns)| OperationRow { key, last_seen_ns }).collect();
+        // Encoding and compressing the blocks is CPU work for another thread than the runtime's.
+        let (blocks, trace_rows) = {
+            let (spans, new_traces) = (std::mem::take(&mut all.spans), traces.clone());
+            match tokio::task::spawn_blocking(move || span_blocks(spans, new_traces)).await {
+                Ok(built) => built,
+                Err(e) => std::panic::resume_unwind(e.into_panic()),
+            }
+        };
 
         let (sql, options, span_metrics) = (&mut self.sql, &self.options, &self.red);
         let result: Result<Prepared, sqlx::Error> = async {
@@ -269,17 +371,23 @@ impl Writer {
             insert(sql, &mut tx, strings.clone()).await?;
             insert(sql, &mut tx, resources.clone()).await?;
             insert(sql, &mut tx, scopes.clone()).await?;
-            insert(sql, &mut tx, traces.clone()).await?;
+            insert(sql, &mut tx, trace_rows).await?;
             insert(sql, &mut tx, operations).await?;
             insert(sql, &mut tx, metric_defs.into_values().collect()).await?;
             insert(sql, &mut tx, series.into_values().collect()).await?;
-            insert(sql, &mut tx, all.spans).await?;
+            if !blocks.is_empty() {
+                let first: i64 = sqlx::query_scalar("SELECT COALESCE(max(id), 0) + 1 FROM span_blocks").fetch_one(&mut *tx).await?;
+                let links: Vec<TraceBlockRow> =
+                    (first..).zip(&blocks).flat_map(|(block, b)| b.traces.iter().map(move |&(trace, _)| TraceBlockRow { trace, block })).collect();
+                insert(sql, &mut tx, (first..).zip(blocks).map(|(id, block)| BlockRow { id, block }).collect()).await?;
+                insert(sql, &mut tx, links).await?;
+            }
             insert(sql, &mut tx, all.points).await?;
             insert(sql, &mut tx, all.logs).await?;
             if let Some((series_rows, minute_rows)) = span_metrics.rows_to_flush(&mut red, flush) {
                 insert(sql, &mut tx, series_rows).await?;
                 insert(sql, &mut tx, minute_rows).await?;
-                sqlx::query("UPDATE red_state SET spans_rowid = (SELECT COALESCE(max(rowid), 0) FROM spans) WHERE id = 1").execute(&mut *tx).await?;
+                sqlx::query("UPDATE red_state SET block = (SELECT COALESCE(max(id), 0) FROM span_blocks) WHERE id = 1").execute(&mut *tx).await?;
             }
             tx.commit().await?;
             Ok(red)
@@ -334,22 +442,19 @@ impl Writer {
     /// chunk from each catalog table (operations and series last seen before the cutoff, metrics
     /// left without series). Ends the pass when nothing is left to delete.
     ///
-    /// Spans and logs are found through `(service, time)` indexes, for every service that has a
-    /// resource (resources are never removed, so no span or log is left out).
+    /// Span blocks go whole once their latest span start is past the cutoff (found through the
+    /// `start_max` index); logs are found through the `(service, time)` index, for every service
+    /// that has a resource (resources are never removed, so no log is left out).
     async fn prune_step(&mut self) {
         let Some(p) = &self.prune else { return };
         let (cutoff, min_ref) = (p.cutoff_ns, p.min_trace_ref);
         let started = Instant::now();
         let minute = cutoff.div_euclid(MINUTE_NS);
-        let data: [(&str, &'static str, Vec<i64>); 5] = [
-            (
-                "spans",
-                "DELETE FROM spans WHERE rowid IN (SELECT rowid FROM spans WHERE service IN (SELECT DISTINCT service FROM resources) AND start_ns < ?1 LIMIT ?2)",
-                vec![cutoff, PRUNE_CHUNK],
-            ),
+        let data: [(&str, &'static str, Vec<i64>); 4] = [
             (
                 "traces",
-                "DELETE FROM traces WHERE id IN (SELECT id FROM traces t WHERE t.first_seen_ns < ?1 AND t.id < ?3 AND NOT EXISTS (SELECT 1 FROM spans s WHERE s.trace = t.id) LIMIT ?2)",
+                "DELETE FROM traces WHERE id IN (SELECT id FROM traces t WHERE t.first_seen_ns < ?1 AND t.id < ?3 \
+                 AND NOT EXISTS (SELECT 1 FROM trace_blocks b WHERE b.trace = t.id) LIMIT ?2)",
                 vec![cutoff, PRUNE_CHUNK, min_ref],
             ),
             (
@@ -392,7 +497,9 @@ impl Writer {
                 vec![PRUNE_CHUNK],
             ),
         ];
+        let Some(blocks) = self.prune_blocks(cutoff).await else { return };
         let Some(mut total) = self.delete_chunks(data).await else { return };
+        total += blocks;
         if total == 0 {
             let Some(n) = self.delete_chunks(catalog).await else { return };
             total = n;
@@ -403,6 +510,42 @@ impl Writer {
         } else if let Some(p) = &mut self.prune {
             let took = started.elapsed();
             p.next_step = Instant::now() + (took * INGEST_SHARE).min(self.prune_every);
+        }
+    }
+
+    /// Deletes blocks whose spans all started before the cutoff, up to [`PRUNE_CHUNK`] spans, with
+    /// their `trace_blocks` entries; the spans deleted, or `None` (and the pass given up until the
+    /// next check) on an error.
+    async fn prune_blocks(&mut self, cutoff: i64) -> Option<u64> {
+        let result = async {
+            let conn = Self::connection(&mut self.conn, &self.options).await?;
+            let mut tx = conn.begin().await?;
+            let rows = sqlx::query("SELECT id, spans, traces FROM span_blocks WHERE start_max < ? ORDER BY start_max LIMIT ?")
+                .bind(cutoff)
+                .bind((PRUNE_CHUNK / blocks::MAX_BLOCK_SPANS as i64).max(1))
+                .fetch_all(&mut *tx)
+                .await?;
+            let mut spans = 0u64;
+            for r in &rows {
+                let id: i64 = r.try_get(0)?;
+                spans += r.try_get::<i64, _>(1)?.max(0) as u64;
+                delete_block(&mut *tx, id, &r.try_get::<Vec<u8>, _>(2)?).await?;
+            }
+            tx.commit().await?;
+            Ok::<_, StoreError>(spans)
+        }
+        .await;
+        match result {
+            Ok(spans) => {
+                self.metrics.retention_deleted.with_label_values(&["spans"]).inc_by(spans);
+                Some(spans)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "retention step failed; trying again next pass");
+                self.prune = None;
+                self.discard_connection().await;
+                None
+            }
         }
     }
 
@@ -433,6 +576,30 @@ impl Writer {
         }
         Some(total)
     }
+}
+
+/// Deletes a block and the `trace_blocks` entries of the traces it lists.
+pub(super) async fn delete_block(conn: &mut SqliteConnection, id: i64, trace_list: &[u8]) -> Result<(), StoreError> {
+    for trace in blocks::decode_trace_list(trace_list)? {
+        sqlx::query("DELETE FROM trace_blocks WHERE trace = ? AND block = ?").bind(trace).bind(id).execute(&mut *conn).await?;
+    }
+    sqlx::query("DELETE FROM span_blocks WHERE id = ?").bind(id).execute(&mut *conn).await?;
+    Ok(())
+}
+
+/// The blocks of a transaction's spans, and its trace rows (the new ones and those it adds spans
+/// to) with the spans each gets.
+fn span_blocks(spans: Vec<SpanRow>, new_traces: Vec<TraceRow>) -> (Vec<Block>, Vec<TraceUpsert>) {
+    let mut traces: BTreeMap<i64, TraceUpsert> = new_traces.into_iter().map(|row| (row.id, TraceUpsert { row, spans: 0 })).collect();
+    for s in &spans {
+        traces
+            .entry(s.span.trace)
+            // Not new: the row is there, and only the count is updated.
+            .or_insert_with(|| TraceUpsert { row: TraceRow { id: s.span.trace, trace_id: s.trace_id, first_seen_ns: 0 }, spans: 0 })
+            .spans += 1;
+    }
+    let blocks = blocks::build(spans.iter().map(|s| &s.span).collect());
+    (blocks, traces.into_values().collect())
 }
 
 async fn insert<R: Insert>(sql_cache: &mut HashMap<(&'static str, usize), String>, conn: &mut SqliteConnection, rows: Vec<R>) -> Result<(), sqlx::Error> {
@@ -536,8 +703,8 @@ mod tests {
 
         let mut check = SqliteConnection::connect_with(&connect_options(&path)).await.expect("reopen");
         let count = |sql: &'static str| sqlx::query(sql);
-        let old_left: i64 = count("SELECT COUNT(*) FROM spans WHERE start_ns = 1").fetch_one(&mut check).await.expect("count").get(0);
-        let new_kept: i64 = count("SELECT COUNT(*) FROM spans WHERE start_ns > 1").fetch_one(&mut check).await.expect("count").get(0);
+        let old_left: i64 = count("SELECT COALESCE(SUM(spans), 0) FROM span_blocks WHERE start_max = 1").fetch_one(&mut check).await.expect("count").get(0);
+        let new_kept: i64 = count("SELECT COALESCE(SUM(spans), 0) FROM span_blocks WHERE start_min > 1").fetch_one(&mut check).await.expect("count").get(0);
         assert_eq!((old_left, new_kept), (0, 20));
         assert_eq!(metrics.retention_deleted.with_label_values(&["spans"]).get(), old);
         assert_eq!(metrics.retention_runs.get(), 1, "the pass ended while exports were still queued");
@@ -605,7 +772,7 @@ mod tests {
 
         tx.send(Command::Shutdown).map_err(|_| "send").expect("queued");
         task.await.expect("writer ends");
-        let stored: i64 = sqlx::query("SELECT COUNT(*) FROM spans").fetch_one(&mut setup).await.expect("count").get(0);
+        let stored: i64 = sqlx::query("SELECT SUM(spans) FROM span_blocks").fetch_one(&mut setup).await.expect("count").get(0);
         assert_eq!(stored, acked, "exactly the acknowledged spans are stored");
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -7,10 +7,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use futures::TryStreamExt;
 use sqlx::Row;
 
-use super::stored_name;
+use futures::TryStreamExt;
+
+use super::spans::visit_window;
 use crate::store::codec::decode_attributes;
 pub use crate::store::red::NodeKind;
 use crate::store::red::{self, Agg, MINUTE_NS, SERIES_COLUMNS, SeriesKey};
@@ -235,42 +236,24 @@ impl Store {
         // knows every string id the attributes read later can refer to.
         sqlx::query("SELECT 1 FROM traces LIMIT 1").fetch_optional(&mut *tx).await?;
         let dict = self.dicts.strings.snapshot();
-        let mut rows = sqlx::query(
-            "SELECT trace, span_id, parent_span_id, service, kind, duration_ns, status_code, \
-             CASE WHEN ? AND kind IN (3, 4, 5) THEN attributes END FROM spans \
-             WHERE service IN (SELECT DISTINCT service FROM operations) AND start_ns >= ? AND start_ns <= ?",
-        )
-        .bind(detail)
-        .bind(start_ns)
-        .bind(end_ns)
-        .fetch(&mut *tx);
         let mut scan = WindowScan::default();
         let mut remote_ids: HashMap<(NodeKind, String), usize> = HashMap::new();
-        let mut scanned = 0;
-        while let Some(r) = rows.try_next().await? {
-            scanned += 1;
-            if scanned > WINDOW_SCAN_LIMIT {
-                tracing::warn!(scanned, "a window scan stopped at its limit");
-                break;
-            }
-            let trace: i64 = r.try_get(0)?;
-            let service: i64 = r.try_get(3)?;
-            let parent: Option<i64> = r.try_get(2)?;
-            let duration = r.try_get::<i64, _>(5)?.max(0) as u64;
-            let error = r.try_get::<i32, _>(6)? == 2;
-            scan.owner.insert((trace, r.try_get(1)?), service);
-            let kind = r.try_get::<i32, _>(4)?;
+        let scanned = visit_window(&mut tx, start_ns, end_ns, WINDOW_SCAN_LIMIT, |s| {
+            let (trace, service, parent, kind) = (s.trace, s.service, s.parent_span_id, s.kind);
+            let duration = s.duration_ns.max(0) as u64;
+            let error = s.status_code == 2;
+            scan.owner.insert((trace, s.span_id), service);
             // Only CLIENT, PRODUCER and CONSUMER spans name a database or a broker.
-            let remote = match r.try_get::<Option<Vec<u8>>, _>(7)? {
-                Some(attrs) => red::peer(kind, &decode_attributes(&attrs, &dict)?).map(|p| (p.kind, p.name.to_string())),
-                None => None,
+            let remote = match &s.attributes {
+                Some(attrs) if detail && matches!(kind, 3..=5) => red::peer(kind, &decode_attributes(attrs, &dict)?).map(|p| (p.kind, p.name.to_string())),
+                _ => None,
             };
             let via_broker = kind == CONSUMER && remote.is_some();
             if let Some(parent) = parent {
                 scan.children.push(Child { trace, parent, service, duration, error, via_broker });
             }
             if !detail {
-                continue;
+                return Ok(());
             }
             let calls = scan.services.entry(service).or_default();
             match kind {
@@ -278,13 +261,17 @@ impl Store {
                 _ if parent.is_none() => calls.roots.add(duration, error),
                 _ => {}
             }
-            let Some(remote) = remote else { continue };
+            let Some(remote) = remote else { return Ok(()) };
             let next = remote_ids.len();
             let node = *remote_ids.entry(remote).or_insert(next);
             let target = if via_broker { &mut scan.consumer_calls } else { &mut scan.remote_calls };
             target.entry((service, node)).or_default().add(duration, error);
+            Ok(())
+        })
+        .await?;
+        if scanned > WINDOW_SCAN_LIMIT {
+            tracing::warn!(scanned, "a window scan stopped at its limit");
         }
-        drop(rows);
         let mut remotes: Vec<_> = remote_ids.into_iter().collect();
         remotes.sort_by_key(|(_, i)| *i);
         scan.remotes = remotes.into_iter().map(|(r, _)| r).collect();
@@ -295,23 +282,22 @@ impl Store {
     /// window, most called first (then by name and kind). An unknown service has none.
     pub async fn operation_stats_rescan(&self, service: &str, start_ns: i64, end_ns: i64) -> Result<Vec<OperationStats>, StoreError> {
         let Some(service) = self.dicts.strings.find(service) else { return Ok(Vec::new()) };
-        let mut rows = sqlx::query("SELECT name, kind, duration_ns, status_code FROM spans WHERE service = ? AND start_ns >= ? AND start_ns <= ? LIMIT ?")
-            .bind(service)
-            .bind(start_ns)
-            .bind(end_ns)
-            .bind(WINDOW_SCAN_LIMIT as i64)
-            .fetch(&self.read);
+        let mut tx = self.read.begin().await?;
         let mut ops: HashMap<(i64, i32), Calls> = HashMap::new();
-        while let Some(r) = rows.try_next().await? {
-            let duration = r.try_get::<i64, _>(2)?.max(0) as u64;
+        visit_window(&mut tx, start_ns, end_ns, WINDOW_SCAN_LIMIT, |s| {
+            if s.service != service {
+                return Ok(());
+            }
             // Spans with inline names (past the span-name budget) count under one operation.
-            let name = match stored_name(&r, 0)? {
+            let name = match s.name {
                 SpanName::Id(id) => id,
                 SpanName::Inline(_) => -1,
             };
-            ops.entry((name, r.try_get(1)?)).or_default().add(duration, r.try_get::<i32, _>(3)? == 2);
-        }
-        drop(rows);
+            ops.entry((name, s.kind)).or_default().add(s.duration_ns.max(0) as u64, s.status_code == 2);
+            Ok(())
+        })
+        .await?;
+        drop(tx);
         let dict = self.dicts.strings.snapshot();
         let mut out: Vec<OperationStats> = ops
             .into_iter()

@@ -10,6 +10,7 @@ mod logs;
 mod map;
 mod metrics;
 mod search;
+mod spans;
 mod trace;
 
 pub use logs::*;
@@ -23,6 +24,7 @@ use std::sync::Arc;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, any_value};
 use sqlx::{Row, TypeInfo, ValueRef};
 
+use super::blocks::StoredSpan;
 use super::codec::{Reader, decode_attributes};
 use super::dict::StringsSnapshot;
 use super::rows::SpanName;
@@ -60,11 +62,7 @@ pub fn status_name(code: i32) -> &'static str {
         _ => "UNSET",
     }
 }
-const SPAN_COLUMNS: &str = "t.trace_id, s.span_id, s.parent_span_id, s.service, s.name, s.kind, s.start_ns, \
-     s.duration_ns, s.status_code, s.status_message, s.resource, s.scope, s.trace_state, s.flags, s.attributes, \
-     s.events, s.links, s.dropped_attributes_count, s.dropped_events_count, s.dropped_links_count";
-
-/// `spans.name` at column `i`: an id, or a name stored inline (a BLOB).
+/// A span name at column `i` (of the former `spans` table): an id, or a name stored inline (a BLOB).
 pub(crate) fn stored_name(r: &sqlx::sqlite::SqliteRow, i: usize) -> Result<SpanName, sqlx::Error> {
     let inline = {
         let raw = r.try_get_raw(i)?;
@@ -85,35 +83,30 @@ fn name_text(name: SpanName, dict: &StringsSnapshot) -> String {
     }
 }
 
-fn span_from_row(r: &sqlx::sqlite::SqliteRow, dict: &StringsSnapshot) -> Result<SpanRecord, StoreError> {
-    let trace_id: Vec<u8> = r.try_get(0)?;
-    let start: i64 = r.try_get(6)?;
-    let duration: i64 = r.try_get(7)?;
-    let attrs: Option<Vec<u8>> = r.try_get(14)?;
-    let events: Option<Vec<u8>> = r.try_get(15)?;
-    let links: Option<Vec<u8>> = r.try_get(16)?;
-    let start = start as u64;
+/// A stored span as the query APIs see it.
+fn span_record(s: StoredSpan, trace_id: [u8; 16], dict: &StringsSnapshot) -> Result<SpanRecord, StoreError> {
+    let start = s.start_ns as u64;
     Ok(SpanRecord {
-        trace_id: trace_id.try_into().unwrap_or([0; 16]),
-        span_id: r.try_get::<i64, _>(1)?.to_be_bytes(),
-        parent_span_id: r.try_get::<Option<i64>, _>(2)?.map(i64::to_be_bytes),
-        service: Arc::from(dict.get(r.try_get(3)?)),
-        name: name_text(stored_name(r, 4)?, dict),
-        kind: r.try_get(5)?,
+        trace_id,
+        span_id: s.span_id.to_be_bytes(),
+        parent_span_id: s.parent_span_id.map(i64::to_be_bytes),
+        service: Arc::from(dict.get(s.service)),
+        name: name_text(s.name, dict),
+        kind: s.kind,
         start_ns: start,
-        end_ns: start.wrapping_add(duration as u64),
-        status_code: r.try_get(8)?,
-        status_message: r.try_get::<Option<String>, _>(9)?.unwrap_or_default(),
-        resource: r.try_get(10)?,
-        scope: r.try_get(11)?,
-        trace_state: r.try_get::<Option<String>, _>(12)?.unwrap_or_default(),
-        flags: r.try_get::<i64, _>(13)? as u32,
-        attributes: attrs.map(|b| decode_attributes(&b, dict)).transpose()?.unwrap_or_default(),
-        events: events.map(|b| Reader::new(&b, dict).events(start)).transpose()?.unwrap_or_default(),
-        links: links.map(|b| Reader::new(&b, dict).links()).transpose()?.unwrap_or_default(),
-        dropped_attributes_count: r.try_get::<i64, _>(17)? as u32,
-        dropped_events_count: r.try_get::<i64, _>(18)? as u32,
-        dropped_links_count: r.try_get::<i64, _>(19)? as u32,
+        end_ns: start.wrapping_add(s.duration_ns as u64),
+        status_code: s.status_code,
+        status_message: s.status_message.unwrap_or_default(),
+        resource: s.resource,
+        scope: s.scope,
+        trace_state: s.trace_state.unwrap_or_default(),
+        flags: s.flags as u32,
+        attributes: s.attributes.map(|b| decode_attributes(&b, dict)).transpose()?.unwrap_or_default(),
+        events: s.events.map(|b| Reader::new(&b, dict).events(start)).transpose()?.unwrap_or_default(),
+        links: s.links.map(|b| Reader::new(&b, dict).links()).transpose()?.unwrap_or_default(),
+        dropped_attributes_count: s.dropped_attributes_count as u32,
+        dropped_events_count: s.dropped_events_count as u32,
+        dropped_links_count: s.dropped_links_count as u32,
     })
 }
 impl Store {

@@ -2,11 +2,12 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use futures::TryStreamExt;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
-use sqlx::{AssertSqlSafe, QueryBuilder, Row, Sqlite, SqliteConnection};
+use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 
-use super::{kind_name, name_text, status_name, stored_name, value_text};
+use super::spans::{SpanKey, TraceBlocks, WindowBlocks, read_block};
+use super::{kind_name, name_text, status_name, value_text};
+use crate::store::blocks::{OpSummary, StoredSpan, status_bit};
 use crate::store::codec::{Reader, decode_attributes};
 use crate::store::rows::{OTHER_OPERATIONS, SpanName};
 use crate::store::{Store, StoreError};
@@ -33,7 +34,16 @@ pub struct SearchQuery {
     pub end_ns: i64,
     pub limit: usize,
 }
-/// Rows a search reads at most before answering with what it found.
+/// How a search matches span names.
+enum NameFilter {
+    Any,
+    Id(i64),
+    /// Every name stored inline ([`OTHER_OPERATIONS`]).
+    AnyInline,
+    /// A name not in the dictionary: stored inline if at all.
+    Inline(String),
+}
+/// Spans a search reads at most before answering with what it found.
 const SEARCH_SCAN_LIMIT: usize = 1_000_000;
 #[derive(Debug, Clone)]
 pub struct TraceSummary {
@@ -79,86 +89,115 @@ impl Store {
         let dict = self.dicts.strings.snapshot();
         let resource_attrs: HashMap<i64, Vec<KeyValue>> =
             resources.iter().map(|(id, attrs)| Ok((*id, decode_attributes(attrs, &dict)?))).collect::<Result<_, StoreError>>()?;
-        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
-            "SELECT t.trace_id, s.status_code, s.kind, s.resource, s.attributes, s.events, s.start_ns, s.status_message \
-             FROM spans s JOIN traces t ON t.id = s.trace WHERE ",
-        );
-        match service {
-            Some(id) => qb.push("s.service = ").push_bind(id),
-            None => qb.push("s.service IN (SELECT DISTINCT service FROM operations)"),
-        };
-        qb.push(" AND s.start_ns >= ").push_bind(q.start_ns);
-        qb.push(" AND s.start_ns <= ").push_bind(q.end_ns);
-        if let Some(op) = &q.operation {
-            match self.dicts.strings.find(op) {
+        let operation = match &q.operation {
+            None => NameFilter::Any,
+            Some(op) => match self.dicts.strings.find(op) {
                 // Spans whose names were stored inline are listed under this operation.
-                Some(_) if op == OTHER_OPERATIONS => qb.push(" AND typeof(s.name) = 'blob'"),
-                Some(id) => qb.push(" AND s.name = ").push_bind(id),
+                Some(_) if op == OTHER_OPERATIONS => NameFilter::AnyInline,
+                Some(id) => NameFilter::Id(id),
                 // Not in the dictionary: if anywhere, the name is inline.
-                None => qb.push(" AND s.name = ").push_bind(op.as_bytes().to_vec()),
+                None => NameFilter::Inline(op.clone()),
+            },
+        };
+        let status = q.status.map(|st| st as i32);
+        // Whether a block's summary leaves room for a matching span.
+        let may_match = |op: &OpSummary| {
+            service.is_none_or(|id| op.service == id)
+                && match &operation {
+                    NameFilter::Any => true,
+                    NameFilter::Id(id) => op.name == *id,
+                    NameFilter::AnyInline | NameFilter::Inline(_) => op.name == -1,
+                }
+                && q.span_kind.is_none_or(|k| op.kind == k)
+                && status.is_none_or(|st| op.statuses & status_bit(st) != 0)
+                && q.min_duration_ns.is_none_or(|d| op.max_duration_ns >= d)
+        };
+        let matches = |s: &StoredSpan| -> Result<bool, StoreError> {
+            if s.start_ns < q.start_ns
+                || s.start_ns > q.end_ns
+                || service.is_some_and(|id| s.service != id)
+                || q.span_kind.is_some_and(|k| s.kind != k)
+                || q.min_duration_ns.is_some_and(|d| s.duration_ns < d)
+                || q.max_duration_ns.is_some_and(|d| s.duration_ns > d)
+                || status.is_some_and(|st| s.status_code != st)
+            {
+                return Ok(false);
+            }
+            let name_ok = match (&operation, &s.name) {
+                (NameFilter::Any, _) => true,
+                (NameFilter::Id(want), SpanName::Id(id)) => want == id,
+                (NameFilter::AnyInline, SpanName::Inline(_)) => true,
+                (NameFilter::Inline(want), SpanName::Inline(name)) => want == name,
+                _ => false,
             };
-        }
-        if let Some(k) = q.span_kind {
-            qb.push(" AND s.kind = ").push_bind(k);
-        }
-        if let Some(d) = q.min_duration_ns {
-            qb.push(" AND s.duration_ns >= ").push_bind(d);
-        }
-        if let Some(d) = q.max_duration_ns {
-            qb.push(" AND s.duration_ns <= ").push_bind(d);
-        }
-        if let Some(st) = q.status {
-            qb.push(" AND s.status_code = ").push_bind(st as i32);
-        }
-        qb.push(" ORDER BY s.start_ns DESC");
+            if !name_ok {
+                return Ok(false);
+            }
+            if q.attributes.is_empty() {
+                return Ok(true);
+            }
+            let span_attrs = s.attributes.as_ref().map(|b| decode_attributes(b, &dict)).transpose()?;
+            let events = s.events.as_ref().map(|b| Reader::new(b, &dict).events(0)).transpose()?.unwrap_or_default();
+            let res = resource_attrs.get(&s.resource).map_or(&[][..], Vec::as_slice);
+            Ok(q.attributes.iter().all(|(k, v)| {
+                // The tags the Jaeger API derives from the span's fields, as it shows them.
+                let derived = match k.as_str() {
+                    "error" => Some(if s.status_code == 2 { "true" } else { "false" }),
+                    "span.kind" => Some(kind_name(s.kind)),
+                    "otel.status_code" => Some(status_name(s.status_code)),
+                    "otel.status_description" => Some(s.status_message.as_deref().unwrap_or("")),
+                    _ => None,
+                };
+                if let Some(d) = derived {
+                    return d == v;
+                }
+                let matches = |attrs: &[KeyValue]| attrs.iter().any(|kv| kv.key == *k && value_text(kv.value.as_ref()) == *v);
+                span_attrs.as_deref().is_some_and(matches) || matches(res) || events.iter().any(|e| matches(&e.attributes) || (k == "event" && e.name == *v))
+            }))
+        };
 
-        let mut found: Vec<[u8; 16]> = Vec::new();
-        let mut seen = HashSet::new();
-        let mut rows = qb.build().fetch(&mut *tx);
-        let mut scanned = 0;
-        while let Some(r) = rows.try_next().await? {
-            scanned += 1;
+        // The latest matching start of each trace row found. Blocks come latest first: once
+        // `limit` traces are found, a block whose spans all started before the limit-th of them
+        // cannot change the answer.
+        let mut latest: HashMap<i64, i64> = HashMap::new();
+        let mut scanned = 0usize;
+        let mut heads = WindowBlocks::new(q.start_ns, q.end_ns);
+        while let Some(head) = heads.next(&mut tx).await? {
+            if latest.len() >= q.limit {
+                let mut starts: Vec<i64> = latest.values().copied().collect();
+                let (_, kth, _) = starts.select_nth_unstable_by(q.limit - 1, |a, b| b.cmp(a));
+                if head.start_max < *kth {
+                    break;
+                }
+            }
+            if !head.summary.ops.iter().any(may_match) {
+                continue;
+            }
+            for s in read_block(&mut tx, head.id).await? {
+                scanned += 1;
+                if latest.get(&s.trace).is_some_and(|&t| t >= s.start_ns) || !matches(&s)? {
+                    continue;
+                }
+                latest.insert(s.trace, s.start_ns);
+            }
             if scanned > SEARCH_SCAN_LIMIT {
                 tracing::warn!(scanned, "trace search stopped at its scan limit");
                 break;
             }
-            let trace_id: [u8; 16] = r.try_get::<Vec<u8>, _>(0)?.try_into().unwrap_or([0; 16]);
-            if seen.contains(&trace_id) {
-                continue;
-            }
-            if !q.attributes.is_empty() {
-                let status: i32 = r.try_get(1)?;
-                let kind: i32 = r.try_get(2)?;
-                let resource: i64 = r.try_get(3)?;
-                let status_message: Option<String> = r.try_get(7)?;
-                let span_attrs = r.try_get::<Option<Vec<u8>>, _>(4)?.map(|b| decode_attributes(&b, &dict)).transpose()?;
-                let events = r.try_get::<Option<Vec<u8>>, _>(5)?.map(|b| Reader::new(&b, &dict).events(0)).transpose()?.unwrap_or_default();
-                let res = resource_attrs.get(&resource).map_or(&[][..], Vec::as_slice);
-                let all_match = q.attributes.iter().all(|(k, v)| {
-                    // The tags the Jaeger API derives from the span's fields, as it shows them.
-                    let derived = match k.as_str() {
-                        "error" => Some(if status == 2 { "true" } else { "false" }),
-                        "span.kind" => Some(kind_name(kind)),
-                        "otel.status_code" => Some(status_name(status)),
-                        "otel.status_description" => Some(status_message.as_deref().unwrap_or("")),
-                        _ => None,
-                    };
-                    if let Some(d) = derived {
-                        return d == v;
-                    }
-                    let matches = |attrs: &[KeyValue]| attrs.iter().any(|kv| kv.key == *k && value_text(kv.value.as_ref()) == *v);
-                    span_attrs.as_deref().is_some_and(matches)
-                        || matches(res)
-                        || events.iter().any(|e| matches(&e.attributes) || (k == "event" && e.name == *v))
-                });
-                if !all_match {
-                    continue;
-                }
-            }
-            seen.insert(trace_id);
-            found.push(trace_id);
+        }
+        let mut rows: Vec<(i64, i64)> = latest.into_iter().collect();
+        rows.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        let mut found: Vec<[u8; 16]> = Vec::new();
+        let mut seen = HashSet::new();
+        for (row, _) in rows {
             if found.len() >= q.limit {
                 break;
+            }
+            let id: Option<Vec<u8>> = sqlx::query_scalar("SELECT trace_id FROM traces WHERE id = ?").bind(row).fetch_optional(&mut *tx).await?;
+            if let Some(id) = id.and_then(|id| <[u8; 16]>::try_from(id).ok())
+                && seen.insert(id)
+            {
+                found.push(id);
             }
         }
         Ok(found)
@@ -168,73 +207,62 @@ impl Store {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        // Aggregated in SQLite, trace by trace: a summary takes the same memory for a trace of a
-        // million spans as for one of ten.
+        // Aggregated block by block: a summary takes the same memory for a trace of a million
+        // spans as for one of ten (but for 8 bytes a span when it has no root).
         let mut tx = self.read.begin().await?;
         sqlx::query("SELECT 1 FROM traces LIMIT 1").fetch_optional(&mut *tx).await?;
         let dict = self.dicts.strings.snapshot();
-        const SPANS_OF: &str = "s.trace IN (SELECT id FROM traces WHERE trace_id = ?)";
         let mut out = Vec::new();
         for id in ids {
-            let rows = sqlx::query(AssertSqlSafe(format!(
-                "SELECT s.service, COUNT(*), MIN(s.start_ns), MAX(s.start_ns + MAX(s.duration_ns, 0)), SUM(s.status_code = 2) \
-                 FROM spans s WHERE {SPANS_OF} GROUP BY s.service"
-            )))
-            .bind(id.to_vec())
-            .fetch_all(&mut *tx)
-            .await?;
-            if rows.is_empty() {
-                continue;
-            }
-            let mut services = BTreeMap::new();
+            let tb = TraceBlocks::of(&mut tx, *id).await?;
+            let mut services: BTreeMap<i64, u64> = BTreeMap::new();
             let (mut span_count, mut error_count, mut start, mut end) = (0u64, 0u64, u64::MAX, 0u64);
-            for r in &rows {
-                let n = r.try_get::<i64, _>(1)? as u64;
-                *services.entry(dict.get(r.try_get(0)?).to_owned()).or_insert(0) += n;
-                span_count += n;
-                start = start.min(r.try_get::<i64, _>(2)? as u64);
-                end = end.max(r.try_get::<i64, _>(3)? as u64);
-                error_count += r.try_get::<i64, _>(4)? as u64;
-            }
             // The root: the earliest span without a parent, else the earliest whose parent is
             // not in the trace.
-            let mut root: Option<(i64, SpanName)> = match sqlx::query(AssertSqlSafe(format!(
-                "SELECT s.service, s.name FROM spans s WHERE {SPANS_OF} AND s.parent_span_id IS NULL ORDER BY s.start_ns, s.rowid LIMIT 1"
-            )))
-            .bind(id.to_vec())
-            .fetch_optional(&mut *tx)
-            .await?
-            {
-                Some(r) => Some((r.try_get(0)?, stored_name(&r, 1)?)),
-                None => None,
-            };
-            if root.is_none() {
-                let span_ids: HashSet<i64> = sqlx::query_scalar::<_, i64>(AssertSqlSafe(format!("SELECT s.span_id FROM spans s WHERE {SPANS_OF}")))
-                    .bind(id.to_vec())
-                    .fetch(&mut *tx)
-                    .try_collect()
-                    .await?;
-                let mut rows = sqlx::query(AssertSqlSafe(format!(
-                    "SELECT s.service, s.name, s.parent_span_id FROM spans s WHERE {SPANS_OF} ORDER BY s.start_ns, s.rowid"
-                )))
-                .bind(id.to_vec())
-                .fetch(&mut *tx);
-                while let Some(r) = rows.try_next().await? {
-                    if !span_ids.contains(&r.try_get::<i64, _>(2)?) {
-                        root = Some((r.try_get(0)?, stored_name(&r, 1)?));
-                        break;
-                    }
+            let mut root: Option<(SpanKey, i64, SpanName)> = None;
+            tb.visit(&mut tx, |key, s| {
+                *services.entry(s.service).or_insert(0) += 1;
+                span_count += 1;
+                start = start.min(s.start_ns as u64);
+                end = end.max((s.start_ns as u64).wrapping_add(s.duration_ns.max(0) as u64));
+                error_count += u64::from(s.status_code == 2);
+                if s.parent_span_id.is_none() && root.as_ref().is_none_or(|r| key < r.0) {
+                    root = Some((key, s.service, s.name));
                 }
+                Ok(())
+            })
+            .await?;
+            if span_count == 0 {
+                continue;
+            }
+            if root.is_none() {
+                let mut span_ids = HashSet::new();
+                tb.visit(&mut tx, |_, s| {
+                    span_ids.insert(s.span_id);
+                    Ok(())
+                })
+                .await?;
+                tb.visit(&mut tx, |key, s| {
+                    if s.parent_span_id.is_some_and(|p| !span_ids.contains(&p)) && root.as_ref().is_none_or(|r| key < r.0) {
+                        root = Some((key, s.service, s.name));
+                    }
+                    Ok(())
+                })
+                .await?;
+            }
+            let mut by_name = BTreeMap::new();
+            for (service, n) in services {
+                *by_name.entry(dict.get(service).to_owned()).or_insert(0) += n;
             }
             out.push(TraceSummary {
                 trace_id: *id,
-                root_service: root.as_ref().map(|r| dict.get(r.0).to_owned()).unwrap_or_default(),
-                root_operation: root.map(|r| name_text(r.1, &dict)).unwrap_or_default(),
+                root_service: root.as_ref().map(|r| dict.get(r.1).to_owned()).unwrap_or_default(),
+                root_operation: root.map(|r| name_text(r.2, &dict)).unwrap_or_default(),
                 start_ns: start,
                 duration_ns: end.saturating_sub(start),
                 span_count,
                 error_count,
-                services,
+                services: by_name,
             });
         }
         Ok(out)

@@ -4,12 +4,13 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
-use futures::TryStreamExt;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::trace::v1::span::{Event, Link};
-use sqlx::{AssertSqlSafe, QueryBuilder, Row, Sqlite, SqliteConnection};
+use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 
-use super::{SPAN_COLUMNS, span_from_row, stored_name, value_text};
+use super::spans::{SpanKey, TraceBlocks};
+use super::{span_record, value_text};
+use crate::store::blocks::StoredSpan;
 use crate::store::codec::{Reader, decode_attributes};
 use crate::store::dict::StringsSnapshot;
 use crate::store::rows::SpanName;
@@ -165,8 +166,9 @@ impl Store {
     }
 
     /// Traces for these ids, in the order given, sharing `budget` equally; ids with no spans are
-    /// left out. Each trace's spans stream in start order from the `(trace, start_ns)` index and
-    /// the read stops at the trace's share, so memory is bounded whatever the trace's size.
+    /// left out. Each trace's earliest spans are read up to the trace's share of spans, then
+    /// taken in start order until its share of bytes or items, so memory is bounded whatever the
+    /// trace's size.
     pub async fn traces(&self, ids: &[[u8; 16]], budget: SpanBudget) -> Result<Vec<TraceData>, StoreError> {
         if ids.is_empty() {
             return Ok(Vec::new());
@@ -177,42 +179,27 @@ impl Store {
         // The first read fixes the snapshot; the dictionary's, taken after, knows every id.
         sqlx::query("SELECT 1 FROM traces LIMIT 1").fetch_optional(&mut *tx).await?;
         let dict = self.dicts.strings.snapshot();
-        let sql = format!(
-            "SELECT {SPAN_COLUMNS}, COALESCE(length(s.attributes), 0) + COALESCE(length(s.events), 0) + COALESCE(length(s.links), 0) \
-             FROM spans s JOIN traces t ON t.id = s.trace WHERE s.trace IN (SELECT id FROM traces WHERE trace_id = ?) ORDER BY s.start_ns, s.rowid"
-        );
         let mut out = Vec::new();
         for id in ids {
-            let mut rows = sqlx::query(AssertSqlSafe(sql.clone())).bind(id.to_vec()).fetch(&mut *tx);
-            let (mut spans, mut bytes, mut items, mut cut) = (Vec::new(), 0usize, 0usize, false);
-            while let Some(r) = rows.try_next().await? {
-                let size = r.try_get::<i64, _>(20)?.max(0) as usize;
-                if !spans.is_empty() && (spans.len() >= share.spans || bytes + size > share.bytes || items >= share.items) {
-                    cut = true;
+            let tb = TraceBlocks::of(&mut tx, *id).await?;
+            let (earliest, total_spans) = tb.earliest(&mut tx, share.spans, |s| Ok(s.clone())).await?;
+            if earliest.is_empty() {
+                continue;
+            }
+            let (mut spans, mut bytes, mut items) = (Vec::new(), 0usize, 0usize);
+            for stored in earliest {
+                let size = stored.blob_len();
+                if !spans.is_empty() && (bytes + size > share.bytes || items >= share.items) {
                     break;
                 }
                 bytes += size;
-                let span = span_from_row(&r, &dict)?;
+                let span = span_record(stored, *id, &dict)?;
                 items += 1
                     + span.attributes.len()
                     + span.events.iter().map(|e| 1 + e.attributes.len()).sum::<usize>()
                     + span.links.iter().map(|l| 1 + l.attributes.len()).sum::<usize>();
                 spans.push(span);
             }
-            drop(rows);
-            if spans.is_empty() {
-                continue;
-            }
-            let total_spans = if cut {
-                let n: i64 = sqlx::query("SELECT COUNT(*) FROM spans WHERE trace IN (SELECT id FROM traces WHERE trace_id = ?)")
-                    .bind(id.to_vec())
-                    .fetch_one(&mut *tx)
-                    .await?
-                    .try_get(0)?;
-                n as usize
-            } else {
-                spans.len()
-            };
             let (mut resources, mut scopes) = (BTreeMap::new(), BTreeMap::new());
             Self::load_resources(&mut tx, spans.iter().map(|s| s.resource).collect(), &dict, &mut resources).await?;
             Self::load_scopes(&mut tx, spans.iter().map(|s| s.scope).collect(), &dict, &mut scopes).await?;
@@ -265,28 +252,30 @@ impl Store {
         // The first read fixes the snapshot; the dictionary's, taken after, knows every event name.
         sqlx::query("SELECT 1 FROM traces LIMIT 1").fetch_optional(&mut *tx).await?;
         let dict = self.dicts.strings.snapshot();
-        let mut rows = sqlx::query(
-            "SELECT s.span_id, s.parent_span_id, s.service, s.name, s.kind, s.start_ns, s.duration_ns, s.status_code, \
-             s.events FROM spans s WHERE s.trace IN (SELECT id FROM traces WHERE trace_id = ?) ORDER BY s.start_ns, s.rowid",
-        )
-        .bind(trace_id.to_vec())
-        .fetch(&mut *tx);
-        let mut o = TraceOutline { trace_id, ..Default::default() };
+        let tb = TraceBlocks::of(&mut tx, trace_id).await?;
+        // Only what the outline shows is kept of each span.
+        let (spans, total) = tb
+            .earliest(&mut tx, MAX_OUTLINE_SPANS, |s| {
+                let events = match &s.events {
+                    Some(b) => Reader::new(b, &dict).events(s.start_ns as u64)?.iter().map(|e| e.time_unix_nano).collect(),
+                    None => Vec::new(),
+                };
+                Ok((s.span_id, s.parent_span_id, s.service, s.name.clone(), s.kind, s.start_ns as u64, s.duration_ns.max(0) as u64, s.status_code, events))
+            })
+            .await?;
+        if spans.is_empty() {
+            return Ok(None);
+        }
+        let mut o = TraceOutline { trace_id, total_spans: total, ..Default::default() };
         let (mut ids, mut parent_ids, mut service_ids, mut name_ids) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut inline_names: HashMap<String, i64> = HashMap::new();
         let mut starts: Vec<u64> = Vec::new();
         let mut event_times: Vec<Vec<u64>> = Vec::new();
-        let mut cut = false;
-        while let Some(r) = rows.try_next().await? {
-            if ids.len() >= MAX_OUTLINE_SPANS {
-                cut = true;
-                break;
-            }
-            let start = r.try_get::<i64, _>(5)? as u64;
-            ids.push(r.try_get::<i64, _>(0)?);
-            parent_ids.push(r.try_get::<Option<i64>, _>(1)?);
-            service_ids.push(r.try_get::<i64, _>(2)?);
-            name_ids.push(match stored_name(&r, 3)? {
+        for (span_id, parent, service, name, kind, start, duration, status, events) in spans {
+            ids.push(span_id);
+            parent_ids.push(parent);
+            service_ids.push(service);
+            name_ids.push(match name {
                 SpanName::Id(id) => id,
                 // Inline names get negative ids, local to this outline.
                 SpanName::Inline(s) => {
@@ -294,30 +283,12 @@ impl Store {
                     *inline_names.entry(s).or_insert(next)
                 }
             });
-            o.kind.push(r.try_get(4)?);
+            o.kind.push(kind);
             starts.push(start);
-            o.duration.push(r.try_get::<i64, _>(6)?.max(0) as u64);
-            o.status.push(r.try_get(7)?);
-            let events = match r.try_get::<Option<Vec<u8>>, _>(8)? {
-                Some(b) => Reader::new(&b, &dict).events(start)?.iter().map(|e| e.time_unix_nano).collect(),
-                None => Vec::new(),
-            };
+            o.duration.push(duration);
+            o.status.push(status);
             event_times.push(events);
         }
-        drop(rows);
-        if ids.is_empty() {
-            return Ok(None);
-        }
-        o.total_spans = if cut {
-            let n: i64 = sqlx::query("SELECT COUNT(*) FROM spans WHERE trace IN (SELECT id FROM traces WHERE trace_id = ?)")
-                .bind(trace_id.to_vec())
-                .fetch_one(&mut *tx)
-                .await?
-                .try_get(0)?;
-            n as usize
-        } else {
-            ids.len()
-        };
         o.start_ns = starts.iter().copied().min().unwrap_or(0);
         let end = starts.iter().zip(&o.duration).map(|(s, d)| s.saturating_add(*d)).max().unwrap_or(o.start_ns);
         o.duration_ns = end - o.start_ns;
@@ -346,17 +317,24 @@ impl Store {
     /// One span of a trace with its resource and scope; the earliest one if the sender repeated
     /// its id. `None` when the trace has no such span.
     pub async fn span(&self, trace_id: [u8; 16], span_id: [u8; 8]) -> Result<Option<SpanDetail>, StoreError> {
-        let mut conn = self.read.acquire().await?;
-        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(format!("SELECT {SPAN_COLUMNS} FROM traces t JOIN spans s ON s.trace = t.id WHERE t.trace_id = "));
-        qb.push_bind(trace_id.to_vec()).push(" AND s.span_id = ").push_bind(i64::from_be_bytes(span_id));
-        qb.push(" ORDER BY s.start_ns, s.rowid LIMIT 1");
-        let row = qb.build().fetch_optional(&mut *conn).await?;
-        let Some(row) = row else { return Ok(None) };
+        let mut tx = self.read.begin().await?;
+        sqlx::query("SELECT 1 FROM traces LIMIT 1").fetch_optional(&mut *tx).await?;
         let dict = self.dicts.strings.snapshot();
-        let span = span_from_row(&row, &dict)?;
+        let tb = TraceBlocks::of(&mut tx, trace_id).await?;
+        let want = i64::from_be_bytes(span_id);
+        let mut first: Option<(SpanKey, StoredSpan)> = None;
+        tb.visit(&mut tx, |key, s| {
+            if s.span_id == want && first.as_ref().is_none_or(|(k, _)| key < *k) {
+                first = Some((key, s));
+            }
+            Ok(())
+        })
+        .await?;
+        let Some((_, stored)) = first else { return Ok(None) };
+        let span = span_record(stored, trace_id, &dict)?;
         let (mut resources, mut scopes) = (BTreeMap::new(), BTreeMap::new());
-        Self::load_resources(&mut conn, HashSet::from([span.resource]), &dict, &mut resources).await?;
-        Self::load_scopes(&mut conn, HashSet::from([span.scope]), &dict, &mut scopes).await?;
+        Self::load_resources(&mut tx, HashSet::from([span.resource]), &dict, &mut resources).await?;
+        Self::load_scopes(&mut tx, HashSet::from([span.scope]), &dict, &mut scopes).await?;
         Ok(Some(SpanDetail { resource: resources.remove(&span.resource), scope: scopes.remove(&span.scope), span }))
     }
 
@@ -369,42 +347,31 @@ impl Store {
         let mut tx = self.read.begin().await?;
         sqlx::query("SELECT 1 FROM traces LIMIT 1").fetch_optional(&mut *tx).await?;
         let dict = self.dicts.strings.snapshot();
-        let mut rows = sqlx::query(
-            "SELECT s.span_id, s.service, s.name, s.attributes, s.events FROM traces t JOIN spans s ON s.trace = t.id \
-             WHERE t.trace_id = ? ORDER BY s.start_ns, s.rowid",
-        )
-        .bind(trace_id.to_vec())
-        .fetch(&mut *tx);
+        let tb = TraceBlocks::of(&mut tx, trace_id).await?;
         // Services and names repeat: each dictionary string is compared once.
         let mut string_matches: HashMap<i64, bool> = HashMap::new();
-        let mut found = Vec::new();
-        let mut any = false;
-        while let Some(r) = rows.try_next().await? {
-            any = true;
-            let span_id = r.try_get::<i64, _>(0)?.to_be_bytes();
-            let attributes: Option<Vec<u8>> = r.try_get(3)?;
-            let events: Option<Vec<u8>> = r.try_get(4)?;
-            let name_hit = match stored_name(&r, 2)? {
-                SpanName::Id(id) => *string_matches.entry(id).or_insert_with(|| has(dict.get(id))),
-                SpanName::Inline(s) => has(&s),
-            };
-            let service = r.try_get::<i64, _>(1)?;
-            let hit = name_hit
-                || *string_matches.entry(service).or_insert_with(|| has(dict.get(service)))
-                || hex::encode(span_id).contains(&needle)
-                || match &attributes {
-                    Some(b) => decode_attributes(b, &dict)?.iter().any(|kv| has(&kv.key) || has(&value_text(kv.value.as_ref()))),
-                    None => false,
-                }
-                || match &events {
-                    Some(b) => Reader::new(b, &dict).events(0)?.iter().any(|e| has(&e.name)),
-                    None => false,
+        let (hits, total) = tb
+            .earliest(&mut tx, usize::MAX, |s| {
+                let span_id = s.span_id.to_be_bytes();
+                let name_hit = match &s.name {
+                    SpanName::Id(id) => *string_matches.entry(*id).or_insert_with(|| has(dict.get(*id))),
+                    SpanName::Inline(name) => has(name),
                 };
-            if hit {
-                found.push(span_id);
-            }
-        }
-        Ok(any.then_some(found))
+                let hit = name_hit
+                    || *string_matches.entry(s.service).or_insert_with(|| has(dict.get(s.service)))
+                    || hex::encode(span_id).contains(&needle)
+                    || match &s.attributes {
+                        Some(b) => decode_attributes(b, &dict)?.iter().any(|kv| has(&kv.key) || has(&value_text(kv.value.as_ref()))),
+                        None => false,
+                    }
+                    || match &s.events {
+                        Some(b) => Reader::new(b, &dict).events(0)?.iter().any(|e| has(&e.name)),
+                        None => false,
+                    };
+                Ok(hit.then_some(span_id))
+            })
+            .await?;
+        Ok((total > 0).then(|| hits.into_iter().flatten().collect()))
     }
 }
 

@@ -11,6 +11,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use sqlx::{Connection, Row, SqliteConnection};
 
 use super::Writer;
+use crate::store::StoreError;
+use crate::store::blocks::{self, StoredSpan};
 use crate::store::red::MINUTE_NS;
 
 /// Start evicting above this share of the limit …
@@ -76,6 +78,34 @@ enum Step {
     Wait,
     /// No data at all to evict.
     Nothing,
+}
+
+/// Removes the spans of trace rows up to `last` from their blocks: a block of those traces only
+/// goes, one that also holds later traces is written again without them.
+async fn evict_blocks(conn: &mut SqliteConnection, last: i64) -> Result<(), StoreError> {
+    let ids: Vec<i64> = sqlx::query_scalar("SELECT DISTINCT block FROM trace_blocks WHERE trace <= ? ORDER BY block").bind(last).fetch_all(&mut *conn).await?;
+    for id in ids {
+        let Some(r) = sqlx::query("SELECT traces, data FROM span_blocks WHERE id = ?").bind(id).fetch_optional(&mut *conn).await? else { continue };
+        let trace_list: Vec<u8> = r.try_get(0)?;
+        if blocks::decode_trace_list(&trace_list)?.iter().all(|&t| t <= last) {
+            super::delete_block(conn, id, &trace_list).await?;
+            continue;
+        }
+        let kept: Vec<StoredSpan> = blocks::decode(&r.try_get::<Vec<u8>, _>(1)?)?.into_iter().filter(|s| s.trace > last).collect();
+        let b = blocks::encode(&kept.iter().collect::<Vec<_>>());
+        sqlx::query("UPDATE span_blocks SET start_min = ?, start_max = ?, spans = ?, summary = ?, traces = ?, data = ? WHERE id = ?")
+            .bind(b.start_min)
+            .bind(b.start_max)
+            .bind(b.spans as i64)
+            .bind(b.summary)
+            .bind(b.trace_list)
+            .bind(b.data)
+            .bind(id)
+            .execute(&mut *conn)
+            .await?;
+    }
+    sqlx::query("DELETE FROM trace_blocks WHERE trace <= ?").bind(last).execute(&mut *conn).await?;
+    Ok(())
 }
 
 /// Bytes of the database file's pages in use (the free list is reused before the file grows).
@@ -153,13 +183,14 @@ impl Writer {
                             .try_get(0)?;
                     match oldest {
                         Some(t) => t.saturating_add(MINUTE_NS),
-                        None => return Ok::<_, sqlx::Error>(Step::Nothing),
+                        None => return Ok::<_, StoreError>(Step::Nothing),
                     }
                 }
             };
             let (mut traces, mut spans) = (0, 0);
             if let Some(last) = last_trace {
-                spans = sqlx::query("DELETE FROM spans WHERE trace <= ?").bind(last).execute(&mut *tx).await?.rows_affected();
+                spans = sqlx::query_scalar::<_, i64>("SELECT COALESCE(sum(spans), 0) FROM traces WHERE id <= ?").bind(last).fetch_one(&mut *tx).await? as u64;
+                evict_blocks(&mut *tx, last).await?;
                 traces = sqlx::query("DELETE FROM traces WHERE id <= ?").bind(last).execute(&mut *tx).await?.rows_affected();
             }
             let points = sqlx::query("DELETE FROM metric_points WHERE time_ns < ?").bind(cutoff).execute(&mut *tx).await?.rows_affected();

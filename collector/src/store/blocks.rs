@@ -1,0 +1,558 @@
+//! Spans as they are stored: in blocks of up to [`MAX_BLOCK_SPANS`] spans of one transaction,
+//! sorted by trace and start, laid out column by column and compressed with zstd. One
+//! `span_blocks` row holds a block with what search and retention need to know without opening
+//! it (its span starts, the operations in it with their statuses and longest duration, the trace
+//! rows it holds); one `trace_blocks` row per trace and block finds a trace's blocks. A
+//! transaction of thousands of spans thus writes a few rows and index entries instead of one row
+//! and three index entries per span (see ARCHITECTURE.md, "Span blocks").
+//!
+//! The layout (format 1), before compression: the format byte, the span count, then columns, each
+//! a varint length and its bytes: trace runs (trace row id delta, span count), span ids (8 bytes
+//! each), parents (0 none, 1 outside the block — 8 bytes in the next column —, k + 2 the k-th span
+//! of the block), services, names (id × 2, or 1 for a name stored inline in the texts column),
+//! kinds, starts (delta from the previous span), durations, status codes, resources, scopes,
+//! flags, dropped counts, optional texts (status message, trace state: length + 1 or 0), texts,
+//! and the lengths (+ 1, or 0) and bytes of the encoded attributes, events and links. Columns of
+//! like values compress far better than rows: see docs/PERFORMANCE.md for the bytes per span.
+
+use super::codec::{CodecError, get_varint, put_varint};
+use super::rows::SpanName;
+
+/// Spans a block holds at most: small enough that reading one trace opens little else.
+pub const MAX_BLOCK_SPANS: usize = 512;
+/// About the most encoded bytes a block takes before compression.
+pub const MAX_BLOCK_RAW: usize = 256 << 10;
+/// A block that claims more than this when decompressed is corrupt.
+const MAX_DECOMPRESSED: usize = 64 << 20;
+const FORMAT: u8 = 1;
+/// zstd's level: 3 compresses spans about as well as 9 at a third of the CPU (docs/PERFORMANCE.md).
+const ZSTD_LEVEL: i32 = 3;
+
+/// A span as stored: the columns of the former `spans` table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredSpan {
+    /// `traces.id`.
+    pub trace: i64,
+    /// 8 bytes, big-endian, as i64.
+    pub span_id: i64,
+    pub parent_span_id: Option<i64>,
+    /// `strings.id` of the resource's service.
+    pub service: i64,
+    pub name: SpanName,
+    pub kind: i32,
+    pub start_ns: i64,
+    pub duration_ns: i64,
+    pub status_code: i32,
+    pub status_message: Option<String>,
+    pub resource: i64,
+    pub scope: i64,
+    pub trace_state: Option<String>,
+    pub flags: i64,
+    pub attributes: Option<Vec<u8>>,
+    pub events: Option<Vec<u8>>,
+    pub links: Option<Vec<u8>>,
+    pub dropped_attributes_count: i64,
+    pub dropped_events_count: i64,
+    pub dropped_links_count: i64,
+}
+
+impl StoredSpan {
+    /// Bytes of its encoded attributes, events and links.
+    pub fn blob_len(&self) -> usize {
+        let len = |b: &Option<Vec<u8>>| b.as_ref().map_or(0, Vec::len);
+        len(&self.attributes) + len(&self.events) + len(&self.links)
+    }
+
+    /// About the bytes the span takes encoded, before compression.
+    fn raw_len(&self) -> usize {
+        48 + self.blob_len()
+            + self.status_message.as_ref().map_or(0, String::len)
+            + self.trace_state.as_ref().map_or(0, String::len)
+            + match &self.name {
+                SpanName::Inline(s) => s.len(),
+                SpanName::Id(_) => 0,
+            }
+    }
+}
+
+/// What search learns of a block without opening it: each (service, name, kind) in it, with the
+/// status codes its spans have (bit per code) and their longest duration.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub ops: Vec<OpSummary>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct OpSummary {
+    pub service: i64,
+    /// The name's string id; -1 for every name stored inline.
+    pub name: i64,
+    pub kind: i32,
+    pub statuses: u8,
+    pub max_duration_ns: i64,
+}
+
+impl Summary {
+    fn of(spans: &[&StoredSpan]) -> Self {
+        let mut ops: std::collections::BTreeMap<(i64, i64, i32), (u8, i64)> = Default::default();
+        for s in spans {
+            let name = match s.name {
+                SpanName::Id(id) => id,
+                SpanName::Inline(_) => -1,
+            };
+            let e = ops.entry((s.service, name, s.kind)).or_insert((0, i64::MIN));
+            e.0 |= status_bit(s.status_code);
+            e.1 = e.1.max(s.duration_ns);
+        }
+        Self {
+            ops: ops
+                .into_iter()
+                .map(|((service, name, kind), (statuses, max_duration_ns))| OpSummary { service, name, kind, statuses, max_duration_ns })
+                .collect(),
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.ops.len() * 8 + 2);
+        put_varint(&mut out, self.ops.len() as u64);
+        for op in &self.ops {
+            put_varint(&mut out, zigzag(op.service));
+            put_varint(&mut out, zigzag(op.name));
+            put_varint(&mut out, zigzag(i64::from(op.kind)));
+            out.push(op.statuses);
+            put_varint(&mut out, zigzag(op.max_duration_ns));
+        }
+        out
+    }
+
+    pub fn decode(mut buf: &[u8]) -> Result<Self, CodecError> {
+        let b = &mut buf;
+        let n = varint(b)? as usize;
+        let mut ops = Vec::with_capacity(n.min(4096));
+        for _ in 0..n {
+            let service = unzigzag(varint(b)?);
+            let name = unzigzag(varint(b)?);
+            let kind = unzigzag(varint(b)?) as i32;
+            let (&statuses, rest) = b.split_first().ok_or(CodecError::Truncated)?;
+            *b = rest;
+            let max_duration_ns = unzigzag(varint(b)?);
+            ops.push(OpSummary { service, name, kind, statuses, max_duration_ns });
+        }
+        Ok(Self { ops })
+    }
+}
+
+/// The bit a status code has in [`OpSummary::statuses`].
+pub fn status_bit(code: i32) -> u8 {
+    1 << code.clamp(0, 7)
+}
+
+/// A block ready to insert.
+#[derive(Debug)]
+pub struct Block {
+    pub start_min: i64,
+    pub start_max: i64,
+    pub spans: usize,
+    pub summary: Vec<u8>,
+    /// The `traces` rows it holds spans of, ascending, with how many each.
+    pub traces: Vec<(i64, u32)>,
+    /// The encoded trace rows (delta varints), as stored in `span_blocks.traces`.
+    pub trace_list: Vec<u8>,
+    /// The compressed columns.
+    pub data: Vec<u8>,
+}
+
+/// Splits spans into blocks: sorted by trace and start, cut at [`MAX_BLOCK_SPANS`] spans or
+/// [`MAX_BLOCK_RAW`] bytes.
+pub fn build(mut spans: Vec<&StoredSpan>) -> Vec<Block> {
+    spans.sort_by_key(|s| (s.trace, s.start_ns));
+    let mut blocks = Vec::new();
+    let mut from = 0;
+    while from < spans.len() {
+        let mut to = from;
+        let mut raw = 0;
+        while to < spans.len() && to - from < MAX_BLOCK_SPANS && (to == from || raw + spans[to].raw_len() <= MAX_BLOCK_RAW) {
+            raw += spans[to].raw_len();
+            to += 1;
+        }
+        blocks.push(encode(&spans[from..to]));
+        from = to;
+    }
+    blocks
+}
+
+/// Encodes spans (sorted by trace) as one block.
+pub fn encode(spans: &[&StoredSpan]) -> Block {
+    let mut cols: [Vec<u8>; COLUMNS] = Default::default();
+    let mut traces: Vec<(i64, u32)> = Vec::new();
+    for s in spans {
+        match traces.last_mut() {
+            Some((t, n)) if *t == s.trace => *n += 1,
+            _ => traces.push((s.trace, 1)),
+        }
+    }
+    put_varint(&mut cols[C_TRACES], traces.len() as u64);
+    let mut prev = 0;
+    for &(t, n) in &traces {
+        put_varint(&mut cols[C_TRACES], zigzag(t.wrapping_sub(prev)));
+        put_varint(&mut cols[C_TRACES], u64::from(n));
+        prev = t;
+    }
+    // A parent is usually a span of the same trace in the same block: its index is a byte or two.
+    let index: rustc_hash::FxHashMap<(i64, i64), usize> = spans.iter().enumerate().map(|(i, s)| ((s.trace, s.span_id), i)).collect();
+    let mut prev_start = 0i64;
+    for s in spans {
+        cols[C_SPAN_IDS].extend_from_slice(&s.span_id.to_be_bytes());
+        match s.parent_span_id {
+            None => put_varint(&mut cols[C_PARENTS], 0),
+            Some(p) => match index.get(&(s.trace, p)) {
+                Some(&i) => put_varint(&mut cols[C_PARENTS], i as u64 + 2),
+                None => {
+                    put_varint(&mut cols[C_PARENTS], 1);
+                    cols[C_PARENT_IDS].extend_from_slice(&p.to_be_bytes());
+                }
+            },
+        }
+        put_varint(&mut cols[C_SERVICES], zigzag(s.service));
+        match &s.name {
+            SpanName::Id(id) => put_varint(&mut cols[C_NAMES], zigzag(*id) << 1),
+            SpanName::Inline(name) => {
+                put_varint(&mut cols[C_NAMES], 1);
+                put_text(&mut cols[C_TEXTS], name.as_bytes());
+            }
+        }
+        put_varint(&mut cols[C_KINDS], zigzag(i64::from(s.kind)));
+        put_varint(&mut cols[C_STARTS], zigzag(s.start_ns.wrapping_sub(prev_start)));
+        prev_start = s.start_ns;
+        put_varint(&mut cols[C_DURATIONS], zigzag(s.duration_ns));
+        put_varint(&mut cols[C_STATUS], zigzag(i64::from(s.status_code)));
+        put_varint(&mut cols[C_RESOURCES], zigzag(s.resource));
+        put_varint(&mut cols[C_SCOPES], zigzag(s.scope));
+        put_varint(&mut cols[C_FLAGS], zigzag(s.flags));
+        for d in [s.dropped_attributes_count, s.dropped_events_count, s.dropped_links_count] {
+            put_varint(&mut cols[C_DROPPED], zigzag(d));
+        }
+        for t in [&s.status_message, &s.trace_state] {
+            let [lens, bytes] = cols.get_disjoint_mut([C_OPTIONAL_TEXTS, C_TEXTS]).expect("distinct columns");
+            put_optional(lens, bytes, t.as_ref().map(String::as_bytes));
+        }
+        let [lens, bytes] = cols.get_disjoint_mut([C_ATTRIBUTE_LENS, C_ATTRIBUTES]).expect("distinct columns");
+        put_optional(lens, bytes, s.attributes.as_deref());
+        let [lens, bytes] = cols.get_disjoint_mut([C_EVENT_LENS, C_EVENTS]).expect("distinct columns");
+        put_optional(lens, bytes, s.events.as_deref());
+        let [lens, bytes] = cols.get_disjoint_mut([C_LINK_LENS, C_LINKS]).expect("distinct columns");
+        put_optional(lens, bytes, s.links.as_deref());
+    }
+    let mut raw = Vec::with_capacity(cols.iter().map(|c| c.len() + 4).sum::<usize>() + 8);
+    raw.push(FORMAT);
+    put_varint(&mut raw, spans.len() as u64);
+    for c in &cols {
+        put_varint(&mut raw, c.len() as u64);
+        raw.extend_from_slice(c);
+    }
+    let mut data = Vec::with_capacity(raw.len() / 4 + 16);
+    put_varint(&mut data, raw.len() as u64);
+    // Compressing into memory cannot fail but for a bug: keep the block uncompressed then.
+    match zstd::bulk::compress(&raw, ZSTD_LEVEL) {
+        Ok(z) => data.extend_from_slice(&z),
+        Err(e) => {
+            tracing::error!(error = %e, "compressing a span block failed; stored uncompressed");
+            data.clear();
+            put_varint(&mut data, 0);
+            data.extend_from_slice(&raw);
+        }
+    }
+    let mut trace_list = Vec::with_capacity(traces.len() * 2);
+    let mut prev = 0;
+    for &(t, _) in &traces {
+        put_varint(&mut trace_list, zigzag(t.wrapping_sub(prev)));
+        prev = t;
+    }
+    Block {
+        start_min: spans.iter().map(|s| s.start_ns).min().unwrap_or(0),
+        start_max: spans.iter().map(|s| s.start_ns).max().unwrap_or(0),
+        spans: spans.len(),
+        summary: Summary::of(spans).encode(),
+        traces,
+        trace_list,
+        data,
+    }
+}
+
+/// The trace rows of `span_blocks.traces`.
+pub fn decode_trace_list(mut buf: &[u8]) -> Result<Vec<i64>, CodecError> {
+    let mut out = Vec::new();
+    let mut prev = 0i64;
+    while !buf.is_empty() {
+        prev = prev.wrapping_add(unzigzag(varint(&mut buf)?));
+        out.push(prev);
+    }
+    Ok(out)
+}
+
+/// The spans of a stored block, in stored order (by trace, then start).
+pub fn decode(data: &[u8]) -> Result<Vec<StoredSpan>, CodecError> {
+    let mut buf = data;
+    let raw_len = varint(&mut buf)? as usize;
+    let decompressed;
+    let mut raw: &[u8] = if raw_len == 0 {
+        buf
+    } else {
+        if raw_len > MAX_DECOMPRESSED {
+            return Err(CodecError::Truncated);
+        }
+        decompressed = zstd::bulk::decompress(buf, raw_len).map_err(|_| CodecError::Truncated)?;
+        if decompressed.len() != raw_len {
+            return Err(CodecError::Truncated);
+        }
+        &decompressed
+    };
+    let (&format, rest) = raw.split_first().ok_or(CodecError::Truncated)?;
+    if format != FORMAT {
+        return Err(CodecError::UnknownTag(format));
+    }
+    raw = rest;
+    let n = varint(&mut raw)? as usize;
+    if n > MAX_DECOMPRESSED / 8 {
+        return Err(CodecError::Truncated);
+    }
+    let mut cols: [&[u8]; COLUMNS] = [&[]; COLUMNS];
+    for c in &mut cols {
+        let len = varint(&mut raw)? as usize;
+        if len > raw.len() {
+            return Err(CodecError::Truncated);
+        }
+        let (col, rest) = raw.split_at(len);
+        *c = col;
+        raw = rest;
+    }
+    let mut trace_of = Vec::with_capacity(n);
+    {
+        let c = &mut cols[C_TRACES];
+        let runs = varint(c)?;
+        let mut t = 0i64;
+        for _ in 0..runs {
+            t = t.wrapping_add(unzigzag(varint(c)?));
+            let count = varint(c)? as usize;
+            if trace_of.len() + count > n {
+                return Err(CodecError::Truncated);
+            }
+            trace_of.extend(std::iter::repeat_n(t, count));
+        }
+        if trace_of.len() != n {
+            return Err(CodecError::Truncated);
+        }
+    }
+    let mut span_ids = Vec::with_capacity(n);
+    for _ in 0..n {
+        span_ids.push(fixed(&mut cols[C_SPAN_IDS])?);
+    }
+    let mut out = Vec::with_capacity(n);
+    let mut prev_start = 0i64;
+    for i in 0..n {
+        let parent_span_id = match varint(&mut cols[C_PARENTS])? {
+            0 => None,
+            1 => Some(fixed(&mut cols[C_PARENT_IDS])?),
+            k => Some(*span_ids.get(k as usize - 2).ok_or(CodecError::Truncated)?),
+        };
+        let service = unzigzag(varint(&mut cols[C_SERVICES])?);
+        let name = match varint(&mut cols[C_NAMES])? {
+            1 => SpanName::Inline(text(&mut cols[C_TEXTS])?),
+            v => SpanName::Id(unzigzag(v >> 1)),
+        };
+        let kind = unzigzag(varint(&mut cols[C_KINDS])?) as i32;
+        prev_start = prev_start.wrapping_add(unzigzag(varint(&mut cols[C_STARTS])?));
+        let duration_ns = unzigzag(varint(&mut cols[C_DURATIONS])?);
+        let status_code = unzigzag(varint(&mut cols[C_STATUS])?) as i32;
+        let resource = unzigzag(varint(&mut cols[C_RESOURCES])?);
+        let scope = unzigzag(varint(&mut cols[C_SCOPES])?);
+        let flags = unzigzag(varint(&mut cols[C_FLAGS])?);
+        let mut dropped = [0i64; 3];
+        for d in &mut dropped {
+            *d = unzigzag(varint(&mut cols[C_DROPPED])?);
+        }
+        let [texts_lens, texts] = cols.get_disjoint_mut([C_OPTIONAL_TEXTS, C_TEXTS]).map_err(|_| CodecError::Truncated)?;
+        let status_message = optional(texts_lens, texts)?.map(utf8).transpose()?;
+        let trace_state = optional(texts_lens, texts)?.map(utf8).transpose()?;
+        let [lens, bytes] = cols.get_disjoint_mut([C_ATTRIBUTE_LENS, C_ATTRIBUTES]).map_err(|_| CodecError::Truncated)?;
+        let attributes = optional(lens, bytes)?.map(<[u8]>::to_vec);
+        let [lens, bytes] = cols.get_disjoint_mut([C_EVENT_LENS, C_EVENTS]).map_err(|_| CodecError::Truncated)?;
+        let events = optional(lens, bytes)?.map(<[u8]>::to_vec);
+        let [lens, bytes] = cols.get_disjoint_mut([C_LINK_LENS, C_LINKS]).map_err(|_| CodecError::Truncated)?;
+        let links = optional(lens, bytes)?.map(<[u8]>::to_vec);
+        out.push(StoredSpan {
+            trace: trace_of[i],
+            span_id: span_ids[i],
+            parent_span_id,
+            service,
+            name,
+            kind,
+            start_ns: prev_start,
+            duration_ns,
+            status_code,
+            status_message,
+            resource,
+            scope,
+            trace_state,
+            flags,
+            attributes,
+            events,
+            links,
+            dropped_attributes_count: dropped[0],
+            dropped_events_count: dropped[1],
+            dropped_links_count: dropped[2],
+        });
+    }
+    Ok(out)
+}
+
+const C_TRACES: usize = 0;
+const C_SPAN_IDS: usize = 1;
+const C_PARENTS: usize = 2;
+const C_PARENT_IDS: usize = 3;
+const C_SERVICES: usize = 4;
+const C_NAMES: usize = 5;
+const C_KINDS: usize = 6;
+const C_STARTS: usize = 7;
+const C_DURATIONS: usize = 8;
+const C_STATUS: usize = 9;
+const C_RESOURCES: usize = 10;
+const C_SCOPES: usize = 11;
+const C_FLAGS: usize = 12;
+const C_DROPPED: usize = 13;
+const C_OPTIONAL_TEXTS: usize = 14;
+const C_TEXTS: usize = 15;
+const C_ATTRIBUTE_LENS: usize = 16;
+const C_ATTRIBUTES: usize = 17;
+const C_EVENT_LENS: usize = 18;
+const C_EVENTS: usize = 19;
+const C_LINK_LENS: usize = 20;
+const C_LINKS: usize = 21;
+const COLUMNS: usize = 22;
+
+fn zigzag(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
+}
+
+fn unzigzag(v: u64) -> i64 {
+    ((v >> 1) as i64) ^ -((v & 1) as i64)
+}
+
+fn varint(buf: &mut &[u8]) -> Result<u64, CodecError> {
+    get_varint(buf).ok_or(CodecError::Truncated)
+}
+
+fn fixed(buf: &mut &[u8]) -> Result<i64, CodecError> {
+    let (head, rest) = buf.split_first_chunk::<8>().ok_or(CodecError::Truncated)?;
+    *buf = rest;
+    Ok(i64::from_be_bytes(*head))
+}
+
+fn put_text(out: &mut Vec<u8>, b: &[u8]) {
+    put_varint(out, b.len() as u64);
+    out.extend_from_slice(b);
+}
+
+fn text(buf: &mut &[u8]) -> Result<String, CodecError> {
+    let len = varint(buf)? as usize;
+    if len > buf.len() {
+        return Err(CodecError::Truncated);
+    }
+    let (t, rest) = buf.split_at(len);
+    *buf = rest;
+    utf8(t)
+}
+
+fn utf8(b: &[u8]) -> Result<String, CodecError> {
+    String::from_utf8(b.to_vec()).map_err(|_| CodecError::Utf8)
+}
+
+/// An optional byte string: its length + 1 (0 for none) in `lens`, its bytes in `bytes`.
+fn put_optional(lens: &mut Vec<u8>, bytes: &mut Vec<u8>, b: Option<&[u8]>) {
+    match b {
+        None => put_varint(lens, 0),
+        Some(b) => {
+            put_varint(lens, b.len() as u64 + 1);
+            bytes.extend_from_slice(b);
+        }
+    }
+}
+
+fn optional<'a>(lens: &mut &[u8], bytes: &mut &'a [u8]) -> Result<Option<&'a [u8]>, CodecError> {
+    match varint(lens)? {
+        0 => Ok(None),
+        n => {
+            let len = n as usize - 1;
+            if len > bytes.len() {
+                return Err(CodecError::Truncated);
+            }
+            let (b, rest) = bytes.split_at(len);
+            *bytes = rest;
+            Ok(Some(b))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn span(trace: i64, i: i64) -> StoredSpan {
+        StoredSpan {
+            trace,
+            span_id: i * 7919 - 40,
+            parent_span_id: match i % 3 {
+                0 => None,
+                1 => Some((i - 1) * 7919 - 40),
+                _ => Some(-5),
+            },
+            service: 3 + i % 2,
+            name: if i % 5 == 0 { SpanName::Inline(format!("inline {i}")) } else { SpanName::Id(10 + i % 4) },
+            kind: (i % 6) as i32,
+            start_ns: 1_700_000_000_000_000_000 + i * 1000 - (i % 7) * 3,
+            duration_ns: if i == 4 { -3 } else { i * 10 },
+            status_code: (i % 3) as i32,
+            status_message: (i % 4 == 0).then(|| format!("message {i}")),
+            resource: 1,
+            scope: 2,
+            trace_state: (i % 9 == 0).then(|| "k=v".to_owned()),
+            flags: 0x101,
+            attributes: (i % 2 == 0).then(|| vec![i as u8; (i % 40) as usize]),
+            events: (i % 3 == 0).then(|| vec![7; 3]),
+            links: (i % 8 == 0).then(Vec::new),
+            dropped_attributes_count: i % 2,
+            dropped_events_count: 0,
+            dropped_links_count: 3,
+        }
+    }
+
+    #[test]
+    fn blocks_give_back_every_span() {
+        let spans: Vec<StoredSpan> = (0..1300).map(|i| span(i / 10 + (i % 3) * 1000, i)).collect();
+        let blocks = build(spans.iter().collect());
+        assert_eq!(blocks.len(), 3, "cut at {MAX_BLOCK_SPANS} spans");
+        let mut back: Vec<StoredSpan> = blocks.iter().flat_map(|b| decode(&b.data).expect("decodes")).collect();
+        for b in &blocks {
+            let summary = Summary::decode(&b.summary).expect("summary");
+            assert!(summary.ops.iter().any(|o| o.name == -1), "inline names are summarised as -1");
+            let rows: Vec<i64> = b.traces.iter().map(|t| t.0).collect();
+            assert_eq!(decode_trace_list(&b.trace_list).expect("trace list"), rows);
+        }
+        let mut want = spans.clone();
+        want.sort_by_key(|s| (s.trace, s.start_ns));
+        back.sort_by_key(|s| (s.trace, s.start_ns));
+        assert_eq!(back, want);
+    }
+
+    #[test]
+    fn corrupt_blocks_are_refused() {
+        let spans: Vec<StoredSpan> = (0..50).map(|i| span(1, i)).collect();
+        let block = encode(&spans.iter().collect::<Vec<_>>());
+        for cut in [1, 5, block.data.len() / 2, block.data.len() - 1] {
+            assert!(decode(&block.data[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut flipped = block.data.clone();
+        flipped[0] ^= 0x40;
+        assert!(decode(&flipped).is_err());
+    }
+}

@@ -1,0 +1,182 @@
+//! Reading spans out of their blocks: the spans of one trace (in start order, bounded), and the
+//! spans that started within a window.
+
+use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
+use std::collections::{HashMap, HashSet};
+
+use crate::store::StoreError;
+use crate::store::blocks::{self, StoredSpan};
+
+/// Where the spans of one trace id are: its `traces` rows (more than one when spans came after
+/// the id was forgotten) and the blocks holding them, in id order.
+pub(crate) struct TraceBlocks {
+    pub rows: HashSet<i64>,
+    pub blocks: Vec<i64>,
+}
+
+impl TraceBlocks {
+    pub async fn of(conn: &mut SqliteConnection, trace_id: [u8; 16]) -> Result<Self, StoreError> {
+        let rows: Vec<i64> = sqlx::query_scalar("SELECT id FROM traces WHERE trace_id = ?").bind(trace_id.to_vec()).fetch_all(&mut *conn).await?;
+        let mut blocks = Vec::new();
+        for &row in &rows {
+            let ids: Vec<i64> = sqlx::query_scalar("SELECT block FROM trace_blocks WHERE trace = ?").bind(row).fetch_all(&mut *conn).await?;
+            blocks.extend(ids);
+        }
+        blocks.sort_unstable();
+        blocks.dedup();
+        Ok(Self { rows: rows.into_iter().collect(), blocks })
+    }
+
+    /// Calls `f` with each span of the trace, block by block (not in start order), with the
+    /// span's [`SpanKey`].
+    pub async fn visit(&self, conn: &mut SqliteConnection, mut f: impl FnMut(SpanKey, StoredSpan) -> Result<(), StoreError>) -> Result<(), StoreError> {
+        for (pos, &id) in self.blocks.iter().enumerate() {
+            for (i, s) in read_block(conn, id).await?.into_iter().enumerate() {
+                if self.rows.contains(&s.trace) {
+                    f(SpanKey { start_ns: s.start_ns, block: pos as u32, index: i as u32 }, s)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The earliest `max` spans of the trace by start (then as stored), each made a `T` by
+    /// `take`, in that order; and how many spans the trace has in all. Memory stays within `max`
+    /// items and 16 bytes a span, whatever the trace's size: a larger trace is read twice.
+    pub async fn earliest<T>(
+        &self,
+        conn: &mut SqliteConnection,
+        max: usize,
+        mut take: impl FnMut(&StoredSpan) -> Result<T, StoreError>,
+    ) -> Result<(Vec<T>, usize), StoreError> {
+        let mut keys: Vec<SpanKey> = Vec::new();
+        let mut items: Vec<(SpanKey, T)> = Vec::new();
+        let mut all_kept = true;
+        self.visit(conn, |key, s| {
+            keys.push(key);
+            if all_kept {
+                if items.len() < max {
+                    items.push((key, take(&s)?));
+                } else {
+                    all_kept = false;
+                    items = Vec::new();
+                }
+            }
+            Ok(())
+        })
+        .await?;
+        let total = keys.len();
+        if all_kept {
+            items.sort_unstable_by_key(|(k, _)| *k);
+            return Ok((items.into_iter().map(|(_, t)| t).collect(), total));
+        }
+        keys.sort_unstable();
+        keys.truncate(max);
+        let rank: HashMap<(u32, u32), usize> = keys.iter().enumerate().map(|(r, k)| ((k.block, k.index), r)).collect();
+        let mut wanted: Vec<u32> = keys.iter().map(|k| k.block).collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        drop(keys);
+        let mut slots: Vec<Option<T>> = std::iter::repeat_with(|| None).take(rank.len()).collect();
+        for pos in wanted {
+            for (i, s) in read_block(conn, self.blocks[pos as usize]).await?.iter().enumerate() {
+                if let Some(&r) = rank.get(&(pos, i as u32)) {
+                    slots[r] = Some(take(s)?);
+                }
+            }
+        }
+        Ok((slots.into_iter().flatten().collect(), total))
+    }
+}
+
+/// Orders the spans of a trace: by start, then as stored (block, then place in the block).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct SpanKey {
+    pub start_ns: i64,
+    pub block: u32,
+    pub index: u32,
+}
+
+pub(crate) async fn read_block(conn: &mut SqliteConnection, id: i64) -> Result<Vec<StoredSpan>, StoreError> {
+    let data: Option<Vec<u8>> = sqlx::query_scalar("SELECT data FROM span_blocks WHERE id = ?").bind(id).fetch_optional(&mut *conn).await?;
+    match data {
+        Some(d) => Ok(blocks::decode(&d)?),
+        None => Ok(Vec::new()),
+    }
+}
+
+/// A block as search sees it before opening it.
+pub(crate) struct BlockHead {
+    pub id: i64,
+    pub start_max: i64,
+    pub summary: blocks::Summary,
+}
+
+/// The blocks whose spans may have started within `[start_ns, end_ns]`, latest `start_max`
+/// first, read a page at a time (so blocks can be opened on the same connection in between).
+pub(crate) struct WindowBlocks {
+    start_ns: i64,
+    end_ns: i64,
+    page: std::vec::IntoIter<(i64, i64, Vec<u8>)>,
+    /// (start_max, id) of the last block read; `None` before the first page.
+    below: Option<(i64, i64)>,
+    done: bool,
+}
+
+impl WindowBlocks {
+    pub fn new(start_ns: i64, end_ns: i64) -> Self {
+        Self { start_ns, end_ns, page: Vec::new().into_iter(), below: None, done: false }
+    }
+
+    pub async fn next(&mut self, conn: &mut SqliteConnection) -> Result<Option<BlockHead>, StoreError> {
+        if let Some((id, start_max, summary)) = self.page.next() {
+            return Ok(Some(BlockHead { id, start_max, summary: blocks::Summary::decode(&summary)? }));
+        }
+        if self.done {
+            return Ok(None);
+        }
+        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new("SELECT id, start_max, summary FROM span_blocks WHERE start_max >= ");
+        qb.push_bind(self.start_ns).push(" AND start_min <= ").push_bind(self.end_ns);
+        if let Some((start_max, id)) = self.below {
+            qb.push(" AND (start_max, id) < (").push_bind(start_max).push(", ").push_bind(id).push(")");
+        }
+        qb.push(" ORDER BY start_max DESC, id DESC LIMIT ").push_bind(WINDOW_PAGE);
+        let rows = qb.build().fetch_all(&mut *conn).await?;
+        let page: Vec<(i64, i64, Vec<u8>)> = rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?))).collect::<Result<_, sqlx::Error>>()?;
+        self.done = (page.len() as i64) < WINDOW_PAGE;
+        let Some(&(id, start_max, _)) = page.last() else { return Ok(None) };
+        self.below = Some((start_max, id));
+        self.page = page.into_iter();
+        let Some((id, start_max, summary)) = self.page.next() else { return Ok(None) };
+        Ok(Some(BlockHead { id, start_max, summary: blocks::Summary::decode(&summary)? }))
+    }
+}
+
+/// Block heads [`WindowBlocks`] reads at a time.
+const WINDOW_PAGE: i64 = 64;
+
+/// Calls `f` with every span that started within `[start_ns, end_ns]` (in no particular order),
+/// at most `limit` of them; returns how many it saw.
+pub(crate) async fn visit_window(
+    conn: &mut SqliteConnection,
+    start_ns: i64,
+    end_ns: i64,
+    limit: usize,
+    mut f: impl FnMut(StoredSpan) -> Result<(), StoreError>,
+) -> Result<usize, StoreError> {
+    let mut seen = 0;
+    let mut heads = WindowBlocks::new(start_ns, end_ns);
+    while let Some(head) = heads.next(conn).await? {
+        for s in read_block(conn, head.id).await? {
+            if s.start_ns < start_ns || s.start_ns > end_ns {
+                continue;
+            }
+            seen += 1;
+            if seen > limit {
+                return Ok(seen);
+            }
+            f(s)?;
+        }
+    }
+    Ok(seen)
+}

@@ -1,0 +1,30 @@
+-- Spans move into compressed blocks (collector/src/store/blocks.rs): a transaction writes a few
+-- block rows and one `trace_blocks` entry per trace and block instead of a row and three index
+-- entries per span. The collector moves the rows of an older database's `spans` table into
+-- blocks at start, in chunks and with progress in its log, then drops that table.
+CREATE TABLE span_blocks (
+    id        INTEGER PRIMARY KEY,
+    start_min INTEGER NOT NULL,  -- earliest span start in the block
+    start_max INTEGER NOT NULL,  -- latest span start in the block
+    spans     INTEGER NOT NULL,
+    summary   BLOB NOT NULL,     -- blocks::Summary: (service, name, kind) with statuses and longest duration
+    traces    BLOB NOT NULL,     -- the traces rows it holds, delta varints
+    data      BLOB NOT NULL      -- the spans, column by column, zstd
+);
+CREATE INDEX span_blocks_start_max ON span_blocks (start_max);
+
+CREATE TABLE trace_blocks (
+    trace INTEGER NOT NULL,  -- traces.id
+    block INTEGER NOT NULL,  -- span_blocks.id
+    PRIMARY KEY (trace, block)
+) WITHOUT ROWID;
+
+-- Spans stored of the trace row (kept with every transaction that adds some).
+ALTER TABLE traces ADD COLUMN spans INTEGER NOT NULL DEFAULT 0;
+
+-- The span metrics cover the blocks up to this one (spans_rowid did the same for `spans`).
+ALTER TABLE red_state ADD COLUMN block INTEGER NOT NULL DEFAULT 0;
+
+-- Only the move reads `spans` from now on, by rowid.
+DROP INDEX IF EXISTS spans_service_start;
+DROP INDEX IF EXISTS spans_trace_start;
