@@ -12,6 +12,8 @@ CREATE TABLE span_blocks (
     data      BLOB NOT NULL      -- the spans, column by column, zstd
 );
 CREATE INDEX span_blocks_start_max ON span_blocks (start_max);
+-- Retention finds the blocks that straddle its cutoff.
+CREATE INDEX span_blocks_start_min ON span_blocks (start_min);
 
 CREATE TABLE trace_blocks (
     trace INTEGER NOT NULL,  -- traces.id

@@ -1,19 +1,24 @@
-//! Ingest benchmark: starts the release `collector` binary on a fresh database, sends realistic
-//! spans over OTLP/gRPC from several concurrent clients in batches of 512, and reports spans/s,
-//! export latency percentiles, the collector's peak RSS and bytes on disk per span.
+//! Ingest and query benchmark: starts the release `collector` binary on a fresh database, sends
+//! realistic spans over OTLP/gRPC from several concurrent clients in batches of 512, and reports
+//! spans/s, CPU per million spans, export latency percentiles, the collector's peak RSS and bytes
+//! on disk per span; then times the queries a user asks of what was stored.
 //!
 //! Run: `cargo bench -p collector --bench ingest -- [--spans N] [--clients N] [--batch N]
 //! [--collector-arg ARG]…` (it builds nothing itself: `cargo build --release -p collector` first,
 //! or set COLLECTOR_BIN). `--collector-arg --no-span-metrics` measures ingest without span metrics
 //! (with `--skip-queries`: the map and stats would then rescan every span).
 //!
-//! Spans: 8 services, traces of 8 spans, 10 attributes each, a resource with `service.name`, one
-//! event per ten spans, ~1% errors, their start times spread over the last hour in the order they
-//! are sent (as if an hour were replayed). Requests are encoded before the clock starts, so the
-//! client spends its CPU on sending, not on protobuf encoding. Before the collector starts it
-//! measures SQLite's bare append rate for comparable rows on this machine and prints the
-//! throughput's ratio to it, which holds across machines of different speed. After ingest, the service map over
-//! 1 h, the dependencies over 1 h and a service's operation stats over 24 h are each asked 20 times.
+//! Spans: 8 services, traces of 1–200 spans (each span's parent an earlier span of its trace),
+//! 10 attributes each, a resource with `service.name`, one event per ten spans, ~1% errors, their
+//! start times spread over the last hour in the order they are sent (as if an hour were replayed).
+//! Requests are encoded before the clock starts, so the client spends its CPU on sending, not on
+//! protobuf encoding. Before the collector starts it measures SQLite's bare append rate for
+//! comparable rows on this machine and prints the throughput's ratio to it, which holds across
+//! machines of different speed. After ingest: traces by id (random ids from the first and the
+//! last tenth of the hour), searches (by service, service + operation, attribute, error, minimum
+//! duration, over 1 h and 24 h), the service map and a service's stats over 15 min, 1 h and 24 h,
+//! the dependencies over 1 h, and the outline of a 100,000-span trace sent after the others; each
+//! with the collector's peak RSS while it ran.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -100,24 +105,36 @@ const ROUTES: [&str; 10] = [
     "/api/notifications",
 ];
 
-/// One request of `n` spans: traces of 8 spans spread over the services, grouped by resource.
-fn batch(rng: &mut Rng, n: usize, now: u64) -> Bytes {
+/// One request of `n` spans: traces of 1–200 spans (a tree: each span's parent is an earlier span
+/// of its trace) spread over the services, grouped by resource; with the ids of its traces. A
+/// trace with `big_trace` set takes the whole request (its spans hang off span `parent_of_all`).
+fn batch(rng: &mut Rng, n: usize, now: u64, big_trace: Option<([u8; 16], u64)>) -> (Bytes, Vec<[u8; 16]>) {
     let mut by_service: Vec<Vec<Span>> = vec![Vec::new(); SERVICES.len()];
     let mut made = 0;
+    let mut trace_ids = Vec::new();
     while made < n {
-        let trace_id = [rng.next().to_be_bytes(), rng.next().to_be_bytes()].concat();
-        let mut parent: Vec<u8> = Vec::new();
+        let (trace_id, size) = match big_trace {
+            Some((id, _)) => (id.to_vec(), n),
+            None => ([rng.next().to_be_bytes(), rng.next().to_be_bytes()].concat(), (1 + rng.below(200) as usize).min(n - made)),
+        };
+        trace_ids.push(<[u8; 16]>::try_from(trace_id.as_slice()).unwrap_or_default());
+        let mut ids: Vec<Vec<u8>> = Vec::with_capacity(size);
         let start = now + rng.below(1_000_000_000);
-        for depth in 0..8.min(n - made) {
+        for depth in 0..size {
             let span_id = rng.next().to_be_bytes().to_vec();
-            let svc = depth % SERVICES.len();
+            let parent = match (depth, big_trace) {
+                (_, Some((_, root))) => root.to_be_bytes().to_vec(),
+                (0, None) => Vec::new(),
+                _ => ids[rng.below(depth as u64) as usize].clone(),
+            };
+            let svc = if depth == 0 { 0 } else { rng.below(SERVICES.len() as u64) as usize };
             let route = ROUTES[rng.below(ROUTES.len() as u64) as usize];
             let error = rng.below(100) == 0;
-            let s0 = start + depth as u64 * 1_000_000;
+            let s0 = start + depth as u64 * 100_000;
             let mut span = Span {
                 trace_id: trace_id.clone(),
                 span_id: span_id.clone(),
-                parent_span_id: parent.clone(),
+                parent_span_id: parent,
                 name: format!("{} {}", if depth % 2 == 0 { "GET" } else { "POST" }, route),
                 kind: if depth % 2 == 0 { 2 } else { 3 },
                 start_time_unix_nano: s0,
@@ -146,9 +163,9 @@ fn batch(rng: &mut Rng, n: usize, now: u64) -> Bytes {
                 });
             }
             by_service[svc].push(span);
-            parent = span_id;
+            ids.push(span_id);
         }
-        made += 8.min(n - made);
+        made += size;
     }
     let resource_spans = by_service
         .into_iter()
@@ -172,7 +189,7 @@ fn batch(rng: &mut Rng, n: usize, now: u64) -> Bytes {
             schema_url: String::new(),
         })
         .collect();
-    Bytes::from(ExportTraceServiceRequest { resource_spans }.encode_to_vec())
+    (Bytes::from(ExportTraceServiceRequest { resource_spans }.encode_to_vec()), trace_ids)
 }
 
 /// Sends already-encoded request bytes; decodes the response normally.
@@ -211,6 +228,19 @@ impl Decoder for RespDecoder {
         Ok(Some(msg))
     }
 }
+
+/// Resets the process's peak RSS (Linux's `clear_refs`), so the next reading is the peak of
+/// what follows.
+fn reset_peak_rss(pid: u32) {
+    if let Err(e) = std::fs::write(format!("/proc/{pid}/clear_refs"), "5") {
+        eprintln!("cannot reset the peak RSS: {e}");
+    }
+}
+
+/// How often each query is asked (trace by id: this many times 5 ids, each once).
+const QUERY_REPEATS: usize = 20;
+/// Spans of the one large trace whose outline is timed.
+const BIG_TRACE_SPANS: usize = 100_000;
 
 fn rss_peak_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -345,7 +375,23 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     // Batch i starts i/n of an hour after an hour ago.
     let hour = 3_600_000_000_000u64;
-    let batches: Vec<Bytes> = (0..n_batches).map(|i| batch(&mut rng, a.batch, now - hour + hour / n_batches as u64 * i as u64)).collect();
+    let (batches, trace_ids): (Vec<Bytes>, Vec<Vec<[u8; 16]>>) =
+        (0..n_batches).map(|i| batch(&mut rng, a.batch, now - hour + hour / n_batches as u64 * i as u64, None)).unzip();
+    // Trace ids to look up: from the first tenth of the hour (old) and the last (recent).
+    let mut sample = |from: usize, to: usize| -> Vec<[u8; 16]> {
+        (0..QUERY_REPEATS * 5)
+            .map(|_| {
+                let ids = &trace_ids[from + rng.below((to - from).max(1) as u64) as usize];
+                ids[rng.below(ids.len() as u64) as usize]
+            })
+            .collect()
+    };
+    let old_ids = sample(0, n_batches / 10 + 1);
+    let recent_ids = sample(n_batches - n_batches / 10 - 1, n_batches);
+    drop(trace_ids);
+    // One trace of 100,000 spans (in requests of 500), sent after the others, for its outline.
+    let big_id = [0xb1; 16];
+    let big: Vec<Bytes> = (0..BIG_TRACE_SPANS / 500).map(|_| batch(&mut rng, 500, now - hour / 2, Some((big_id, 0x5eed))).0).collect();
     let wire_bytes: usize = batches.iter().map(Bytes::len).sum();
 
     eprintln!("measuring SQLite's bare append rate on this machine…");
@@ -390,16 +436,41 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (elapsed, mut latencies, retries) = send_all(&grpc_addr, batches, a.clients).await?;
     let peak_kib = rss_peak_kib(pid);
     let cpu = cpu_seconds(pid);
-    let queries = [
-        ("service map, 1 h", "/api/v1/service-map?lookback=1h"),
-        ("dependencies, 1 h", "/api/v1/dependencies?lookback=1h"),
-        ("service stats, 24 h", "/api/v1/services/gateway/stats?lookback=24h"),
-    ];
+    let ingest_peak_kib = peak_kib;
+    if !a.skip_queries {
+        send_all(&grpc_addr, big, 1).await?;
+    }
+    let by_id = |ids: &[[u8; 16]]| ids.iter().map(|id| format!("/api/v1/traces/{}", hex::encode(id))).collect::<Vec<_>>();
+    let repeat = |path: &str, n: usize| vec![path.to_owned(); n];
+    let mut queries: Vec<(&str, Vec<String>)> = vec![("trace by id, recent", by_id(&recent_ids)), ("trace by id, old", by_id(&old_ids))];
+    for (lookback, label) in [("1h", "1 h"), ("24h", "24 h")] {
+        let searches: [(&str, String); 5] = [
+            ("service", "service=catalog".to_owned()),
+            ("service + operation", "service=catalog&operation=GET%20%2Fapi%2Fcart".to_owned()),
+            ("attribute", "attr=http.response.status_code%3D500".to_owned()),
+            ("error", "error=true".to_owned()),
+            ("min duration", "service=orders&minDuration=19ms".to_owned()),
+        ];
+        for (what, q) in searches {
+            let name: &'static str = Box::leak(format!("search {what}, {label}").into_boxed_str());
+            queries.push((name, repeat(&format!("/api/v1/traces?{q}&lookback={lookback}&limit=20"), QUERY_REPEATS)));
+        }
+    }
+    for (lookback, label) in [("15m", "15 min"), ("1h", "1 h"), ("24h", "24 h")] {
+        queries.push((Box::leak(format!("service map, {label}").into_boxed_str()), repeat(&format!("/api/v1/service-map?lookback={lookback}"), QUERY_REPEATS)));
+        queries.push((
+            Box::leak(format!("service stats, {label}").into_boxed_str()),
+            repeat(&format!("/api/v1/services/gateway/stats?lookback={lookback}"), QUERY_REPEATS),
+        ));
+    }
+    queries.push(("dependencies, 1 h", repeat("/api/v1/dependencies?lookback=1h", QUERY_REPEATS)));
+    queries.push(("outline, 100,000 spans", repeat(&format!("/api/v1/traces/{}/outline", hex::encode(big_id)), 5)));
     let mut query_lines = Vec::new();
     let http = reqwest::Client::new();
-    for (what, path) in queries.into_iter().filter(|_| !a.skip_queries) {
+    for (what, paths) in queries.into_iter().filter(|_| !a.skip_queries) {
+        reset_peak_rss(pid);
         let mut took = Vec::new();
-        for _ in 0..20 {
+        for path in &paths {
             let t = Instant::now();
             let r = http.get(format!("http://{http_addr}{path}")).send().await?;
             let ok = r.status().is_success();
@@ -411,10 +482,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         took.sort();
         query_lines.push(format!(
-            "{:<22} p50 {:.1} ms, p99 {:.1} ms",
+            "{:<32} p50 {:>7.1} ms, p99 {:>7.1} ms, peak RSS {:.0} MiB",
             format!("{what}:"),
             percentile(&took, 0.5).as_secs_f64() * 1e3,
-            percentile(&took, 0.99).as_secs_f64() * 1e3
+            percentile(&took, 0.99).as_secs_f64() * 1e3,
+            rss_peak_kib(pid) as f64 / 1024.0
         ));
     }
 
@@ -439,7 +511,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     println!("collector CPU:         {:.1} s ({:.1} CPU-s per million spans)", cpu, cpu / spans as f64 * 1e6);
     println!("retries after 503:     {retries}");
-    println!("collector peak RSS:    {:.1} MiB", peak_kib as f64 / 1024.0);
+    println!("collector peak RSS:    {:.1} MiB (during ingest)", ingest_peak_kib as f64 / 1024.0);
     println!("on disk:               {:.1} MiB, {:.1} bytes/span", disk as f64 / 1048576.0, disk as f64 / spans as f64);
     for line in query_lines {
         println!("{line}");

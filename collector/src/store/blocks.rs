@@ -156,7 +156,8 @@ pub struct Block {
     pub summary: Vec<u8>,
     /// The `traces` rows it holds spans of, ascending, with how many each.
     pub traces: Vec<(i64, u32)>,
-    /// The encoded trace rows (delta varints), as stored in `span_blocks.traces`.
+    /// The encoded trace rows and their span counts (delta varint, count varint), as stored in
+    /// `span_blocks.traces`.
     pub trace_list: Vec<u8>,
     /// The compressed columns.
     pub data: Vec<u8>,
@@ -262,10 +263,11 @@ pub fn encode(spans: &[&StoredSpan]) -> Block {
             data.extend_from_slice(&raw);
         }
     }
-    let mut trace_list = Vec::with_capacity(traces.len() * 2);
+    let mut trace_list = Vec::with_capacity(traces.len() * 3);
     let mut prev = 0;
-    for &(t, _) in &traces {
+    for &(t, n) in &traces {
         put_varint(&mut trace_list, zigzag(t.wrapping_sub(prev)));
+        put_varint(&mut trace_list, u64::from(n));
         prev = t;
     }
     Block {
@@ -279,13 +281,14 @@ pub fn encode(spans: &[&StoredSpan]) -> Block {
     }
 }
 
-/// The trace rows of `span_blocks.traces`.
-pub fn decode_trace_list(mut buf: &[u8]) -> Result<Vec<i64>, CodecError> {
+/// The trace rows of `span_blocks.traces`, with the spans the block holds of each.
+pub fn decode_trace_list(mut buf: &[u8]) -> Result<Vec<(i64, u32)>, CodecError> {
     let mut out = Vec::new();
     let mut prev = 0i64;
     while !buf.is_empty() {
         prev = prev.wrapping_add(unzigzag(varint(&mut buf)?));
-        out.push(prev);
+        let n = u32::try_from(varint(&mut buf)?).map_err(|_| CodecError::Truncated)?;
+        out.push((prev, n));
     }
     Ok(out)
 }
@@ -535,8 +538,8 @@ mod tests {
         for b in &blocks {
             let summary = Summary::decode(&b.summary).expect("summary");
             assert!(summary.ops.iter().any(|o| o.name == -1), "inline names are summarised as -1");
-            let rows: Vec<i64> = b.traces.iter().map(|t| t.0).collect();
-            assert_eq!(decode_trace_list(&b.trace_list).expect("trace list"), rows);
+            assert_eq!(decode_trace_list(&b.trace_list).expect("trace list"), b.traces);
+            assert_eq!(b.traces.iter().map(|t| t.1 as usize).sum::<usize>(), b.spans);
         }
         let mut want = spans.clone();
         want.sort_by_key(|s| (s.trace, s.start_ns));

@@ -514,22 +514,35 @@ impl Writer {
     }
 
     /// Deletes blocks whose spans all started before the cutoff, up to [`PRUNE_CHUNK`] spans, with
-    /// their `trace_blocks` entries; the spans deleted, or `None` (and the pass given up until the
+    /// their `trace_blocks` entries; once there are no more, writes the blocks that straddle the
+    /// cutoff again without their older spans. The spans deleted, or `None` (and the pass given up until the
     /// next check) on an error.
     async fn prune_blocks(&mut self, cutoff: i64) -> Option<u64> {
         let result = async {
             let conn = Self::connection(&mut self.conn, &self.options).await?;
             let mut tx = conn.begin().await?;
+            let chunk = (PRUNE_CHUNK / blocks::MAX_BLOCK_SPANS as i64).max(1);
             let rows = sqlx::query("SELECT id, spans, traces FROM span_blocks WHERE start_max < ? ORDER BY start_max LIMIT ?")
                 .bind(cutoff)
-                .bind((PRUNE_CHUNK / blocks::MAX_BLOCK_SPANS as i64).max(1))
+                .bind(chunk)
                 .fetch_all(&mut *tx)
                 .await?;
             let mut spans = 0u64;
             for r in &rows {
                 let id: i64 = r.try_get(0)?;
                 spans += r.try_get::<i64, _>(1)?.max(0) as u64;
-                delete_block(&mut *tx, id, &r.try_get::<Vec<u8>, _>(2)?).await?;
+                delete_block(&mut tx, id, &r.try_get::<Vec<u8>, _>(2)?).await?;
+            }
+            // Then blocks that straddle the cutoff lose their older spans.
+            if (rows.len() as i64) < chunk {
+                let straddling: Vec<i64> = sqlx::query_scalar("SELECT id FROM span_blocks WHERE start_min < ? ORDER BY start_min LIMIT ?")
+                    .bind(cutoff)
+                    .bind(chunk)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                for id in straddling {
+                    spans += rewrite_block(&mut tx, id, |s| s.start_ns >= cutoff).await?;
+                }
             }
             tx.commit().await?;
             Ok::<_, StoreError>(spans)
@@ -578,13 +591,52 @@ impl Writer {
     }
 }
 
-/// Deletes a block and the `trace_blocks` entries of the traces it lists.
+/// Deletes a block, the `trace_blocks` entries of the traces it lists and its spans from their
+/// traces' counts.
 pub(super) async fn delete_block(conn: &mut SqliteConnection, id: i64, trace_list: &[u8]) -> Result<(), StoreError> {
-    for trace in blocks::decode_trace_list(trace_list)? {
+    for (trace, n) in blocks::decode_trace_list(trace_list)? {
         sqlx::query("DELETE FROM trace_blocks WHERE trace = ? AND block = ?").bind(trace).bind(id).execute(&mut *conn).await?;
+        sqlx::query("UPDATE traces SET spans = spans - ? WHERE id = ?").bind(i64::from(n)).bind(trace).execute(&mut *conn).await?;
     }
     sqlx::query("DELETE FROM span_blocks WHERE id = ?").bind(id).execute(&mut *conn).await?;
     Ok(())
+}
+
+/// Writes a block again with only the spans `keep` keeps (deletes it when none are left),
+/// keeping `trace_blocks` and the traces' counts in step; the spans removed.
+pub(super) async fn rewrite_block(conn: &mut SqliteConnection, id: i64, keep: impl Fn(&StoredSpan) -> bool) -> Result<u64, StoreError> {
+    let Some(r) = sqlx::query("SELECT traces, data FROM span_blocks WHERE id = ?").bind(id).fetch_optional(&mut *conn).await? else { return Ok(0) };
+    let trace_list: Vec<u8> = r.try_get(0)?;
+    let (kept, removed): (Vec<StoredSpan>, Vec<StoredSpan>) = blocks::decode(&r.try_get::<Vec<u8>, _>(1)?)?.into_iter().partition(|s| keep(s));
+    if removed.is_empty() {
+        return Ok(0);
+    }
+    if kept.is_empty() {
+        delete_block(conn, id, &trace_list).await?;
+        return Ok(removed.len() as u64);
+    }
+    let b = blocks::encode(&kept.iter().collect::<Vec<_>>());
+    sqlx::query("UPDATE span_blocks SET start_min = ?, start_max = ?, spans = ?, summary = ?, traces = ?, data = ? WHERE id = ?")
+        .bind(b.start_min)
+        .bind(b.start_max)
+        .bind(b.spans as i64)
+        .bind(&b.summary)
+        .bind(&b.trace_list)
+        .bind(&b.data)
+        .bind(id)
+        .execute(&mut *conn)
+        .await?;
+    let mut gone: BTreeMap<i64, i64> = BTreeMap::new();
+    for s in &removed {
+        *gone.entry(s.trace).or_default() += 1;
+    }
+    for (trace, n) in gone {
+        sqlx::query("UPDATE traces SET spans = spans - ? WHERE id = ?").bind(n).bind(trace).execute(&mut *conn).await?;
+        if !b.traces.iter().any(|&(t, _)| t == trace) {
+            sqlx::query("DELETE FROM trace_blocks WHERE trace = ? AND block = ?").bind(trace).bind(id).execute(&mut *conn).await?;
+        }
+    }
+    Ok(removed.len() as u64)
 }
 
 /// The blocks of a transaction's spans, and its trace rows (the new ones and those it adds spans

@@ -12,7 +12,6 @@ use sqlx::{Connection, Row, SqliteConnection};
 
 use super::Writer;
 use crate::store::StoreError;
-use crate::store::blocks::{self, StoredSpan};
 use crate::store::red::MINUTE_NS;
 
 /// Start evicting above this share of the limit …
@@ -85,24 +84,7 @@ enum Step {
 async fn evict_blocks(conn: &mut SqliteConnection, last: i64) -> Result<(), StoreError> {
     let ids: Vec<i64> = sqlx::query_scalar("SELECT DISTINCT block FROM trace_blocks WHERE trace <= ? ORDER BY block").bind(last).fetch_all(&mut *conn).await?;
     for id in ids {
-        let Some(r) = sqlx::query("SELECT traces, data FROM span_blocks WHERE id = ?").bind(id).fetch_optional(&mut *conn).await? else { continue };
-        let trace_list: Vec<u8> = r.try_get(0)?;
-        if blocks::decode_trace_list(&trace_list)?.iter().all(|&t| t <= last) {
-            super::delete_block(conn, id, &trace_list).await?;
-            continue;
-        }
-        let kept: Vec<StoredSpan> = blocks::decode(&r.try_get::<Vec<u8>, _>(1)?)?.into_iter().filter(|s| s.trace > last).collect();
-        let b = blocks::encode(&kept.iter().collect::<Vec<_>>());
-        sqlx::query("UPDATE span_blocks SET start_min = ?, start_max = ?, spans = ?, summary = ?, traces = ?, data = ? WHERE id = ?")
-            .bind(b.start_min)
-            .bind(b.start_max)
-            .bind(b.spans as i64)
-            .bind(b.summary)
-            .bind(b.trace_list)
-            .bind(b.data)
-            .bind(id)
-            .execute(&mut *conn)
-            .await?;
+        super::rewrite_block(conn, id, |s| s.trace > last).await?;
     }
     sqlx::query("DELETE FROM trace_blocks WHERE trace <= ?").bind(last).execute(&mut *conn).await?;
     Ok(())
