@@ -24,7 +24,7 @@ pub fn otlp_json(data: &[u8]) {
     otlp(data, Encoding::Json);
 }
 
-/// A stored blob (attributes, events, links) as read back from the database: a corrupt row must
+/// A stored blob (attributes, events, links, a span block) as read back from the database: a corrupt row must
 /// give an error, never a panic.
 pub fn codec(data: &[u8]) {
     let dicts = Dicts::empty();
@@ -35,6 +35,10 @@ pub fn codec(data: &[u8]) {
     let _ = decode_attributes(data, &dict);
     let _ = Reader::new(data, &dict).events(1_700_000_000_000_000_000);
     let _ = Reader::new(data, &dict).links();
+    // A span block, its summary and trace list: stored blobs too.
+    let _ = crate::store::blocks::decode(data);
+    let _ = crate::store::blocks::Summary::decode(data);
+    let _ = crate::store::blocks::decode_trace_list(data);
 }
 
 fn otlp(data: &[u8], encoding: Encoding) {
