@@ -30,3 +30,25 @@ ALTER TABLE red_state ADD COLUMN block INTEGER NOT NULL DEFAULT 0;
 -- Only the move reads `spans` from now on, by rowid.
 DROP INDEX IF EXISTS spans_service_start;
 DROP INDEX IF EXISTS spans_trace_start;
+
+-- Hourly roll-ups of the span metrics' minutes (collector/src/store/rollup.rs): a window of many
+-- hours reads one row per series and whole hour instead of sixty.
+CREATE TABLE red_hours (
+    hour            INTEGER NOT NULL,  -- minute / 60
+    series          INTEGER NOT NULL,  -- red_series.id
+    calls           INTEGER NOT NULL,
+    errors          INTEGER NOT NULL,
+    duration_sum_ns INTEGER NOT NULL,
+    sketch          BLOB NOT NULL,
+    PRIMARY KEY (hour, series)
+) WITHOUT ROWID;
+
+-- Rolled-up hours whose minutes changed since (spans that came late): read from the minutes
+-- until they are rolled up again.
+CREATE TABLE red_hours_dirty (
+    hour INTEGER PRIMARY KEY
+);
+
+-- The hours from hours_from up to (not including) hours_through are rolled up (0: not started).
+ALTER TABLE red_state ADD COLUMN hours_from INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE red_state ADD COLUMN hours_through INTEGER NOT NULL DEFAULT 0;

@@ -11,6 +11,7 @@ pub mod convert;
 pub mod dict;
 pub mod read;
 pub mod red;
+pub mod rollup;
 pub mod rows;
 pub mod sketch;
 pub mod writer;

@@ -406,6 +406,12 @@ pub struct MinuteRow {
     agg: Agg,
 }
 
+impl MinuteRow {
+    pub fn minute(&self) -> i64 {
+        self.minute
+    }
+}
+
 impl Insert for MinuteRow {
     const TABLE: &'static str = "red_minutes";
     const COLUMNS: &'static [&'static str] = &["series", "minute", "calls", "errors", "duration_sum_ns", "sketch"];

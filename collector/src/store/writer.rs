@@ -23,7 +23,8 @@ pub use evict::{Evicted, SharedEvicted, SizeLimit};
 
 use super::blocks::{self, Block, StoredSpan};
 use super::dict::TraceRow;
-use super::red::{MINUTE_NS, Prepared, SpanMetrics};
+use super::red::{MINUTE_NS, MinuteRow, Prepared, SpanMetrics};
+use super::rollup::{HOUR_MINUTES, Rollup};
 use super::rows::{BlockRow, Insert, MetricRow, OperationKey, OperationRow, Rows, SeriesRow, SpanRow, TraceBlockRow, TraceUpsert};
 use super::{Dicts, Health, StoreError};
 use crate::metrics::Metrics;
@@ -67,6 +68,8 @@ pub struct Writer {
     max_batch_items: usize,
     sql: HashMap<(&'static str, usize), String>,
     red: SpanMetrics,
+    /// Loaded with the first flush.
+    rollup: Option<Rollup>,
     size_limit: Option<SizeLimit>,
     prune: Option<Prune>,
     /// The longest a retention pass waits for its next step under load.
@@ -101,7 +104,20 @@ impl Writer {
         pace: Pace,
     ) -> Self {
         let Pace { max_batch_items, prune_every, size_limit } = pace;
-        Self { conn: Some(conn), options, health, dicts, metrics, max_batch_items, sql: HashMap::new(), red, size_limit, prune: None, prune_every }
+        Self {
+            conn: Some(conn),
+            options,
+            health,
+            dicts,
+            metrics,
+            max_batch_items,
+            sql: HashMap::new(),
+            red,
+            rollup: None,
+            size_limit,
+            prune: None,
+            prune_every,
+        }
     }
 
     /// The open connection, or a fresh one after a failure.
@@ -228,12 +244,22 @@ impl Writer {
             let Some((batch, end)) = self.red.recovery_chunk(conn, after, last, &names, other).await? else { break };
             let mut tx = conn.begin().await?;
             let mut p = self.red.prepare(vec![batch], &mut tx).await?;
+            let mut rolled = None;
             if let Some((series_rows, minute_rows)) = self.red.rows_to_flush(&mut p, true) {
+                let minutes: Vec<i64> = minute_rows.iter().map(MinuteRow::minute).collect();
                 insert(&mut self.sql, &mut tx, series_rows).await?;
                 insert(&mut self.sql, &mut tx, minute_rows).await?;
+                let rollup = match &mut self.rollup {
+                    Some(r) => r,
+                    None => self.rollup.insert(Rollup::load(&mut tx).await?),
+                };
+                rolled = Some(rollup.on_flush(&mut tx, minutes.into_iter()).await?);
             }
             sqlx::query("UPDATE red_state SET block = ? WHERE id = 1").bind(end).execute(&mut *tx).await?;
             tx.commit().await?;
+            if let (Some(r), Some(t)) = (&mut self.rollup, rolled) {
+                r.committed(t);
+            }
             self.red.apply(p);
             after = end;
             tracing::info!(counted = after - first, of = last - first, "counting stored span blocks into the span metrics");
@@ -362,8 +388,8 @@ impl Writer {
             }
         };
 
-        let (sql, options, span_metrics) = (&mut self.sql, &self.options, &self.red);
-        let result: Result<Prepared, sqlx::Error> = async {
+        let (sql, options, span_metrics, rollup) = (&mut self.sql, &self.options, &self.red, &mut self.rollup);
+        let result: Result<(Prepared, Option<(i64, i64)>), StoreError> = async {
             let conn = Self::connection(&mut self.conn, options).await?;
             let mut tx = conn.begin().await?;
             // Read before anything is written: the minutes it reads back are as committed.
@@ -384,18 +410,28 @@ impl Writer {
             }
             insert(sql, &mut tx, all.points).await?;
             insert(sql, &mut tx, all.logs).await?;
+            let mut rolled = None;
             if let Some((series_rows, minute_rows)) = span_metrics.rows_to_flush(&mut red, flush) {
+                let minutes: Vec<i64> = minute_rows.iter().map(MinuteRow::minute).collect();
                 insert(sql, &mut tx, series_rows).await?;
                 insert(sql, &mut tx, minute_rows).await?;
                 sqlx::query("UPDATE red_state SET block = (SELECT COALESCE(max(id), 0) FROM span_blocks) WHERE id = 1").execute(&mut *tx).await?;
+                let rollup = match rollup {
+                    Some(r) => r,
+                    None => rollup.insert(Rollup::load(&mut tx).await?),
+                };
+                rolled = Some(rollup.on_flush(&mut tx, minutes.into_iter()).await?);
             }
             tx.commit().await?;
-            Ok(red)
+            Ok((red, rolled))
         }
         .await;
 
         let outcome = match result {
-            Ok(red) => {
+            Ok((red, rolled)) => {
+                if let (Some(r), Some(t)) = (&mut self.rollup, rolled) {
+                    r.committed(t);
+                }
                 self.red.apply(red);
                 if items > 0 {
                     self.metrics.write_batch_items.observe(items as f64);
@@ -407,6 +443,9 @@ impl Writer {
             }
             Err(e) => {
                 tracing::error!(error = %e, items, "write transaction failed; the exports are refused");
+                if let Some(r) = &mut self.rollup {
+                    r.failed();
+                }
                 self.metrics.write_errors.inc();
                 d.strings.restore_pending(strings);
                 d.resources.restore_pending(resources);
@@ -450,7 +489,7 @@ impl Writer {
         let (cutoff, min_ref) = (p.cutoff_ns, p.min_trace_ref);
         let started = Instant::now();
         let minute = cutoff.div_euclid(MINUTE_NS);
-        let data: [(&str, &'static str, Vec<i64>); 4] = [
+        let data: [(&str, &'static str, Vec<i64>); 5] = [
             (
                 "traces",
                 "DELETE FROM traces WHERE id IN (SELECT id FROM traces t WHERE t.first_seen_ns < ?1 AND t.id < ?3 \
@@ -467,6 +506,11 @@ impl Writer {
                 "DELETE FROM red_minutes WHERE (series, minute) IN \
                  (SELECT series, minute FROM red_minutes WHERE series IN (SELECT id FROM red_series) AND minute < ?1 LIMIT ?2)",
                 vec![minute, PRUNE_CHUNK],
+            ),
+            (
+                "red_hours",
+                "DELETE FROM red_hours WHERE (hour, series) IN (SELECT hour, series FROM red_hours WHERE hour < ?1 LIMIT ?2)",
+                vec![minute.div_euclid(HOUR_MINUTES), PRUNE_CHUNK],
             ),
             (
                 "logs",

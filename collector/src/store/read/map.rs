@@ -15,6 +15,7 @@ use super::spans::visit_window;
 use crate::store::codec::decode_attributes;
 pub use crate::store::red::NodeKind;
 use crate::store::red::{self, Agg, MINUTE_NS, SERIES_COLUMNS, SeriesKey};
+use crate::store::rollup::{Plan, Sums};
 use crate::store::rows::{OTHER_OPERATIONS, SpanName};
 use crate::store::sketch::Dense;
 use crate::store::{Store, StoreError};
@@ -332,40 +333,59 @@ impl Store {
     async fn red_window(&self, start_ns: i64, end_ns: i64, which: Series) -> Result<Vec<(SeriesKey, Agg)>, StoreError> {
         self.settle_span_metrics().await;
         let (first, last) = (start_ns.div_euclid(MINUTE_NS), end_ns.div_euclid(MINUTE_NS));
-        // The series are the outer loop (CROSS JOIN keeps that order): one seek per series into
-        // the minutes' primary key.
-        let filter = match which {
-            Series::All => "",
-            Series::SpansOf(_) => "WHERE s.service = ?3 AND s.kind = 0",
+        // One snapshot for where the roll-ups stand, the hours and the minutes.
+        let mut tx = self.read.begin().await?;
+        let plan = Plan::of(&mut tx, first, last).await?;
+        let (filter, service) = match which {
+            Series::All => ("", None),
+            Series::SpansOf(service) => ("WHERE s.service = ?3 AND s.kind = 0", Some(service)),
         };
+        let mut keys: HashMap<i64, SeriesKey> = HashMap::new();
+        {
+            let sql = format!(
+                "SELECT s.id, {} FROM red_series s {}",
+                SERIES_COLUMNS.split(", ").map(|c| format!("s.{c}")).collect::<Vec<_>>().join(", "),
+                filter.replace("?3", "?1")
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            if let Some(service) = service {
+                q = q.bind(service);
+            }
+            for r in q.fetch_all(&mut *tx).await? {
+                keys.insert(r.try_get(0)?, SeriesKey::from_row(&r, 1)?);
+            }
+        }
+        let mut sums: HashMap<i64, Sums> = HashMap::new();
+        // Whole hours from the roll-ups: the hour is the outer loop of their primary key.
+        if let (Some(&from), Some(&to)) = (plan.hours.first(), plan.hours.last()) {
+            let mut rows = sqlx::query("SELECT hour, series, calls, errors, duration_sum_ns, sketch FROM red_hours WHERE hour >= ? AND hour <= ?")
+                .bind(from)
+                .bind(to)
+                .fetch(&mut *tx);
+            while let Some(r) = rows.try_next().await? {
+                let series: i64 = r.try_get(1)?;
+                if keys.contains_key(&series) && plan.hours.binary_search(&r.try_get(0)?).is_ok() {
+                    sums.entry(series).or_default().add_row(&r, 2)?;
+                }
+            }
+        }
+        // The rest from the minutes: the series are the outer loop (CROSS JOIN keeps that order),
+        // one seek per series into the minutes' primary key.
         let sql = format!(
-            "SELECT s.id, m.calls, m.errors, m.duration_sum_ns, m.sketch, {} FROM red_series s CROSS JOIN red_minutes m \
-             ON m.series = s.id AND m.minute >= ?1 AND m.minute <= ?2 {filter}",
-            SERIES_COLUMNS.split(", ").map(|c| format!("s.{c}")).collect::<Vec<_>>().join(", ")
+            "SELECT s.id, m.calls, m.errors, m.duration_sum_ns, m.sketch FROM red_series s CROSS JOIN red_minutes m \
+             ON m.series = s.id AND m.minute >= ?1 AND m.minute <= ?2 {filter}"
         );
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(first).bind(last);
-        if let Series::SpansOf(service) = which {
-            q = q.bind(service);
+        for &(from, to) in &plan.minute_ranges {
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.clone())).bind(from).bind(to);
+            if let Some(service) = service {
+                q = q.bind(service);
+            }
+            let mut rows = q.fetch(&mut *tx);
+            while let Some(r) = rows.try_next().await? {
+                sums.entry(r.try_get(0)?).or_default().add_row(&r, 1)?;
+            }
         }
-        let mut rows = q.fetch(&self.read);
-        // Per series: its key, calls, errors, duration sum, and the sketches summed.
-        let mut out: HashMap<i64, (SeriesKey, u64, u64, u64, Dense)> = HashMap::new();
-        while let Some(r) = rows.try_next().await? {
-            let id: i64 = r.try_get(0)?;
-            let e = match out.entry(id) {
-                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(e) => e.insert((SeriesKey::from_row(&r, 5)?, 0, 0, 0, Dense::default())),
-            };
-            e.1 += r.try_get::<i64, _>(1)? as u64;
-            e.2 += r.try_get::<i64, _>(2)? as u64;
-            e.3 = e.3.saturating_add(r.try_get::<i64, _>(3)? as u64);
-            let blob: &[u8] = r.try_get(4)?;
-            e.4.add_encoded(blob).ok_or(crate::store::codec::CodecError::Truncated)?;
-        }
-        Ok(out
-            .into_values()
-            .map(|(key, calls, errors, duration_sum_ns, dense)| (key, Agg { calls, errors, duration_sum_ns, sketch: dense.into_sketch() }))
-            .collect())
+        Ok(sums.into_iter().filter_map(|(id, s)| Some((keys.remove(&id)?, s.into_agg()))).collect())
     }
 
     /// Calls between services in the minutes the window touches: an edge for every span whose

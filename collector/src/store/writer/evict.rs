@@ -13,6 +13,7 @@ use sqlx::{Connection, Row, SqliteConnection};
 use super::Writer;
 use crate::store::StoreError;
 use crate::store::red::MINUTE_NS;
+use crate::store::rollup::HOUR_MINUTES;
 
 /// Start evicting above this share of the limit …
 const HIGH: f64 = 0.9;
@@ -181,10 +182,16 @@ impl Writer {
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
-            sqlx::query("DELETE FROM red_minutes WHERE series IN (SELECT id FROM red_series) AND minute < ?")
-                .bind(cutoff.div_euclid(MINUTE_NS))
-                .execute(&mut *tx)
-                .await?;
+            let minute = cutoff.div_euclid(MINUTE_NS);
+            sqlx::query("DELETE FROM red_minutes WHERE series IN (SELECT id FROM red_series) AND minute < ?").bind(minute).execute(&mut *tx).await?;
+            // Rolled-up hours go with their last minute; the hour that lost some is summed again.
+            sqlx::query("DELETE FROM red_hours WHERE hour < ?").bind(minute.div_euclid(HOUR_MINUTES)).execute(&mut *tx).await?;
+            if minute.rem_euclid(HOUR_MINUTES) != 0 {
+                sqlx::query("INSERT OR IGNORE INTO red_hours_dirty (hour) SELECT ?1 WHERE EXISTS (SELECT 1 FROM red_hours WHERE hour = ?1)")
+                    .bind(minute.div_euclid(HOUR_MINUTES))
+                    .execute(&mut *tx)
+                    .await?;
+            }
             let now = crate::store::now_ns();
             sqlx::query(
                 "UPDATE evictions SET traces = traces + ?1, spans = spans + ?2, metric_points = metric_points + ?3, log_records = log_records + ?4, \
