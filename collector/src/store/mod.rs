@@ -189,7 +189,7 @@ fn connect_options(path: &Path) -> SqliteConnectOptions {
         // only an OS crash or power loss can lose the last commits.
         .synchronous(SqliteSynchronous::Normal)
         .busy_timeout(Duration::from_secs(10))
-        .pragma("cache_size", "-65536")
+        .pragma("cache_size", "-16384")
         .pragma("temp_store", "memory")
 }
 

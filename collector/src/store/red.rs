@@ -54,7 +54,7 @@ const PENDING_FOR: Duration = Duration::from_secs(120);
 const MAX_PENDING: usize = 100_000;
 /// Aggregates of (series, minute) kept in memory at most (others are read back from the database
 /// when a span adds to them).
-const CACHED_MINUTES: usize = 20_000;
+const CACHED_MINUTES: usize = 4_096;
 
 /// Aggregates are written at most this often (with the transaction of the spans then), …
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
