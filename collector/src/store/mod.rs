@@ -217,7 +217,9 @@ impl Store {
 
         // Readers get a smaller page cache than the writer: four of them reading large traces at
         // once would otherwise hold 256 MiB of cache between them.
-        let read_options = connect_options(&cfg.path).read_only(true).pragma("cache_size", "-16384");
+        // Rows come from the connection's worker thread over a channel: a deeper one wakes the
+        // reading task per batch of rows rather than per row (a map of 20,000 minute rows took 2×).
+        let read_options = connect_options(&cfg.path).read_only(true).pragma("cache_size", "-16384").row_buffer_size(512);
         let read = SqlitePoolOptions::new().max_connections(4).connect_with(read_options).await?;
 
         let (tx, rx) = mpsc::unbounded_channel();

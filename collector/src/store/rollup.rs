@@ -49,6 +49,25 @@ impl Sums {
         Ok(())
     }
 
+    /// Adds a grouped row: the sums of calls, errors and durations, and the sketches as
+    /// `group_concat(hex(sketch))`, at `at..at + 4`. Reading one row per series instead of one
+    /// per minute saves a hand-over between threads per minute (sqlx reads SQLite on a worker
+    /// thread): a map of 20,000 minute rows took twice as long.
+    pub fn add_grouped(&mut self, r: &sqlx::sqlite::SqliteRow, at: usize) -> Result<(), StoreError> {
+        self.calls += r.try_get::<i64, _>(at)? as u64;
+        self.errors += r.try_get::<i64, _>(at + 1)? as u64;
+        self.duration_sum_ns = self.duration_sum_ns.saturating_add(r.try_get::<i64, _>(at + 2)? as u64);
+        let sketches: &str = r.try_get(at + 3)?;
+        let mut blob = Vec::new();
+        for h in sketches.split(',').filter(|h| !h.is_empty()) {
+            blob.clear();
+            blob.resize(h.len() / 2, 0);
+            hex::decode_to_slice(h, &mut blob).map_err(|_| CodecError::Truncated)?;
+            self.sketch.add_encoded(&blob).ok_or(CodecError::Truncated)?;
+        }
+        Ok(())
+    }
+
     pub fn into_agg(self) -> Agg {
         Agg { calls: self.calls, errors: self.errors, duration_sum_ns: self.duration_sum_ns, sketch: self.sketch.into_sketch() }
     }

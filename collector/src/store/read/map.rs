@@ -356,24 +356,28 @@ impl Store {
             }
         }
         let mut sums: HashMap<i64, Sums> = HashMap::new();
-        // Whole hours from the roll-ups: the hour is the outer loop of their primary key.
+        // Whole hours from the roll-ups (the hour is the outer loop of their primary key), and the
+        // rest from the minutes (the series are the outer loop — CROSS JOIN keeps that order —,
+        // one seek per series into the minutes' primary key); summed per series in SQLite but
+        // for the sketches, which come as `group_concat(hex(sketch))`.
         if let (Some(&from), Some(&to)) = (plan.hours.first(), plan.hours.last()) {
-            let mut rows = sqlx::query("SELECT hour, series, calls, errors, duration_sum_ns, sketch FROM red_hours WHERE hour >= ? AND hour <= ?")
-                .bind(from)
-                .bind(to)
-                .fetch(&mut *tx);
+            let mut rows = sqlx::query(
+                "SELECT series, SUM(calls), SUM(errors), SUM(duration_sum_ns), group_concat(hex(sketch)) FROM red_hours \
+                 WHERE hour >= ?1 AND hour <= ?2 AND hour NOT IN (SELECT hour FROM red_hours_dirty WHERE hour >= ?1 AND hour <= ?2) GROUP BY series",
+            )
+            .bind(from)
+            .bind(to)
+            .fetch(&mut *tx);
             while let Some(r) = rows.try_next().await? {
-                let series: i64 = r.try_get(1)?;
-                if keys.contains_key(&series) && plan.hours.binary_search(&r.try_get(0)?).is_ok() {
-                    sums.entry(series).or_default().add_row(&r, 2)?;
+                let series: i64 = r.try_get(0)?;
+                if keys.contains_key(&series) {
+                    sums.entry(series).or_default().add_grouped(&r, 1)?;
                 }
             }
         }
-        // The rest from the minutes: the series are the outer loop (CROSS JOIN keeps that order),
-        // one seek per series into the minutes' primary key.
         let sql = format!(
-            "SELECT s.id, m.calls, m.errors, m.duration_sum_ns, m.sketch FROM red_series s CROSS JOIN red_minutes m \
-             ON m.series = s.id AND m.minute >= ?1 AND m.minute <= ?2 {filter}"
+            "SELECT s.id, SUM(m.calls), SUM(m.errors), SUM(m.duration_sum_ns), group_concat(hex(m.sketch)) FROM red_series s \
+             CROSS JOIN red_minutes m ON m.series = s.id AND m.minute >= ?1 AND m.minute <= ?2 {filter} GROUP BY s.id"
         );
         for &(from, to) in &plan.minute_ranges {
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.clone())).bind(from).bind(to);
@@ -382,7 +386,7 @@ impl Store {
             }
             let mut rows = q.fetch(&mut *tx);
             while let Some(r) = rows.try_next().await? {
-                sums.entry(r.try_get(0)?).or_default().add_row(&r, 1)?;
+                sums.entry(r.try_get(0)?).or_default().add_grouped(&r, 1)?;
             }
         }
         Ok(sums.into_iter().filter_map(|(id, s)| Some((keys.remove(&id)?, s.into_agg()))).collect())
