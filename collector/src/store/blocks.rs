@@ -15,7 +15,7 @@
 //! and the lengths (+ 1, or 0) and bytes of the encoded attributes, events and links. Columns of
 //! like values compress far better than rows: see docs/PERFORMANCE.md for the bytes per span.
 
-use super::codec::{CodecError, get_varint, put_varint};
+use super::codec::{CodecError, get_varint, put_varint, unzigzag, zigzag};
 use super::rows::SpanName;
 
 /// Spans a block holds at most: small enough that reading one trace opens little else.
@@ -432,14 +432,6 @@ const C_EVENTS: usize = 19;
 const C_LINK_LENS: usize = 20;
 const C_LINKS: usize = 21;
 const COLUMNS: usize = 22;
-
-fn zigzag(v: i64) -> u64 {
-    ((v << 1) ^ (v >> 63)) as u64
-}
-
-fn unzigzag(v: u64) -> i64 {
-    ((v >> 1) as i64) ^ -((v & 1) as i64)
-}
 
 fn varint(buf: &mut &[u8]) -> Result<u64, CodecError> {
     get_varint(buf).ok_or(CodecError::Truncated)

@@ -173,7 +173,7 @@ impl Writer {
             let (mut traces, mut spans) = (0, 0);
             if let Some(last) = last_trace {
                 spans = sqlx::query_scalar::<_, i64>("SELECT COALESCE(sum(spans), 0) FROM traces WHERE id <= ?").bind(last).fetch_one(&mut *tx).await? as u64;
-                evict_blocks(&mut *tx, last).await?;
+                evict_blocks(&mut tx, last).await?;
                 traces = sqlx::query("DELETE FROM traces WHERE id <= ?").bind(last).execute(&mut *tx).await?.rows_affected();
             }
             let points = sqlx::query("DELETE FROM metric_points WHERE time_ns < ?").bind(cutoff).execute(&mut *tx).await?.rows_affected();
