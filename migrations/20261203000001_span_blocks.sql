@@ -7,8 +7,9 @@ CREATE TABLE span_blocks (
     start_min INTEGER NOT NULL,  -- earliest span start in the block
     start_max INTEGER NOT NULL,  -- latest span start in the block
     spans     INTEGER NOT NULL,
-    summary   BLOB NOT NULL,     -- blocks::Summary: (service, name, kind) with statuses and longest duration
-    traces    BLOB NOT NULL,     -- the traces rows it holds, delta varints
+    summary   BLOB NOT NULL,     -- blocks::Summary: (service, name, kind) with statuses and longest duration; resources
+    traces    BLOB NOT NULL,     -- the traces rows it holds with their span counts, varints
+    bloom     BLOB,              -- blocks::Bloom of its attribute pairs (NULL: not known)
     data      BLOB NOT NULL      -- the spans, column by column, zstd
 );
 CREATE INDEX span_blocks_start_max ON span_blocks (start_max);

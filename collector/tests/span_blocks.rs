@@ -106,3 +106,82 @@ async fn an_older_database_is_moved_into_blocks_at_start() {
     conn.close().await.expect("close");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A search for a rare attribute value skips the blocks whose filter rules it out, and still
+/// finds every trace that has it: in a span's attributes, an event's name or attributes, or the
+/// resource; newest first, across many blocks.
+#[tokio::test]
+async fn attribute_searches_find_rare_values_across_blocks() {
+    use collector::store::convert;
+    use collector::store::read::SearchQuery;
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value::Value};
+    use opentelemetry_proto::tonic::resource::v1::Resource;
+    use opentelemetry_proto::tonic::trace::v1::span::Event;
+    use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+
+    let kv = |k: &str, v: Value| KeyValue { key: k.into(), value: Some(AnyValue { value: Some(v) }), ..Default::default() };
+    let dir = std::env::temp_dir().join(format!("collector-bloom-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let (store, writer) = Store::open(&StoreConfig::new(dir.join("c.db")), Arc::new(Metrics::new())).await.expect("open");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_nanos() as u64;
+    // 40 requests of 100 traces of 5 spans: 40 transactions, each a block of 500 spans.
+    for r in 0..40u64 {
+        let mut spans = Vec::new();
+        for t in 0..100u64 {
+            let n = r * 100 + t;
+            for i in 0..5u64 {
+                spans.push(Span {
+                    trace_id: (u128::from(n) + 1).to_be_bytes().to_vec(),
+                    span_id: (n * 8 + i + 1).to_be_bytes().to_vec(),
+                    name: "work".into(),
+                    start_time_unix_nano: now - 600_000_000_000 + n * 1_000_000 + i,
+                    end_time_unix_nano: now - 600_000_000_000 + n * 1_000_000 + i + 500,
+                    attributes: vec![kv("user.id", Value::StringValue(format!("user-{n}"))), kv("attempt", Value::IntValue((n * 5 + i) as i64))],
+                    events: if i == 4 {
+                        vec![Event {
+                            name: format!("cache miss {n}"),
+                            attributes: vec![kv("cache.key", Value::StringValue(format!("k{n}")))],
+                            ..Default::default()
+                        }]
+                    } else {
+                        Vec::new()
+                    },
+                    ..Default::default()
+                });
+            }
+        }
+        let resource = Resource {
+            attributes: vec![kv("service.name", Value::StringValue("bloom".into())), kv("host.name", Value::StringValue(format!("node-{r}")))],
+            ..Default::default()
+        };
+        let req = ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                resource: Some(resource),
+                scope_spans: vec![ScopeSpans { spans, ..Default::default() }],
+                ..Default::default()
+            }],
+        };
+        let converted = convert::traces(req, &store.dicts);
+        store.write(converted.rows).await.expect("written");
+    }
+    let search = |k: &str, v: &str| SearchQuery {
+        attributes: vec![(k.to_owned(), v.to_owned())],
+        start_ns: (now - 3_600_000_000_000) as i64,
+        end_ns: now as i64,
+        limit: 20,
+        ..Default::default()
+    };
+    let id = |n: u64| (u128::from(n) + 1).to_be_bytes();
+    assert_eq!(store.search(&search("user.id", "user-1234")).await.expect("search"), vec![id(1234)]);
+    assert_eq!(store.search(&search("attempt", "6172")).await.expect("search"), vec![id(1234)], "an int value, as text");
+    assert_eq!(store.search(&search("event", "cache miss 3999")).await.expect("search"), vec![id(3999)]);
+    assert_eq!(store.search(&search("cache.key", "k17")).await.expect("search"), vec![id(17)]);
+    assert_eq!(store.search(&search("user.id", "user-4000")).await.expect("search"), Vec::<[u8; 16]>::new());
+    let on_node = store.search(&search("host.name", "node-7")).await.expect("search");
+    assert_eq!(on_node, (780..800).rev().map(id).collect::<Vec<_>>(), "a resource attribute: newest first");
+    drop(store);
+    writer.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -80,6 +80,8 @@ impl StoredSpan {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Summary {
     pub ops: Vec<OpSummary>,
+    /// The resources of its spans, ascending.
+    pub resources: Vec<i64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -104,11 +106,15 @@ impl Summary {
             e.0 |= status_bit(s.status_code);
             e.1 = e.1.max(s.duration_ns);
         }
+        let mut resources: Vec<i64> = spans.iter().map(|s| s.resource).collect();
+        resources.sort_unstable();
+        resources.dedup();
         Self {
             ops: ops
                 .into_iter()
                 .map(|((service, name, kind), (statuses, max_duration_ns))| OpSummary { service, name, kind, statuses, max_duration_ns })
                 .collect(),
+            resources,
         }
     }
 
@@ -121,6 +127,10 @@ impl Summary {
             put_varint(&mut out, zigzag(i64::from(op.kind)));
             out.push(op.statuses);
             put_varint(&mut out, zigzag(op.max_duration_ns));
+        }
+        put_varint(&mut out, self.resources.len() as u64);
+        for r in &self.resources {
+            put_varint(&mut out, zigzag(*r));
         }
         out
     }
@@ -138,7 +148,12 @@ impl Summary {
             let max_duration_ns = unzigzag(varint(b)?);
             ops.push(OpSummary { service, name, kind, statuses, max_duration_ns });
         }
-        Ok(Self { ops })
+        let n = varint(b)? as usize;
+        let mut resources = Vec::with_capacity(n.min(4096));
+        for _ in 0..n {
+            resources.push(unzigzag(varint(b)?));
+        }
+        Ok(Self { ops, resources })
     }
 }
 
@@ -161,22 +176,29 @@ pub struct Block {
     pub trace_list: Vec<u8>,
     /// The compressed columns.
     pub data: Vec<u8>,
+    /// The filter of its spans' attribute pairs ([`Bloom`]); `None` when some span came without
+    /// its pairs hashed (moved from an older database).
+    pub bloom: Option<Vec<u8>>,
 }
 
 /// Splits spans into blocks: sorted by trace and start, cut at [`MAX_BLOCK_SPANS`] spans or
-/// [`MAX_BLOCK_RAW`] bytes.
-pub fn build(mut spans: Vec<&StoredSpan>) -> Vec<Block> {
-    spans.sort_by_key(|s| (s.trace, s.start_ns));
+/// [`MAX_BLOCK_RAW`] bytes. Each span comes with the hashes of its attribute pairs
+/// ([`attribute_hash`]) when they are known.
+pub fn build(mut spans: Vec<(&StoredSpan, Option<&[u64]>)>) -> Vec<Block> {
+    spans.sort_by_key(|(s, _)| (s.trace, s.start_ns));
     let mut blocks = Vec::new();
     let mut from = 0;
     while from < spans.len() {
         let mut to = from;
         let mut raw = 0;
-        while to < spans.len() && to - from < MAX_BLOCK_SPANS && (to == from || raw + spans[to].raw_len() <= MAX_BLOCK_RAW) {
-            raw += spans[to].raw_len();
+        while to < spans.len() && to - from < MAX_BLOCK_SPANS && (to == from || raw + spans[to].0.raw_len() <= MAX_BLOCK_RAW) {
+            raw += spans[to].0.raw_len();
             to += 1;
         }
-        blocks.push(encode(&spans[from..to]));
+        let chunk = &spans[from..to];
+        let mut block = encode(&chunk.iter().map(|(s, _)| *s).collect::<Vec<_>>());
+        block.bloom = chunk.iter().map(|(_, h)| *h).collect::<Option<Vec<&[u64]>>>().map(|hashes| Bloom::of(hashes.into_iter().flatten().copied().collect()));
+        blocks.push(block);
         from = to;
     }
     blocks
@@ -278,6 +300,54 @@ pub fn encode(spans: &[&StoredSpan]) -> Block {
         traces,
         trace_list,
         data,
+        bloom: None,
+    }
+}
+
+/// The hash of an attribute pair as a span has it (key, and the value as search compares it:
+/// [`crate::store::read::value_text`]) for a block's [`Bloom`] filter. FNV-1a, written out: the
+/// hash is stored, so it must never change with a dependency's version.
+pub fn attribute_hash(key: &str, value: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in key.as_bytes().iter().chain(&[0xff]).chain(value.as_bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// A Bloom filter of a block's attribute pairs: about 10 bits a distinct pair, 4 probes (about 1 %
+/// false positives), so a search for a rare value opens few blocks. Stored as its bit array.
+pub struct Bloom;
+
+impl Bloom {
+    const PROBES: u64 = 4;
+
+    pub fn of(mut hashes: Vec<u64>) -> Vec<u8> {
+        hashes.sort_unstable();
+        hashes.dedup();
+        if hashes.is_empty() {
+            return Vec::new();
+        }
+        let bits = (hashes.len() * 10).next_power_of_two().max(64);
+        let mut out = vec![0u8; bits / 8];
+        for h in hashes {
+            for bit in Self::probes(h, bits as u64) {
+                out[(bit / 8) as usize] |= 1 << (bit % 8);
+            }
+        }
+        out
+    }
+
+    /// Whether the filter may hold the hash (an empty filter holds nothing).
+    pub fn may_contain(filter: &[u8], h: u64) -> bool {
+        let bits = filter.len() as u64 * 8;
+        bits > 0 && bits.is_power_of_two() && Self::probes(h, bits).all(|bit| filter[(bit / 8) as usize] & (1 << (bit % 8)) != 0)
+    }
+
+    fn probes(h: u64, bits: u64) -> impl Iterator<Item = u64> {
+        let (a, b) = (h & 0xffff_ffff, (h >> 32) | 1);
+        (0..Self::PROBES).map(move |i| a.wrapping_add(i.wrapping_mul(b)) & (bits - 1))
     }
 }
 
@@ -524,12 +594,19 @@ mod tests {
     #[test]
     fn blocks_give_back_every_span() {
         let spans: Vec<StoredSpan> = (0..1300).map(|i| span(i / 10 + (i % 3) * 1000, i)).collect();
-        let blocks = build(spans.iter().collect());
+        let hashes: Vec<Vec<u64>> = spans.iter().map(|s| vec![attribute_hash("span", &s.span_id.to_string())]).collect();
+        let blocks = build(spans.iter().zip(&hashes).map(|(s, h)| (s, Some(h.as_slice()))).collect());
         assert_eq!(blocks.len(), 3, "cut at {MAX_BLOCK_SPANS} spans");
         let mut back: Vec<StoredSpan> = blocks.iter().flat_map(|b| decode(&b.data).expect("decodes")).collect();
         for b in &blocks {
             let summary = Summary::decode(&b.summary).expect("summary");
             assert!(summary.ops.iter().any(|o| o.name == -1), "inline names are summarised as -1");
+            assert_eq!(summary.resources, vec![1]);
+            let bloom = b.bloom.as_deref().expect("every span came with its hashes");
+            let back = decode(&b.data).expect("decodes");
+            assert!(back.iter().all(|s| Bloom::may_contain(bloom, attribute_hash("span", &s.span_id.to_string()))), "no false negative");
+            let strangers = (0..1000).filter(|i| Bloom::may_contain(bloom, attribute_hash("span", &format!("x{i}")))).count();
+            assert!(strangers < 50, "{strangers} false positives in 1000");
             assert_eq!(decode_trace_list(&b.trace_list).expect("trace list"), b.traces);
             assert_eq!(b.traces.iter().map(|t| t.1 as usize).sum::<usize>(), b.spans);
         }

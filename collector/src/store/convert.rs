@@ -10,9 +10,10 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{InstrumentationScope, KeyValue, any_value};
 use opentelemetry_proto::tonic::metrics::v1::{Metric, metric};
 use opentelemetry_proto::tonic::resource::v1::Resource;
+use opentelemetry_proto::tonic::trace::v1::span::Event;
 use prost::Message;
 
-use super::blocks::StoredSpan;
+use super::blocks::{self, StoredSpan};
 use super::codec::{self, encode_attributes};
 use super::red;
 use super::rows::{LogRow, MetricRow, OTHER_OPERATIONS, OperationKey, OperationRow, PointRow, ResourceRow, Rows, ScopeRow, SeriesRow, SpanName, SpanRow};
@@ -76,6 +77,21 @@ fn service_name(resource: Option<&Resource>) -> &str {
 fn encode(attrs: &[KeyValue], dicts: &Dicts) -> Vec<u8> {
     let mut out = Vec::with_capacity(16 * attrs.len() + 1);
     encode_attributes(&mut out, attrs, &mut &dicts.strings);
+    out
+}
+
+/// The hashes of a span's attribute pairs, its events' names (as the pair `event`=name) and their
+/// attribute pairs, values as search compares them.
+fn attribute_hashes(attrs: &[KeyValue], events: &[Event]) -> Vec<u64> {
+    let pair = |kv: &KeyValue| match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+        Some(any_value::Value::StringValue(s)) => blocks::attribute_hash(&kv.key, s),
+        _ => blocks::attribute_hash(&kv.key, &crate::store::read::value_text(kv.value.as_ref())),
+    };
+    let mut out: Vec<u64> = attrs.iter().map(pair).collect();
+    for e in events {
+        out.push(blocks::attribute_hash("event", &e.name));
+        out.extend(e.attributes.iter().map(pair));
+    }
     out
 }
 
@@ -172,6 +188,7 @@ pub fn traces(req: ExportTraceServiceRequest, dicts: &Dicts) -> Converted {
                     trace_id,
                     operation,
                     peer: red::peer(kind, &span.attributes),
+                    attribute_hashes: attribute_hashes(&span.attributes, &span.events),
                     span: StoredSpan {
                         trace,
                         span_id,

@@ -31,6 +31,9 @@ pub struct SpanRow {
     pub operation: i64,
     /// The database or broker the span names, for the span metrics.
     pub peer: Option<Peer>,
+    /// Its attribute pairs (and its events' names and attribute pairs) hashed for its block's
+    /// filter ([`super::blocks::attribute_hash`]).
+    pub attribute_hashes: Vec<u64>,
     pub span: StoredSpan,
 }
 
@@ -244,10 +247,10 @@ pub struct BlockRow {
 
 impl Insert for BlockRow {
     const TABLE: &'static str = "span_blocks";
-    const COLUMNS: &'static [&'static str] = &["id", "start_min", "start_max", "spans", "summary", "traces", "data"];
+    const COLUMNS: &'static [&'static str] = &["id", "start_min", "start_max", "spans", "summary", "traces", "bloom", "data"];
     fn bind(self, q: Q<'_>) -> Q<'_> {
         let b = self.block;
-        q.bind(self.id).bind(b.start_min).bind(b.start_max).bind(b.spans as i64).bind(b.summary).bind(b.trace_list).bind(b.data)
+        q.bind(self.id).bind(b.start_min).bind(b.start_max).bind(b.spans as i64).bind(b.summary).bind(b.trace_list).bind(b.bloom).bind(b.data)
     }
 }
 

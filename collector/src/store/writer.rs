@@ -205,7 +205,8 @@ impl Writer {
             for s in &spans {
                 *per_trace.entry(s.trace).or_default() += 1;
             }
-            let built = blocks::build(spans.iter().collect());
+            // Their attribute pairs are not hashed: the blocks have no filter (search opens them).
+            let built = blocks::build(spans.iter().map(|s| (s, None)).collect());
             let first_block: i64 = sqlx::query_scalar("SELECT COALESCE(max(id), 0) + 1 FROM span_blocks").fetch_one(&mut *tx).await?;
             let links: Vec<TraceBlockRow> =
                 (first_block..).zip(&built).flat_map(|(block, b)| b.traces.iter().map(move |&(trace, _)| TraceBlockRow { trace, block })).collect();
@@ -694,7 +695,7 @@ fn span_blocks(spans: Vec<SpanRow>, new_traces: Vec<TraceRow>) -> (Vec<Block>, V
             .or_insert_with(|| TraceUpsert { row: TraceRow { id: s.span.trace, trace_id: s.trace_id, first_seen_ns: 0 }, spans: 0 })
             .spans += 1;
     }
-    let blocks = blocks::build(spans.iter().map(|s| &s.span).collect());
+    let blocks = blocks::build(spans.iter().map(|s| (&s.span, Some(s.attribute_hashes.as_slice()))).collect());
     (blocks, traces.into_values().collect())
 }
 

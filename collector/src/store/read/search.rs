@@ -5,9 +5,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 
-use super::spans::{SpanKey, TraceBlocks, WindowBlocks, read_block};
+use super::spans::{BlockHead, SpanKey, TraceBlocks, WindowBlocks, read_block};
 use super::{kind_name, name_text, status_name, value_text};
-use crate::store::blocks::{OpSummary, StoredSpan, status_bit};
+use crate::store::blocks::{Bloom, OpSummary, StoredSpan, attribute_hash, status_bit};
 use crate::store::codec::{Reader, decode_attributes};
 use crate::store::rows::{OTHER_OPERATIONS, SpanName};
 use crate::store::{Store, StoreError};
@@ -161,7 +161,28 @@ impl Store {
         // cannot change the answer.
         let mut latest: HashMap<i64, i64> = HashMap::new();
         let mut scanned = 0usize;
-        let mut heads = WindowBlocks::new(q.start_ns, q.end_ns);
+        // Each attribute filter but the derived keys: the hash a block's filter would hold, and
+        // the resources that match it (a block with one of them may match without the hash).
+        let attribute_filters: Vec<(u64, Vec<i64>)> = q
+            .attributes
+            .iter()
+            .filter(|(k, _)| !matches!(k.as_str(), "error" | "span.kind" | "otel.status_code" | "otel.status_description"))
+            .map(|(k, v)| {
+                let resources = resource_attrs
+                    .iter()
+                    .filter(|(_, attrs)| attrs.iter().any(|kv| kv.key == *k && value_text(kv.value.as_ref()) == *v))
+                    .map(|(id, _)| *id)
+                    .collect();
+                (attribute_hash(k, v), resources)
+            })
+            .collect();
+        let may_hold_attributes = |head: &BlockHead| match &head.bloom {
+            None => true,
+            Some(bloom) => attribute_filters
+                .iter()
+                .all(|(h, resources)| Bloom::may_contain(bloom, *h) || resources.iter().any(|r| head.summary.resources.binary_search(r).is_ok())),
+        };
+        let mut heads = WindowBlocks::new(q.start_ns, q.end_ns, !attribute_filters.is_empty());
         while let Some(head) = heads.next(&mut tx).await? {
             if latest.len() >= q.limit {
                 let mut starts: Vec<i64> = latest.values().copied().collect();
@@ -170,7 +191,7 @@ impl Store {
                     break;
                 }
             }
-            if !head.summary.ops.iter().any(may_match) {
+            if !head.summary.ops.iter().any(may_match) || !may_hold_attributes(&head) {
                 continue;
             }
             for s in read_block(&mut tx, head.id).await? {

@@ -110,6 +110,8 @@ pub(crate) struct BlockHead {
     pub id: i64,
     pub start_max: i64,
     pub summary: blocks::Summary,
+    /// Its attribute filter, when asked for and known.
+    pub bloom: Option<Vec<u8>>,
 }
 
 /// The blocks whose spans may have started within `[start_ns, end_ns]`, latest `start_max`
@@ -117,40 +119,46 @@ pub(crate) struct BlockHead {
 pub(crate) struct WindowBlocks {
     start_ns: i64,
     end_ns: i64,
-    page: std::vec::IntoIter<(i64, i64, Vec<u8>)>,
+    /// Read the blocks' attribute filters too.
+    blooms: bool,
+    page: std::vec::IntoIter<HeadRow>,
     /// (start_max, id) of the last block read; `None` before the first page.
     below: Option<(i64, i64)>,
     done: bool,
 }
 
 impl WindowBlocks {
-    pub fn new(start_ns: i64, end_ns: i64) -> Self {
-        Self { start_ns, end_ns, page: Vec::new().into_iter(), below: None, done: false }
+    pub fn new(start_ns: i64, end_ns: i64, blooms: bool) -> Self {
+        Self { start_ns, end_ns, blooms, page: Vec::new().into_iter(), below: None, done: false }
     }
 
     pub async fn next(&mut self, conn: &mut SqliteConnection) -> Result<Option<BlockHead>, StoreError> {
-        if let Some((id, start_max, summary)) = self.page.next() {
-            return Ok(Some(BlockHead { id, start_max, summary: blocks::Summary::decode(&summary)? }));
+        if let Some((id, start_max, summary, bloom)) = self.page.next() {
+            return Ok(Some(BlockHead { id, start_max, summary: blocks::Summary::decode(&summary)?, bloom }));
         }
         if self.done {
             return Ok(None);
         }
-        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new("SELECT id, start_max, summary FROM span_blocks WHERE start_max >= ");
+        let columns = if self.blooms { "id, start_max, summary, bloom" } else { "id, start_max, summary, NULL" };
+        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(format!("SELECT {columns} FROM span_blocks WHERE start_max >= "));
         qb.push_bind(self.start_ns).push(" AND start_min <= ").push_bind(self.end_ns);
         if let Some((start_max, id)) = self.below {
             qb.push(" AND (start_max, id) < (").push_bind(start_max).push(", ").push_bind(id).push(")");
         }
         qb.push(" ORDER BY start_max DESC, id DESC LIMIT ").push_bind(WINDOW_PAGE);
         let rows = qb.build().fetch_all(&mut *conn).await?;
-        let page: Vec<(i64, i64, Vec<u8>)> = rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?))).collect::<Result<_, sqlx::Error>>()?;
+        let page: Vec<HeadRow> = rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?))).collect::<Result<_, sqlx::Error>>()?;
         self.done = (page.len() as i64) < WINDOW_PAGE;
-        let Some(&(id, start_max, _)) = page.last() else { return Ok(None) };
+        let Some(&(id, start_max, _, _)) = page.last() else { return Ok(None) };
         self.below = Some((start_max, id));
         self.page = page.into_iter();
-        let Some((id, start_max, summary)) = self.page.next() else { return Ok(None) };
-        Ok(Some(BlockHead { id, start_max, summary: blocks::Summary::decode(&summary)? }))
+        let Some((id, start_max, summary, bloom)) = self.page.next() else { return Ok(None) };
+        Ok(Some(BlockHead { id, start_max, summary: blocks::Summary::decode(&summary)?, bloom }))
     }
 }
+
+/// A block head as read: id, latest span start, encoded summary, attribute filter.
+type HeadRow = (i64, i64, Vec<u8>, Option<Vec<u8>>);
 
 /// Block heads [`WindowBlocks`] reads at a time.
 const WINDOW_PAGE: i64 = 64;
@@ -165,7 +173,7 @@ pub(crate) async fn visit_window(
     mut f: impl FnMut(StoredSpan) -> Result<(), StoreError>,
 ) -> Result<usize, StoreError> {
     let mut seen = 0;
-    let mut heads = WindowBlocks::new(start_ns, end_ns);
+    let mut heads = WindowBlocks::new(start_ns, end_ns, false);
     while let Some(head) = heads.next(conn).await? {
         for s in read_block(conn, head.id).await? {
             if s.start_ns < start_ns || s.start_ns > end_ns {
