@@ -16,7 +16,7 @@
 //! comparable rows on this machine and prints the throughput's ratio to it, which holds across
 //! machines of different speed. After ingest: traces by id (random ids from the first and the
 //! last tenth of the hour), searches (by service, service + operation, attribute, error, minimum
-//! duration, over 1 h and 24 h), the service map and a service's stats over 15 min, 1 h and 24 h,
+//! duration, a rare attribute value, over 1 h and 24 h), the service map and a service's stats over 15 min, 1 h and 24 h,
 //! the dependencies over 1 h, and the outline of a 100,000-span trace sent after the others; each
 //! with the collector's peak RSS while it ran.
 
@@ -444,10 +444,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let repeat = |path: &str, n: usize| vec![path.to_owned(); n];
     let mut queries: Vec<(&str, Vec<String>)> = vec![("trace by id, recent", by_id(&recent_ids)), ("trace by id, old", by_id(&old_ids))];
     for (lookback, label) in [("1h", "1 h"), ("24h", "24 h")] {
-        let searches: [(&str, String); 5] = [
+        let searches: [(&str, String); 6] = [
             ("service", "service=catalog".to_owned()),
             ("service + operation", "service=catalog&operation=GET%20%2Fapi%2Fcart".to_owned()),
             ("attribute", "attr=http.response.status_code%3D500".to_owned()),
+            // One user of 100,000: about one span in 100,000.
+            ("rare attribute", "attr=user.id%3Duser-4242".to_owned()),
             ("error", "error=true".to_owned()),
             ("min duration", "service=orders&minDuration=19ms".to_owned()),
         ];

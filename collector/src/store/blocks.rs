@@ -316,12 +316,14 @@ pub fn attribute_hash(key: &str, value: &str) -> u64 {
     h
 }
 
-/// A Bloom filter of a block's attribute pairs: about 10 bits a distinct pair, 4 probes (about 1 %
-/// false positives), so a search for a rare value opens few blocks. Stored as its bit array.
+/// A Bloom filter of a block's attribute pairs: 8 bits a distinct pair, 5 probes (about 2 % false
+/// positives), so a search for a rare value opens few blocks. Stored as its bit array (a multiple
+/// of 64 bits).
 pub struct Bloom;
 
 impl Bloom {
-    const PROBES: u64 = 4;
+    const PROBES: u64 = 5;
+    const BITS_PER_PAIR: usize = 8;
 
     pub fn of(mut hashes: Vec<u64>) -> Vec<u8> {
         hashes.sort_unstable();
@@ -329,7 +331,7 @@ impl Bloom {
         if hashes.is_empty() {
             return Vec::new();
         }
-        let bits = (hashes.len() * 10).next_power_of_two().max(64);
+        let bits = (hashes.len() * Self::BITS_PER_PAIR).div_ceil(64) * 64;
         let mut out = vec![0u8; bits / 8];
         for h in hashes {
             for bit in Self::probes(h, bits as u64) {
@@ -342,12 +344,12 @@ impl Bloom {
     /// Whether the filter may hold the hash (an empty filter holds nothing).
     pub fn may_contain(filter: &[u8], h: u64) -> bool {
         let bits = filter.len() as u64 * 8;
-        bits > 0 && bits.is_power_of_two() && Self::probes(h, bits).all(|bit| filter[(bit / 8) as usize] & (1 << (bit % 8)) != 0)
+        bits > 0 && Self::probes(h, bits).all(|bit| filter[(bit / 8) as usize] & (1 << (bit % 8)) != 0)
     }
 
     fn probes(h: u64, bits: u64) -> impl Iterator<Item = u64> {
         let (a, b) = (h & 0xffff_ffff, (h >> 32) | 1);
-        (0..Self::PROBES).map(move |i| a.wrapping_add(i.wrapping_mul(b)) & (bits - 1))
+        (0..Self::PROBES).map(move |i| a.wrapping_add(i.wrapping_mul(b)) % bits)
     }
 }
 
