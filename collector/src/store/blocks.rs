@@ -186,6 +186,8 @@ pub struct Block {
 /// ([`attribute_hash`]) when they are known.
 pub fn build(mut spans: Vec<(&StoredSpan, Option<&[u64]>)>) -> Vec<Block> {
     spans.sort_by_key(|(s, _)| (s.trace, s.start_ns));
+    // One compression context for all the blocks (zstd's takes about a megabyte to set up).
+    let mut compressor = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
     let mut blocks = Vec::new();
     let mut from = 0;
     while from < spans.len() {
@@ -196,7 +198,7 @@ pub fn build(mut spans: Vec<(&StoredSpan, Option<&[u64]>)>) -> Vec<Block> {
             to += 1;
         }
         let chunk = &spans[from..to];
-        let mut block = encode(&chunk.iter().map(|(s, _)| *s).collect::<Vec<_>>());
+        let mut block = encode_with(&chunk.iter().map(|(s, _)| *s).collect::<Vec<_>>(), compressor.as_mut());
         block.bloom = chunk.iter().map(|(_, h)| *h).collect::<Option<Vec<&[u64]>>>().map(|hashes| Bloom::of(hashes.into_iter().flatten().copied().collect()));
         blocks.push(block);
         from = to;
@@ -206,6 +208,11 @@ pub fn build(mut spans: Vec<(&StoredSpan, Option<&[u64]>)>) -> Vec<Block> {
 
 /// Encodes spans (sorted by trace) as one block.
 pub fn encode(spans: &[&StoredSpan]) -> Block {
+    encode_with(spans, zstd::bulk::Compressor::new(ZSTD_LEVEL).ok().as_mut())
+}
+
+/// [`encode`] with a compression context to reuse (`None`: its creation failed; stored uncompressed).
+fn encode_with(spans: &[&StoredSpan], compressor: Option<&mut zstd::bulk::Compressor<'static>>) -> Block {
     let mut cols: [Vec<u8>; COLUMNS] = Default::default();
     let mut traces: Vec<(i64, u32)> = Vec::new();
     for s in spans {
@@ -276,7 +283,11 @@ pub fn encode(spans: &[&StoredSpan]) -> Block {
     let mut data = Vec::with_capacity(raw.len() / 4 + 16);
     put_varint(&mut data, raw.len() as u64);
     // Compressing into memory cannot fail but for a bug: keep the block uncompressed then.
-    match zstd::bulk::compress(&raw, ZSTD_LEVEL) {
+    let compressed = match compressor {
+        Some(c) => c.compress(&raw),
+        None => Err(std::io::Error::other("no compression context")),
+    };
+    match compressed {
         Ok(z) => data.extend_from_slice(&z),
         Err(e) => {
             tracing::error!(error = %e, "compressing a span block failed; stored uncompressed");
