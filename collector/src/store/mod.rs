@@ -189,7 +189,9 @@ fn connect_options(path: &Path) -> SqliteConnectOptions {
         // only an OS crash or power loss can lose the last commits.
         .synchronous(SqliteSynchronous::Normal)
         .busy_timeout(Duration::from_secs(10))
-        .pragma("cache_size", "-16384")
+        // The writer's page cache: it appends blocks it never reads back, and keeps the indexes'
+        // inner pages (of `traces` and `trace_blocks`) warm; readers set their own.
+        .pragma("cache_size", "-8192")
         .pragma("temp_store", "memory")
 }
 
