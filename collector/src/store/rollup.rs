@@ -25,6 +25,9 @@ pub const HOUR_MINUTES: i64 = 60;
 const GRACE_MINUTES: i64 = 3;
 /// Roll-ups (and sums of dirty hours) happen at most this often.
 const ROLL_EVERY: Duration = Duration::from_secs(10);
+/// Hours one roll-up sums at most (the rest at the next, [`ROLL_EVERY`] later): after an upgrade
+/// or a long stop, ingest pauses for a few hours' sums at a time, not for two days'.
+const HOURS_PER_ROLL: i64 = 4;
 /// Hours rolled up at most behind the current one: after a long stop (or for spans from long
 /// ago) the roll-ups start again this far back, and older windows read their minutes.
 const MAX_BEHIND_HOURS: i64 = 48;
@@ -119,9 +122,11 @@ impl Rollup {
         if through < earliest {
             (from, through) = (earliest, earliest);
         }
-        while (through + 1) * HOUR_MINUTES + GRACE_MINUTES <= now_minute {
+        let mut rolled = 0;
+        while (through + 1) * HOUR_MINUTES + GRACE_MINUTES <= now_minute && rolled < HOURS_PER_ROLL {
             roll_hour(conn, through).await?;
             through += 1;
+            rolled += 1;
         }
         if (from, through) != (self.hours_from, self.hours_through) {
             sqlx::query("UPDATE red_state SET hours_from = ?, hours_through = ? WHERE id = 1").bind(from).bind(through).execute(&mut *conn).await?;
