@@ -171,9 +171,6 @@ pub struct Block {
     pub summary: Vec<u8>,
     /// The `traces` rows it holds spans of, ascending, with how many each.
     pub traces: Vec<(i64, u32)>,
-    /// The encoded trace rows and their span counts (delta varint, count varint), as stored in
-    /// `span_blocks.traces`.
-    pub trace_list: Vec<u8>,
     /// The compressed columns.
     pub data: Vec<u8>,
     /// The filter of its spans' attribute pairs ([`Bloom`]); `None` when some span came without
@@ -296,20 +293,12 @@ fn encode_with(spans: &[&StoredSpan], compressor: Option<&mut zstd::bulk::Compre
             data.extend_from_slice(&raw);
         }
     }
-    let mut trace_list = Vec::with_capacity(traces.len() * 3);
-    let mut prev = 0;
-    for &(t, n) in &traces {
-        put_varint(&mut trace_list, zigzag(t.wrapping_sub(prev)));
-        put_varint(&mut trace_list, u64::from(n));
-        prev = t;
-    }
     Block {
         start_min: spans.iter().map(|s| s.start_ns).min().unwrap_or(0),
         start_max: spans.iter().map(|s| s.start_ns).max().unwrap_or(0),
         spans: spans.len(),
         summary: Summary::of(spans).encode(),
         traces,
-        trace_list,
         data,
         bloom: None,
     }
@@ -362,6 +351,19 @@ impl Bloom {
         let (a, b) = (h & 0xffff_ffff, (h >> 32) | 1);
         (0..Self::PROBES).map(move |i| a.wrapping_add(i.wrapping_mul(b)) % bits)
     }
+}
+
+/// A block's trace rows and their span counts as `span_blocks.traces` stores them: a delta varint
+/// and a count varint each.
+pub fn encode_trace_list(traces: &[(i64, u32)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(traces.len() * 3);
+    let mut prev = 0;
+    for &(t, n) in traces {
+        put_varint(&mut out, zigzag(t.wrapping_sub(prev)));
+        put_varint(&mut out, u64::from(n));
+        prev = t;
+    }
+    out
 }
 
 /// The trace rows of `span_blocks.traces`, with the spans the block holds of each.
@@ -620,7 +622,7 @@ mod tests {
             assert!(back.iter().all(|s| Bloom::may_contain(bloom, attribute_hash("span", &s.span_id.to_string()))), "no false negative");
             let strangers = (0..1000).filter(|i| Bloom::may_contain(bloom, attribute_hash("span", &format!("x{i}")))).count();
             assert!(strangers < 50, "{strangers} false positives in 1000");
-            assert_eq!(decode_trace_list(&b.trace_list).expect("trace list"), b.traces);
+            assert_eq!(decode_trace_list(&encode_trace_list(&b.traces)).expect("trace list"), b.traces);
             assert_eq!(b.traces.iter().map(|t| t.1 as usize).sum::<usize>(), b.spans);
         }
         let mut want = spans.clone();

@@ -250,7 +250,14 @@ impl Insert for BlockRow {
     const COLUMNS: &'static [&'static str] = &["id", "start_min", "start_max", "spans", "summary", "traces", "bloom", "data"];
     fn bind(self, q: Q<'_>) -> Q<'_> {
         let b = self.block;
-        q.bind(self.id).bind(b.start_min).bind(b.start_max).bind(b.spans as i64).bind(b.summary).bind(b.trace_list).bind(b.bloom).bind(b.data)
+        q.bind(self.id)
+            .bind(b.start_min)
+            .bind(b.start_max)
+            .bind(b.spans as i64)
+            .bind(b.summary)
+            .bind(super::blocks::encode_trace_list(&b.traces))
+            .bind(b.bloom)
+            .bind(b.data)
     }
 }
 

@@ -666,7 +666,7 @@ pub(super) async fn rewrite_block(conn: &mut SqliteConnection, id: i64, keep: im
         .bind(b.start_max)
         .bind(b.spans as i64)
         .bind(&b.summary)
-        .bind(&b.trace_list)
+        .bind(blocks::encode_trace_list(&b.traces))
         .bind(&b.data)
         .bind(id)
         .execute(&mut *conn)

@@ -336,16 +336,17 @@ impl Store {
         // One snapshot for where the roll-ups stand, the hours and the minutes.
         let mut tx = self.read.begin().await?;
         let plan = Plan::of(&mut tx, first, last).await?;
-        let (filter, service) = match which {
-            Series::All => ("", None),
-            Series::SpansOf(service) => ("WHERE s.service = ?3 AND s.kind = 0", Some(service)),
+        // The same filter for the series and (after the minutes' two bounds) for the minutes.
+        let (series_filter, filter, service) = match which {
+            Series::All => ("", "", None),
+            Series::SpansOf(service) => ("WHERE s.service = ?1 AND s.kind = 0", "WHERE s.service = ?3 AND s.kind = 0", Some(service)),
         };
         let mut keys: HashMap<i64, SeriesKey> = HashMap::new();
         {
             let sql = format!(
                 "SELECT s.id, {} FROM red_series s {}",
                 SERIES_COLUMNS.split(", ").map(|c| format!("s.{c}")).collect::<Vec<_>>().join(", "),
-                filter.replace("?3", "?1")
+                series_filter
             );
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
             if let Some(service) = service {

@@ -74,6 +74,9 @@ impl Store {
     /// need are read before the spans, from the same snapshot, so a search never waits for a
     /// second connection while it holds one (concurrent searches would starve the pool).
     pub async fn search(&self, q: &SearchQuery) -> Result<Vec<[u8; 16]>, StoreError> {
+        if q.limit == 0 {
+            return Ok(Vec::new());
+        }
         let service = match &q.service {
             Some(name) => match self.dicts.strings.find(name) {
                 Some(id) => Some(id),
@@ -183,23 +186,27 @@ impl Store {
                 .all(|(h, resources)| Bloom::may_contain(bloom, *h) || resources.iter().any(|r| head.summary.resources.binary_search(r).is_ok())),
         };
         let mut heads = WindowBlocks::new(q.start_ns, q.end_ns, !attribute_filters.is_empty());
+        // The limit-th latest match once there are that many, taken again after a block adds one.
+        let mut kth: Option<i64> = None;
         while let Some(head) = heads.next(&mut tx).await? {
-            if latest.len() >= q.limit {
-                let mut starts: Vec<i64> = latest.values().copied().collect();
-                let (_, kth, _) = starts.select_nth_unstable_by(q.limit - 1, |a, b| b.cmp(a));
-                if head.start_max < *kth {
-                    break;
-                }
+            if kth.is_some_and(|k| head.start_max < k) {
+                break;
             }
             if !head.summary.ops.iter().any(may_match) || !may_hold_attributes(&head) {
                 continue;
             }
+            let mut changed = false;
             for s in read_block(&mut tx, head.id).await? {
                 scanned += 1;
                 if latest.get(&s.trace).is_some_and(|&t| t >= s.start_ns) || !matches(&s)? {
                     continue;
                 }
                 latest.insert(s.trace, s.start_ns);
+                changed = true;
+            }
+            if changed && latest.len() >= q.limit {
+                let mut starts: Vec<i64> = latest.values().copied().collect();
+                kth = Some(*starts.select_nth_unstable_by(q.limit - 1, |a, b| b.cmp(a)).1);
             }
             if scanned > SEARCH_SCAN_LIMIT {
                 tracing::warn!(scanned, "trace search stopped at its scan limit");

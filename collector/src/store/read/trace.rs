@@ -348,30 +348,37 @@ impl Store {
         sqlx::query("SELECT 1 FROM traces LIMIT 1").fetch_optional(&mut *tx).await?;
         let dict = self.dicts.strings.snapshot();
         let tb = TraceBlocks::of(&mut tx, trace_id).await?;
-        // Services and names repeat: each dictionary string is compared once.
+        // Services and names repeat: each dictionary string is compared once. Only the hits are
+        // kept (with their place in start order), whatever the trace's size.
         let mut string_matches: HashMap<i64, bool> = HashMap::new();
-        let (hits, total) = tb
-            .earliest(&mut tx, usize::MAX, |s| {
-                let span_id = s.span_id.to_be_bytes();
-                let name_hit = match &s.name {
-                    SpanName::Id(id) => *string_matches.entry(*id).or_insert_with(|| has(dict.get(*id))),
-                    SpanName::Inline(name) => has(name),
+        let mut hits: Vec<(SpanKey, [u8; 8])> = Vec::new();
+        let mut any = false;
+        tb.visit(&mut tx, |key, s| {
+            any = true;
+            let span_id = s.span_id.to_be_bytes();
+            let name_hit = match &s.name {
+                SpanName::Id(id) => *string_matches.entry(*id).or_insert_with(|| has(dict.get(*id))),
+                SpanName::Inline(name) => has(name),
+            };
+            let hit = name_hit
+                || *string_matches.entry(s.service).or_insert_with(|| has(dict.get(s.service)))
+                || hex::encode(span_id).contains(&needle)
+                || match &s.attributes {
+                    Some(b) => decode_attributes(b, &dict)?.iter().any(|kv| has(&kv.key) || has(&value_text(kv.value.as_ref()))),
+                    None => false,
+                }
+                || match &s.events {
+                    Some(b) => Reader::new(b, &dict).events(0)?.iter().any(|e| has(&e.name)),
+                    None => false,
                 };
-                let hit = name_hit
-                    || *string_matches.entry(s.service).or_insert_with(|| has(dict.get(s.service)))
-                    || hex::encode(span_id).contains(&needle)
-                    || match &s.attributes {
-                        Some(b) => decode_attributes(b, &dict)?.iter().any(|kv| has(&kv.key) || has(&value_text(kv.value.as_ref()))),
-                        None => false,
-                    }
-                    || match &s.events {
-                        Some(b) => Reader::new(b, &dict).events(0)?.iter().any(|e| has(&e.name)),
-                        None => false,
-                    };
-                Ok(hit.then_some(span_id))
-            })
-            .await?;
-        Ok((total > 0).then(|| hits.into_iter().flatten().collect()))
+            if hit {
+                hits.push((key, span_id));
+            }
+            Ok(())
+        })
+        .await?;
+        hits.sort_unstable_by_key(|(key, _)| *key);
+        Ok(any.then(|| hits.into_iter().map(|(_, id)| id).collect()))
     }
 }
 
