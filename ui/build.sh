@@ -33,6 +33,8 @@ elif [ "$profile" = wasm-release ]; then
     -o "$site/pkg/ui_bg.wasm" "$site/pkg/ui_bg.wasm"
 fi
 cp ui/style/ui.css "$site/pkg/ui.css"
+# The worker that decodes and lays out a trace's outline off the page's thread (it imports ui.js).
+cp ui/js/outline-worker.js "$site/pkg/outline-worker.js"
 # Served precompressed to browsers that accept gzip.
-for f in ui_bg.wasm ui.js ui.css; do gzip -9 -k -f "$site/pkg/$f"; done
+for f in ui_bg.wasm ui.js ui.css outline-worker.js; do gzip -9 -k -f "$site/pkg/$f"; done
 echo "dashboard built into $site/pkg ($(du -h "$site/pkg/ui_bg.wasm" | cut -f1) wasm)"

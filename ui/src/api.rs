@@ -80,11 +80,16 @@ async fn fetch_text(url: &str) -> Result<(u16, String), String> {
 async fn fetch<T: DeserializeOwned>(url: String, path: String) -> Result<T, String> {
     let (status, text) = fetch_text(&url).await?;
     if !(200..300).contains(&status) {
-        let message =
-            serde_json::from_str::<Value>(&text).ok().and_then(|v| v["error"].as_str().or(v["error"]["message"].as_str()).map(str::to_owned)).unwrap_or(text);
-        return Err(format!("{status}: {message}"));
+        return Err(error_message(status, text));
     }
     serde_json::from_str(&text).map_err(|e| format!("unexpected answer from {path}: {e}"))
+}
+
+/// An error answer as the pages show it: the status and the collector's message.
+pub fn error_message(status: u16, text: String) -> String {
+    let message =
+        serde_json::from_str::<Value>(&text).ok().and_then(|v| v["error"].as_str().or(v["error"]["message"].as_str()).map(str::to_owned)).unwrap_or(text);
+    format!("{status}: {message}")
 }
 
 /// Percent-encodes a query value.
@@ -560,52 +565,6 @@ mod tests {
         assert_eq!(super::rfc3339_ms("2026-11-22T21:01:37.105Z"), Some(1_795_381_297_105));
         assert_eq!(super::rfc3339_ms("1970-01-01T00:00:00Z"), Some(0));
         assert_eq!(super::rfc3339_ms("yesterday"), None);
-    }
-}
-
-/// A trace as the waterfall needs it (`/api/v1/traces/{id}/outline`): columns, one entry per span,
-/// times in nanoseconds from the trace's start, strings in dictionaries.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
-pub struct Outline {
-    pub trace_id: String,
-    pub start_time_unix_nano: String,
-    pub duration_nanos: i64,
-    pub span_count: u64,
-    /// The trace has more spans than an outline lists (`span_count` counts them all).
-    #[serde(default)]
-    pub truncated: bool,
-    pub services: Vec<String>,
-    pub names: Vec<String>,
-    pub span_ids: Vec<String>,
-    pub parents: Vec<i64>,
-    pub service: Vec<u32>,
-    pub name: Vec<u32>,
-    pub kind: Vec<u8>,
-    pub start: Vec<i64>,
-    pub duration: Vec<i64>,
-    pub status: Vec<u8>,
-    pub event_times: Vec<Vec<i64>>,
-}
-
-impl Outline {
-    pub fn start_ns(&self) -> i64 {
-        self.start_time_unix_nano.parse().unwrap_or(0)
-    }
-    pub fn len(&self) -> usize {
-        self.span_ids.len()
-    }
-    pub fn is_empty(&self) -> bool {
-        self.span_ids.is_empty()
-    }
-    pub fn service_of(&self, i: usize) -> &str {
-        self.services.get(self.service[i] as usize).map_or("", String::as_str)
-    }
-    pub fn name_of(&self, i: usize) -> &str {
-        self.names.get(self.name[i] as usize).map_or("", String::as_str)
-    }
-    pub fn is_error(&self, i: usize) -> bool {
-        self.status[i] == 2
     }
 }
 

@@ -7,6 +7,9 @@ pub mod api;
 pub mod app;
 pub mod format;
 pub mod map_layout;
+pub mod outline;
+#[cfg(feature = "hydrate")]
+pub mod outline_worker;
 pub mod pages;
 pub mod waterfall;
 

@@ -1,97 +1,151 @@
 //! The trace's layout, computed once per trace (not per frame) from its outline: tree order
-//! (children by start time), depth, descendant counts, the critical path, and which rows are
-//! visible given the collapsed spans.
+//! (children by start time), depth, descendant counts, the critical path, which rows are visible
+//! given the collapsed spans, and a span's index from its id. Every part is a flat array of one
+//! entry per span (no allocation per span), so a million-span trace lays out in bounded memory; the
+//! dashboard computes it in a worker (`outline_layout`) and the page keeps only these arrays.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
-use crate::api::Outline;
+use crate::outline::Outline;
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Layout {
     /// Span indexes in tree order (pre-order, children by start time; orphans are roots).
-    pub order: Vec<usize>,
+    pub order: Vec<u32>,
     /// Per span index: depth in the tree.
     pub depth: Vec<u16>,
     /// Per span index: number of spans below it.
     pub descendants: Vec<u32>,
-    /// Per span index: on the critical path.
-    pub critical: Vec<bool>,
-    /// Span id → index.
-    pub by_id: HashMap<String, usize>,
+    /// Per span index: 1 when on the critical path.
+    pub critical: Vec<u8>,
+    /// Span indexes sorted by span id (then index): [`Layout::find`] searches it.
+    pub by_id: Vec<u32>,
     /// Trace length in nanoseconds (at least 1).
     pub total_ns: i64,
+}
+
+/// Children lists of every span in two flat arrays: span `i`'s children are
+/// `kids[first[i]..first[i + 1]]`, ordered by start time.
+struct Children {
+    first: Vec<u32>,
+    kids: Vec<u32>,
+}
+
+impl Children {
+    fn of(&self, i: usize) -> &[u32] {
+        &self.kids[self.first[i] as usize..self.first[i + 1] as usize]
+    }
 }
 
 impl Layout {
     pub fn new(t: &Outline) -> Self {
         let n = t.len();
-        let by_id: HashMap<String, usize> = t.span_ids.iter().enumerate().map(|(i, s)| (s.clone(), i)).collect();
-        let mut children: Vec<Vec<usize>> = vec![Vec::new(); n];
-        let mut roots = Vec::new();
+        let parent = |i: usize| usize::try_from(t.parents[i]).ok().filter(|&p| p < n && p != i);
+        let by_start = |a: &u32, b: &u32| (t.start[*a as usize], *a).cmp(&(t.start[*b as usize], *b));
+        let mut first = vec![0u32; n + 1];
         for i in 0..n {
-            match usize::try_from(t.parents[i]) {
-                Ok(p) if p < n && p != i => children[p].push(i),
-                _ => roots.push(i),
+            if let Some(p) = parent(i) {
+                first[p + 1] += 1;
             }
         }
-        let starts = &t.start;
-        let ends: Vec<i64> = (0..n).map(|i| t.start[i] + t.duration[i]).collect();
-        for c in &mut children {
-            c.sort_by_key(|&i| (starts[i], i));
+        for i in 0..n {
+            first[i + 1] += first[i];
         }
-        roots.sort_by_key(|&i| (starts[i], i));
+        let mut kids = vec![0u32; first[n] as usize];
+        let mut fill: Vec<u32> = first[..n].to_vec();
+        let mut roots = Vec::new();
+        for i in 0..n {
+            match parent(i) {
+                Some(p) => {
+                    kids[fill[p] as usize] = i as u32;
+                    fill[p] += 1;
+                }
+                None => roots.push(i as u32),
+            }
+        }
+        drop(fill);
+        // Spans come in start order from the collector: the sorts find their runs already sorted.
+        for i in 0..n {
+            kids[first[i] as usize..first[i + 1] as usize].sort_unstable_by(by_start);
+        }
+        roots.sort_unstable_by(by_start);
+        let children = Children { first, kids };
 
         let mut order = Vec::with_capacity(n);
         let mut depth = vec![0u16; n];
-        let mut descendants = vec![0u32; n];
         let mut seen = vec![false; n];
         // Iterative pre-order: a 100,000-span chain must not overflow the stack.
-        let mut stack: Vec<(usize, u16)> = roots.iter().rev().map(|&r| (r, 0)).collect();
+        let mut stack: Vec<(u32, u16)> = roots.iter().rev().map(|&r| (r, 0)).collect();
         while let Some((i, d)) = stack.pop() {
-            if std::mem::replace(&mut seen[i], true) {
+            if std::mem::replace(&mut seen[i as usize], true) {
                 continue;
             }
-            depth[i] = d;
+            depth[i as usize] = d;
             order.push(i);
-            for &c in children[i].iter().rev() {
+            for &c in children.of(i as usize).iter().rev() {
                 stack.push((c, d.saturating_add(1)));
             }
         }
         // Spans in a parent cycle were never reached: show them as roots.
         for (i, s) in seen.iter().enumerate() {
             if !s {
-                order.push(i);
+                order.push(i as u32);
             }
         }
-        let mut pos = vec![0usize; n];
+        let mut pos = vec![0u32; n];
         for (p, &i) in order.iter().enumerate() {
-            pos[i] = p;
+            pos[i as usize] = p as u32;
         }
+        let mut descendants = vec![0u32; n];
         for &i in order.iter().rev() {
-            for &c in &children[i] {
-                if seen[c] && pos[c] > pos[i] {
-                    descendants[i] += 1 + descendants[c];
+            let i = i as usize;
+            for &c in children.of(i) {
+                if seen[c as usize] && pos[c as usize] > pos[i] {
+                    descendants[i] += 1 + descendants[c as usize];
                 }
             }
         }
-        let mut critical = vec![false; n];
+        drop(pos);
+        let end = |i: usize| t.start[i].saturating_add(t.duration[i]);
+        let mut critical = vec![0u8; n];
+        let mut scratch = Vec::new();
         for &r in &roots {
-            mark_critical(r, ends[r], &children, starts, &ends, &mut critical);
+            mark_critical(r as usize, end(r as usize), &children, t, &mut critical, &mut scratch);
         }
-        let total_ns = ends.iter().copied().max().unwrap_or(0).max(t.duration_nanos).max(1);
+        let mut by_id: Vec<u32> = (0..n as u32).collect();
+        by_id.sort_unstable_by_key(|&i| (t.span_ids[i as usize], i));
+        let total_ns = (0..n).map(end).max().unwrap_or(0).max(t.header.duration_nanos as i64).max(1);
         Self { order, depth, descendants, critical, by_id, total_ns }
     }
 
+    /// The index of the span with this id (the earliest, if the id is repeated).
+    pub fn find(&self, t: &Outline, span_id: u64) -> Option<usize> {
+        let k = self.by_id.partition_point(|&i| t.span_ids[i as usize] < span_id);
+        self.by_id.get(k).map(|&i| i as usize).filter(|&i| t.span_ids[i] == span_id)
+    }
+
+    /// [`Layout::find`] for a span id in hex.
+    pub fn find_hex(&self, t: &Outline, span_id: &str) -> Option<usize> {
+        u64::from_str_radix(span_id, 16).ok().and_then(|id| self.find(t, id))
+    }
+
+    pub fn is_critical(&self, i: usize) -> bool {
+        self.critical[i] != 0
+    }
+
     /// Rows to show: the tree order without the spans under a collapsed one.
-    pub fn visible(&self, collapsed: &HashSet<usize>) -> Vec<usize> {
+    pub fn visible(&self, collapsed: &HashSet<usize>) -> Vec<u32> {
+        if collapsed.is_empty() {
+            return self.order.clone();
+        }
         let mut out = Vec::with_capacity(self.order.len());
         let mut k = 0;
         while k < self.order.len() {
             let i = self.order[k];
             out.push(i);
             k += 1;
-            if collapsed.contains(&i) {
-                k += self.descendants[i] as usize;
+            if collapsed.contains(&(i as usize)) {
+                k += self.descendants[i as usize] as usize;
             }
         }
         out
@@ -100,19 +154,22 @@ impl Layout {
 
 /// The critical path through `span`: walking back from its end, the child that finished last
 /// before the cursor is on it, then the cursor moves to that child's start (Jaeger's definition).
-fn mark_critical(span: usize, end: i64, children: &[Vec<usize>], starts: &[i64], ends: &[i64], critical: &mut [bool]) {
+fn mark_critical(span: usize, end: i64, children: &Children, t: &Outline, critical: &mut [u8], kids: &mut Vec<u32>) {
+    let end_of = |i: usize| t.start[i].saturating_add(t.duration[i]);
     let mut stack = vec![(span, end)];
     while let Some((s, end)) = stack.pop() {
-        if std::mem::replace(&mut critical[s], true) {
+        if std::mem::replace(&mut critical[s], 1) != 0 {
             continue;
         }
-        let mut kids: Vec<usize> = children[s].clone();
-        kids.sort_by_key(|&c| std::cmp::Reverse(ends[c]));
+        kids.clear();
+        kids.extend_from_slice(children.of(s));
+        kids.sort_unstable_by_key(|&c| std::cmp::Reverse(end_of(c as usize)));
         let mut cursor = end;
-        for c in kids {
-            if ends[c] <= cursor && starts[c] < cursor {
-                stack.push((c, ends[c]));
-                cursor = starts[c];
+        for &c in kids.iter() {
+            let c = c as usize;
+            if end_of(c) <= cursor && t.start[c] < cursor {
+                stack.push((c, end_of(c)));
+                cursor = t.start[c];
             }
         }
     }
@@ -121,56 +178,45 @@ fn mark_critical(span: usize, end: i64, children: &[Vec<usize>], starts: &[i64],
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// (id, parent index, start, end)
-    fn outline(spans: &[(&str, i64, i64, i64)]) -> Outline {
-        let n = spans.len();
-        Outline {
-            trace_id: "t".into(),
-            start_time_unix_nano: "0".into(),
-            duration_nanos: spans.iter().map(|s| s.3).max().unwrap_or(0),
-            span_count: n as u64,
-            truncated: false,
-            services: vec!["svc".into()],
-            names: vec!["op".into()],
-            span_ids: spans.iter().map(|s| s.0.to_owned()).collect(),
-            parents: spans.iter().map(|s| s.1).collect(),
-            service: vec![0; n],
-            name: vec![0; n],
-            kind: vec![1; n],
-            start: spans.iter().map(|s| s.2).collect(),
-            duration: spans.iter().map(|s| s.3 - s.2).collect(),
-            status: vec![0; n],
-            event_times: vec![vec![]; n],
-        }
-    }
+    use crate::outline::tests::outline;
 
     #[test]
-    fn tree_order_depth_collapse_and_critical_path() {
+    fn tree_order_depth_collapse_find_and_critical_path() {
         // r(0-100) ─ a(10-40) ─ a1(15-20)
         //          └ b(30-90)
-        let t = outline(&[("b", 2, 30, 90), ("a1", 3, 15, 20), ("r", -1, 0, 100), ("a", 2, 10, 40)]);
+        let (r, a, a1, b) = (0x10u64, 0xa0, 0xa1, 0xb0);
+        let t = outline(&[(b, 2, 30, 90), (a1, 3, 15, 20), (r, -1, 0, 100), (a, 2, 10, 40)]);
         let l = Layout::new(&t);
-        let names: Vec<&str> = l.order.iter().map(|&i| t.span_ids[i].as_str()).collect();
-        assert_eq!(names, ["r", "a", "a1", "b"]);
-        assert_eq!(l.depth[l.by_id["a1"]], 2);
-        assert_eq!(l.descendants[l.by_id["r"]], 3);
-        let collapsed: HashSet<usize> = [l.by_id["a"]].into();
-        let visible: Vec<&str> = l.visible(&collapsed).iter().map(|&i| t.span_ids[i].as_str()).collect();
-        assert_eq!(visible, ["r", "a", "b"]);
-        assert!(l.critical[l.by_id["r"]] && l.critical[l.by_id["b"]]);
-        assert!(!l.critical[l.by_id["a"]] && !l.critical[l.by_id["a1"]], "a still runs when b starts: the root's own work is critical before b");
+        let ids: Vec<u64> = l.order.iter().map(|&i| t.span_ids[i as usize]).collect();
+        assert_eq!(ids, [r, a, a1, b]);
+        let idx = |id| l.find(&t, id).expect("found");
+        assert_eq!(l.find_hex(&t, "00000000000000a1"), Some(1));
+        assert_eq!(l.find(&t, 0x42), None);
+        assert_eq!(l.depth[idx(a1)], 2);
+        assert_eq!(l.descendants[idx(r)], 3);
+        let collapsed: HashSet<usize> = [idx(a)].into();
+        let visible: Vec<u64> = l.visible(&collapsed).iter().map(|&i| t.span_ids[i as usize]).collect();
+        assert_eq!(visible, [r, a, b]);
+        assert!(l.is_critical(idx(r)) && l.is_critical(idx(b)));
+        assert!(!l.is_critical(idx(a)) && !l.is_critical(idx(a1)), "a still runs when b starts: the root's own work is critical before b");
         assert_eq!(l.total_ns, 100);
     }
 
     #[test]
     fn a_deep_chain_and_a_cycle_do_not_break_layout() {
-        let ids: Vec<String> = (0..100_000).map(|i| format!("s{i}")).collect();
-        let mut spans: Vec<(&str, i64, i64, i64)> = ids.iter().enumerate().map(|(i, id)| (id.as_str(), i as i64 - 1, i as i64, 200_000 - i as i64)).collect();
-        spans.push(("x", 100_001, 0, 1));
-        spans.push(("y", 100_000, 0, 1));
-        let l = Layout::new(&outline(&spans));
+        let mut spans: Vec<(u64, i32, i64, i64)> = (0..100_000).map(|i| (i as u64 + 1, i - 1, i64::from(i), 200_000 - i64::from(i))).collect();
+        spans.push((0x1_0000_0000, 100_001, 0, 1));
+        spans.push((0x1_0000_0001, 100_000, 0, 1));
+        let t = outline(&spans);
+        let l = Layout::new(&t);
         assert_eq!(l.order.len(), 100_002);
-        assert_eq!(l.depth[l.by_id["s99999"]], u16::MAX);
+        assert_eq!(l.depth[l.find(&t, 100_000).expect("found")], u16::MAX);
+        assert_eq!(l.find(&t, 0x1_0000_0001), Some(100_001));
+    }
+
+    #[test]
+    fn a_repeated_span_id_finds_its_earliest_span() {
+        let t = outline(&[(5, -1, 0, 10), (5, 0, 1, 2), (3, 0, 2, 3)]);
+        assert_eq!(Layout::new(&t).find(&t, 5), Some(0));
     }
 }

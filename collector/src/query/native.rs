@@ -18,12 +18,14 @@ use serde::Serialize;
 use serde::ser::{SerializeSeq, Serializer};
 use serde_json::{Value, json};
 
+use tower_http::CompressionLevel;
+use tower_http::compression::CompressionLayer;
+use ui::outline::{Header, Outline};
+
 use super::ApiError;
 use super::json::{any_value_json, attributes_json, base64_ids_to_hex};
 use super::params::Params;
-use crate::store::read::{
-    CallStats, LogQuery, ResourceRecord, ScopeRecord, SearchQuery, SpanRecord, StatusFilter, TraceData, TraceOutline, kind_name, status_name,
-};
+use crate::store::read::{CallStats, LogQuery, ResourceRecord, ScopeRecord, SearchQuery, SpanRecord, StatusFilter, TraceData, kind_name, status_name};
 use crate::store::{Store, parse_trace_id};
 
 const HOUR_NS: i64 = 3600 * 1_000_000_000;
@@ -41,7 +43,7 @@ pub fn router() -> Router<Store> {
         .route("/api/v1/service-map", get(service_map))
         .route("/api/v1/traces", get(search))
         .route("/api/v1/traces/{trace_id}", get(trace))
-        .route("/api/v1/traces/{trace_id}/outline", get(trace_outline))
+        .route("/api/v1/traces/{trace_id}/outline", get(trace_outline).layer(CompressionLayer::new().gzip(true).quality(CompressionLevel::Fastest)))
         .route("/api/v1/traces/{trace_id}/spans/{span_id}", get(span))
         .route("/api/v1/traces/{trace_id}/search", get(find_in_trace))
         .route("/api/v1/dependencies", get(dependencies))
@@ -177,50 +179,54 @@ async fn trace(State(store): State<Store>, Path(id): Path<String>) -> ApiResult 
     Ok(Json(trace_json(&t)))
 }
 
-/// [`TraceOutline`] in its JSON shape, serialized straight from the columns.
+/// An [`Outline`] in its JSON shape, serialized straight from the columns.
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct OutlineJson<'a> {
-    trace_id: String,
-    start_time_unix_nano: String,
-    duration_nanos: u64,
-    span_count: usize,
+    #[serde(flatten)]
+    header: &'a Header,
     /// True when the trace has more spans than an outline lists.
     truncated: bool,
-    services: &'a [String],
-    names: &'a [String],
     #[serde(serialize_with = "hex_ids")]
-    span_ids: &'a [[u8; 8]],
-    parents: &'a [i64],
+    span_ids: &'a [u64],
+    parents: &'a [i32],
     service: &'a [u32],
     name: &'a [u32],
-    kind: &'a [i32],
-    start: &'a [u64],
-    duration: &'a [u64],
-    status: &'a [i32],
-    event_times: &'a [Vec<i64>],
+    kind: &'a [u8],
+    start: &'a [i64],
+    duration: &'a [i64],
+    status: &'a [u8],
+    event_times: EventTimes<'a>,
 }
 
 /// Span ids as hex strings, without a `String` per id.
-fn hex_ids<S: Serializer>(ids: &&[[u8; 8]], ser: S) -> Result<S::Ok, S::Error> {
+fn hex_ids<S: Serializer>(ids: &&[u64], ser: S) -> Result<S::Ok, S::Error> {
     let mut seq = ser.serialize_seq(Some(ids.len()))?;
     let mut buf = [0u8; 16];
     for id in ids.iter() {
-        hex::encode_to_slice(id, &mut buf).map_err(serde::ser::Error::custom)?;
+        hex::encode_to_slice(id.to_be_bytes(), &mut buf).map_err(serde::ser::Error::custom)?;
         seq.serialize_element(std::str::from_utf8(&buf).map_err(serde::ser::Error::custom)?)?;
     }
     seq.end()
 }
 
-fn outline_json(o: &TraceOutline) -> Result<Vec<u8>, serde_json::Error> {
+/// Each span's event times, as one array per span.
+struct EventTimes<'a>(&'a Outline);
+
+impl Serialize for EventTimes<'_> {
+    fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        let mut seq = ser.serialize_seq(Some(self.0.len()))?;
+        for i in 0..self.0.len() {
+            seq.serialize_element(self.0.events_of(i))?;
+        }
+        seq.end()
+    }
+}
+
+fn outline_json(o: &Outline) -> Result<Vec<u8>, serde_json::Error> {
     serde_json::to_vec(&OutlineJson {
-        trace_id: hex::encode(o.trace_id),
-        start_time_unix_nano: o.start_ns.to_string(),
-        duration_nanos: o.duration_ns,
-        span_count: o.total_spans,
-        truncated: o.total_spans > o.span_ids.len(),
-        services: &o.services,
-        names: &o.names,
+        header: &o.header,
+        truncated: o.truncated(),
         span_ids: &o.span_ids,
         parents: &o.parents,
         service: &o.service,
@@ -229,18 +235,41 @@ fn outline_json(o: &TraceOutline) -> Result<Vec<u8>, serde_json::Error> {
         start: &o.start,
         duration: &o.duration,
         status: &o.status,
-        event_times: &o.event_times,
+        event_times: EventTimes(o),
     })
 }
 
-async fn trace_outline(State(store): State<Store>, Path(id): Path<String>) -> Result<Response, ApiError> {
+/// `/api/v1/traces/{id}/outline`: JSON, or with `format=binary` the dashboard's binary form
+/// (`ui::outline`), a few bytes a span. Both are gzipped for clients that accept it (the route's
+/// compression layer); a million-span outline is built and encoded off the async threads.
+async fn trace_outline(State(store): State<Store>, Path(id): Path<String>, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
+    let p = Params::parse(q.as_deref());
+    let binary = match p.get("format") {
+        None | Some("json") => false,
+        Some("binary") => true,
+        Some(other) => return Err(ApiError::bad("format", format!("{other:?} is neither json nor binary"))),
+    };
     let o = store.trace_outline(trace_id_param(&id)?).await?.ok_or_else(|| trace_not_found(&id))?;
-    let body = outline_json(&o).map_err(|e| {
-        tracing::error!(error = %e, "serializing a trace outline failed");
-        ApiError::Internal
-    })?;
-    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+    let encoded = tokio::task::spawn_blocking(move || if binary { Ok(o.encode()) } else { outline_json(&o) }).await;
+    let body = match encoded {
+        Ok(Ok(body)) => body,
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "serializing a trace outline failed");
+            return Err(ApiError::Internal);
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "encoding a trace outline failed");
+            return Err(ApiError::Internal);
+        }
+    };
+    let content_type = if binary { ui::outline::MEDIA_TYPE } else { "application/json" };
+    // In chunks, so that the compression layer gives the runtime back between them.
+    let body = bytes::Bytes::from(body);
+    let chunks = (0..body.len()).step_by(OUTLINE_CHUNK).map(move |at| Ok::<_, std::convert::Infallible>(body.slice(at..(at + OUTLINE_CHUNK).min(body.len()))));
+    Ok(([(header::CONTENT_TYPE, content_type)], axum::body::Body::from_stream(futures::stream::iter(chunks.collect::<Vec<_>>()))).into_response())
 }
+
+const OUTLINE_CHUNK: usize = 256 * 1024;
 
 async fn span(State(store): State<Store>, Path((id, span)): Path<(String, String)>) -> ApiResult {
     let tid = trace_id_param(&id)?;

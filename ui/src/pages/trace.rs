@@ -13,8 +13,9 @@ use leptos_router::NavigateOptions;
 use leptos_router::components::A;
 use leptos_router::hooks::{use_navigate, use_params_map, use_query_map};
 
-use crate::api::{self, KeyValue, Outline, SpanDetail, SpanMatches, Trace, any_value_text, enc};
+use crate::api::{self, KeyValue, SpanDetail, SpanMatches, Trace, any_value_text, enc};
 use crate::format;
+use crate::outline::Outline;
 use crate::waterfall::Layout;
 
 const ROW_H: f64 = 24.0;
@@ -25,22 +26,28 @@ const OVERSCAN: usize = 20;
 pub fn TracePage() -> impl IntoView {
     let params = use_params_map();
     let id = Memo::new(move |_| params.read().get("id").unwrap_or_default());
-    // Fetched by the browser, not embedded in the page: a big trace would double the HTML.
+    // Fetched by the browser, not embedded in the page (a big trace would double the HTML), in
+    // its binary form, decoded and laid out by a worker.
     let outline = LocalResource::new(move || {
         let id = id.get();
-        async move {
-            let base = api::base();
-            api::get::<Outline>(&base, &format!("/api/v1/traces/{}/outline", enc(&id))).await.map(Arc::new)
-        }
+        async move { load_outline(&id).await.map(|(t, l)| (Arc::new(t), Arc::new(l))) }
     });
     view! {
         <Suspense fallback=|| view! { <p class="notice">"Loading the trace…"</p> }>
             {move || outline.get().map(|r| match r {
-                Ok(t) => view! { <TraceView trace=t/> }.into_any(),
+                Ok((t, l)) => view! { <TraceView trace=t layout=l/> }.into_any(),
                 Err(e) => view! { <p class="notice error" data-testid="trace-error">"This trace could not be shown: " {e}</p> }.into_any(),
             })}
         </Suspense>
     }
+}
+
+async fn load_outline(id: &str) -> Result<(Outline, Layout), String> {
+    let path = format!("/api/v1/traces/{}/outline?format=binary", enc(id));
+    #[cfg(feature = "hydrate")]
+    return crate::outline_worker::load(&path).await;
+    #[cfg(not(feature = "hydrate"))]
+    Err(format!("{path} is read in the browser"))
 }
 
 fn attrs_table(attrs: &[KeyValue]) -> impl IntoView + use<> {
@@ -55,8 +62,7 @@ fn attrs_table(attrs: &[KeyValue]) -> impl IntoView + use<> {
 }
 
 #[component]
-fn TraceView(trace: Arc<Outline>) -> impl IntoView {
-    let layout = Arc::new(Layout::new(&trace));
+fn TraceView(trace: Arc<Outline>, layout: Arc<Layout>) -> impl IntoView {
     let query = use_query_map();
     let navigate = use_navigate();
     let local = Memo::new(move |_| query.read().get("tz").is_some_and(|z| z == "local"));
@@ -64,7 +70,7 @@ fn TraceView(trace: Arc<Outline>) -> impl IntoView {
     let selected_id = Memo::new(move |_| query.read().get("span").unwrap_or_default());
     let collapsed = RwSignal::new(HashSet::<usize>::new());
     let scroll_top = RwSignal::new(0.0_f64);
-    let trace_id = trace.trace_id.clone();
+    let trace_id = trace.header.trace_id.clone();
 
     // The search runs in the collector, which has the attributes.
     let found = {
@@ -81,10 +87,10 @@ fn TraceView(trace: Arc<Outline>) -> impl IntoView {
         })
     };
     let matches = {
-        let layout = layout.clone();
+        let (layout, trace) = (layout.clone(), trace.clone());
         Memo::new(move |_| {
             let ids = found.get().and_then(|r| r.ok()).map(|m| m.span_ids).unwrap_or_default();
-            Arc::new(ids.iter().filter_map(|id| layout.by_id.get(id).copied()).collect::<HashSet<usize>>())
+            Arc::new(ids.iter().filter_map(|id| layout.find_hex(&trace, id)).collect::<HashSet<usize>>())
         })
     };
     let visible = {
@@ -103,11 +109,11 @@ fn TraceView(trace: Arc<Outline>) -> impl IntoView {
         parts.join("&")
     };
 
-    let root = layout.order.first().copied();
-    let services = trace.services.len();
+    let root = layout.order.first().map(|&r| r as usize);
+    let services = trace.header.services.len();
     let errors = trace.status.iter().filter(|s| **s == 2).count();
     let total = layout.total_ns;
-    let start_ns = trace.start_ns();
+    let start_ns = trace.header.start_time_unix_nano as i64;
     let title = root.map_or_else(|| "(no spans)".to_owned(), |r| format!("{}: {}", trace.service_of(r), trace.name_of(r)));
 
     let tz_href = { move || format!("?{}", href_with("tz", if local.get() { String::new() } else { "local".into() })) };
@@ -133,7 +139,7 @@ fn TraceView(trace: Arc<Outline>) -> impl IntoView {
             let selected = selected_id.get();
             // Also runs again once the waterfall is in the page.
             let Some(el) = viewport.get() else { return };
-            let Some(&i) = layout.by_id.get(&selected) else { return };
+            let Some(i) = layout.find_hex(&trace, &selected) else { return };
             let mut up = usize::try_from(trace.parents[i]).ok();
             let mut reopened = false;
             let mut coll = collapsed.get_untracked();
@@ -144,7 +150,7 @@ fn TraceView(trace: Arc<Outline>) -> impl IntoView {
             if reopened {
                 collapsed.set(coll.clone());
             }
-            let Some(pos) = layout.visible(&coll).iter().position(|&v| v == i) else { return };
+            let Some(pos) = layout.visible(&coll).iter().position(|&v| v as usize == i) else { return };
             let y = pos as f64 * ROW_H;
             let top = f64::from(el.scroll_top());
             if y < top || y > top + VIEW_H - 2.0 * ROW_H {
@@ -162,11 +168,11 @@ fn TraceView(trace: Arc<Outline>) -> impl IntoView {
             if m.is_empty() {
                 return;
             }
-            let current = layout.by_id.get(&selected_id.get_untracked()).and_then(|i| layout.order.iter().position(|o| o == i));
+            let current = layout.find_hex(&trace, &selected_id.get_untracked()).and_then(|i| layout.order.iter().position(|&o| o as usize == i));
             let from = current.map_or(0, |p| p + 1);
             let n = layout.order.len();
-            if let Some(&i) = (0..n).map(|k| &layout.order[(from + k) % n]).find(|i| m.contains(i)) {
-                navigate(&format!("?{}", href_with("span", trace.span_ids[i].clone())), NavigateOptions { replace: true, ..Default::default() });
+            if let Some(i) = (0..n).map(|k| layout.order[(from + k) % n] as usize).find(|i| m.contains(i)) {
+                navigate(&format!("?{}", href_with("span", trace.span_id_hex(i))), NavigateOptions { replace: true, ..Default::default() });
             }
         }
     };
@@ -184,7 +190,7 @@ fn TraceView(trace: Arc<Outline>) -> impl IntoView {
             let coll = collapsed.get();
             (first..last)
                 .map(|pos| {
-                    let i = vis[pos];
+                    let i = vis[pos] as usize;
                     let left = trace.start[i] as f64 / total as f64 * 100.0;
                     let width = (trace.duration[i] as f64 / total as f64 * 100.0).max(0.15);
                     let indent = format!("padding-left:{}px", 6 + 14 * usize::from(layout.depth[i]).min(40));
@@ -193,7 +199,8 @@ fn TraceView(trace: Arc<Outline>) -> impl IntoView {
                     let bar_style = format!("left:{left:.4}%;width:{width:.4}%;background:{colour}");
                     let has_kids = layout.descendants[i] > 0;
                     let is_collapsed = coll.contains(&i);
-                    let marks = trace.event_times[i]
+                    let marks = trace
+                        .events_of(i)
                         .iter()
                         .map(|t| {
                             let at = (t - trace.start[i]) as f64 / trace.duration[i].max(1) as f64 * 100.0;
@@ -207,9 +214,9 @@ fn TraceView(trace: Arc<Outline>) -> impl IntoView {
                             }
                         })
                     };
-                    let span_id = trace.span_ids[i].clone();
+                    let span_id = trace.span_id_hex(i);
                     let select_href = format!("?{}", href_with("span", span_id.clone()));
-                    let (is_selected, is_match, is_error, is_critical) = (span_id == selected, matches.contains(&i), trace.is_error(i), layout.critical[i]);
+                    let (is_selected, is_match, is_error, is_critical) = (span_id == selected, matches.contains(&i), trace.is_error(i), layout.is_critical(i));
                     let (name, dur) = (trace.name_of(i).to_owned(), format::duration(trace.duration[i]));
                     let dur_style = format!("left:{:.4}%", (left + width).min(92.0));
                     let top = format!("top:{}px", pos as f64 * ROW_H);
@@ -334,9 +341,9 @@ fn TraceView(trace: Arc<Outline>) -> impl IntoView {
                     <button on:click=download data-testid="download">"Download OTLP JSON"</button>
                     {move || download_error.get().map(|e| view! { <span class="error">{e}</span> })}
                 </p>
-                {trace.truncated.then(|| view! {
+                {trace.truncated().then(|| view! {
                     <p class="notice" data-testid="truncated">
-                        {format!("This trace has {} spans; the waterfall shows the earliest {} by start time.", trace.span_count, trace.len())}
+                        {format!("This trace has {} spans; the waterfall shows the earliest {} by start time.", trace.header.span_count, trace.len())}
                     </p>
                 })}
                 <p class="find">

@@ -15,6 +15,7 @@ use crate::store::codec::{Reader, decode_attributes};
 use crate::store::dict::StringsSnapshot;
 use crate::store::rows::SpanName;
 use crate::store::{Store, StoreError};
+use ui::outline::{Header, Outline};
 
 #[derive(Debug, Clone)]
 pub struct SpanRecord {
@@ -81,9 +82,11 @@ impl SpanBudget {
         SpanBudget { spans: (self.spans / n).max(1), bytes: (self.bytes / n).max(1), items: (self.items / n).max(1) }
     }
 }
-/// Spans an outline lists at most (a waterfall of more is of no use in a browser); a larger
-/// trace's outline holds its earliest spans and says so.
-pub const MAX_OUTLINE_SPANS: usize = 250_000;
+/// Spans an outline lists at most: the dashboard opens a trace of this many (24 px a row keeps its
+/// waterfall under the browser's 33,554,431 px limit for an element), and building the outline
+/// holds about 130 bytes a span for a moment. A larger trace's outline holds its earliest spans and
+/// says so.
+pub const MAX_OUTLINE_SPANS: usize = 1_000_000;
 impl SpanRecord {
     pub fn duration_ns(&self) -> u64 {
         self.end_ns.saturating_sub(self.start_ns)
@@ -115,34 +118,6 @@ pub struct TraceData {
     pub resources: BTreeMap<i64, ResourceRecord>,
     pub scopes: BTreeMap<i64, ScopeRecord>,
 }
-/// What the waterfall of a trace needs, in columns: one entry per span in every `Vec`, spans
-/// ordered by start time (as in [`TraceData`]). Read without decoding attributes.
-#[derive(Debug, Clone, Default)]
-pub struct TraceOutline {
-    pub trace_id: [u8; 16],
-    /// The earliest span start.
-    pub start_ns: u64,
-    /// From the earliest start to the latest end.
-    pub duration_ns: u64,
-    /// Service names, sorted, each once; `service` indexes into it.
-    pub services: Vec<String>,
-    /// Span names, sorted, each once; `name` indexes into it.
-    pub names: Vec<String>,
-    pub span_ids: Vec<[u8; 8]>,
-    /// Spans the trace has in all (more than `span_ids.len()` past [`MAX_OUTLINE_SPANS`]).
-    pub total_spans: usize,
-    /// Index of the parent span, -1 when the parent is not in the trace (a root or an orphan).
-    pub parents: Vec<i64>,
-    pub service: Vec<u32>,
-    pub name: Vec<u32>,
-    pub kind: Vec<i32>,
-    /// Nanoseconds from `start_ns`.
-    pub start: Vec<u64>,
-    pub duration: Vec<u64>,
-    pub status: Vec<i32>,
-    /// Event times in nanoseconds from `start_ns` (an event may precede it).
-    pub event_times: Vec<Vec<i64>>,
-}
 /// One span with its resource and scope.
 #[derive(Debug, Clone)]
 pub struct SpanDetail {
@@ -151,14 +126,28 @@ pub struct SpanDetail {
     pub scope: Option<ScopeRecord>,
 }
 /// The distinct strings of these dictionary ids, sorted, and for each id the index of its string.
-fn dictionary<'a>(ids: &[i64], get: impl Fn(i64) -> &'a str) -> (Vec<String>, Vec<u32>) {
-    let distinct: HashSet<i64> = ids.iter().copied().collect();
+fn dictionary<'a>(ids: impl Iterator<Item = i64> + Clone, get: impl Fn(i64) -> &'a str) -> (Vec<String>, Vec<u32>) {
+    let distinct: HashSet<i64> = ids.clone().collect();
     let mut strings: Vec<&str> = distinct.iter().map(|&id| get(id)).collect();
     strings.sort_unstable();
     strings.dedup();
     let index: HashMap<i64, u32> = distinct.iter().map(|&id| (id, strings.binary_search(&get(id)).unwrap_or(0) as u32)).collect();
-    let column = ids.iter().map(|id| index.get(id).copied().unwrap_or(0)).collect();
+    let column = ids.map(|id| index.get(&id).copied().unwrap_or(0)).collect();
     (strings.into_iter().map(str::to_owned).collect(), column)
+}
+/// What an outline keeps of a span while it is built.
+struct OutlineSpan {
+    span_id: i64,
+    parent: Option<i64>,
+    service: i64,
+    /// `strings.id`, or a negative id for an inline name.
+    name: i64,
+    start: i64,
+    duration: i64,
+    /// Unix nanoseconds.
+    events: Box<[i64]>,
+    kind: u8,
+    status: u8,
 }
 impl Store {
     pub async fn trace(&self, trace_id: [u8; 16]) -> Result<Option<TraceData>, StoreError> {
@@ -246,72 +235,94 @@ impl Store {
     }
 
     /// The outline of a trace: its spans' ids, parents, services, names, kinds, times, statuses
-    /// and event times, without attributes. `None` when the trace has no spans.
-    pub async fn trace_outline(&self, trace_id: [u8; 16]) -> Result<Option<TraceOutline>, StoreError> {
+    /// and event times, without attributes, in start order (its earliest [`MAX_OUTLINE_SPANS`]).
+    /// `None` when the trace has no spans.
+    pub async fn trace_outline(&self, trace_id: [u8; 16]) -> Result<Option<Outline>, StoreError> {
         let mut tx = self.read.begin().await?;
         // The first read fixes the snapshot; the dictionary's, taken after, knows every event name.
         sqlx::query("SELECT 1 FROM traces LIMIT 1").fetch_optional(&mut *tx).await?;
         let dict = self.dicts.strings.snapshot();
         let tb = TraceBlocks::of(&mut tx, trace_id).await?;
-        // Only what the outline shows is kept of each span.
+        // Only what the outline shows is kept of each span, in ~70 bytes; inline span names get
+        // negative ids, local to this outline.
+        let mut inline_names: HashMap<String, i64> = HashMap::new();
         let (spans, total) = tb
             .earliest(&mut tx, MAX_OUTLINE_SPANS, |s| {
-                let events = match &s.events {
-                    Some(b) => Reader::new(b, &dict).events(s.start_ns as u64)?.iter().map(|e| e.time_unix_nano).collect(),
-                    None => Vec::new(),
+                let events: Box<[i64]> = match &s.events {
+                    Some(b) => Reader::new(b, &dict).events(s.start_ns as u64)?.iter().map(|e| e.time_unix_nano as i64).collect(),
+                    None => Box::default(),
                 };
-                Ok((s.span_id, s.parent_span_id, s.service, s.name.clone(), s.kind, s.start_ns as u64, s.duration_ns.max(0) as u64, s.status_code, events))
+                let name = match &s.name {
+                    SpanName::Id(id) => *id,
+                    SpanName::Inline(n) => {
+                        let next = -(inline_names.len() as i64) - 1;
+                        *inline_names.entry(n.clone()).or_insert(next)
+                    }
+                };
+                Ok(OutlineSpan {
+                    span_id: s.span_id,
+                    parent: s.parent_span_id,
+                    service: s.service,
+                    name,
+                    start: s.start_ns,
+                    duration: s.duration_ns.max(0),
+                    events,
+                    kind: u8::try_from(s.kind).unwrap_or(0),
+                    status: u8::try_from(s.status_code).unwrap_or(0),
+                })
             })
             .await?;
         if spans.is_empty() {
             return Ok(None);
         }
-        let mut o = TraceOutline { trace_id, total_spans: total, ..Default::default() };
-        let (mut ids, mut parent_ids, mut service_ids, mut name_ids) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let mut inline_names: HashMap<String, i64> = HashMap::new();
-        let mut starts: Vec<u64> = Vec::new();
-        let mut event_times: Vec<Vec<u64>> = Vec::new();
-        for (span_id, parent, service, name, kind, start, duration, status, events) in spans {
-            ids.push(span_id);
-            parent_ids.push(parent);
-            service_ids.push(service);
-            name_ids.push(match name {
-                SpanName::Id(id) => id,
-                // Inline names get negative ids, local to this outline.
-                SpanName::Inline(s) => {
-                    let next = -(inline_names.len() as i64) - 1;
-                    *inline_names.entry(s).or_insert(next)
-                }
-            });
-            o.kind.push(kind);
-            starts.push(start);
-            o.duration.push(duration);
-            o.status.push(status);
-            event_times.push(events);
-        }
-        o.start_ns = starts.iter().copied().min().unwrap_or(0);
-        let end = starts.iter().zip(&o.duration).map(|(s, d)| s.saturating_add(*d)).max().unwrap_or(o.start_ns);
-        o.duration_ns = end - o.start_ns;
-        o.start = starts.iter().map(|s| s - o.start_ns).collect();
-        o.event_times = event_times.into_iter().map(|times| times.into_iter().map(|t| t.wrapping_sub(o.start_ns) as i64).collect()).collect();
-        (o.services, o.service) = dictionary(&service_ids, |id| dict.get(id));
+        let start_ns = spans.iter().map(|s| s.start).min().unwrap_or(0);
+        let end = spans.iter().map(|s| s.start.saturating_add(s.duration)).max().unwrap_or(start_ns);
+        let (services, service) = dictionary(spans.iter().map(|s| s.service), |id| dict.get(id));
         let inline: HashMap<i64, &str> = inline_names.iter().map(|(s, id)| (*id, s.as_str())).collect();
-        (o.names, o.name) = dictionary(&name_ids, |id| if id < 0 { inline.get(&id).copied().unwrap_or("") } else { dict.get(id) });
-        // The first span with an id is the one its children point to.
-        let mut index: HashMap<i64, usize> = HashMap::with_capacity(ids.len());
-        for (i, id) in ids.iter().enumerate() {
-            index.entry(*id).or_insert(i);
-        }
-        o.parents = parent_ids
+        let (names, name) = dictionary(spans.iter().map(|s| s.name), |id| if id < 0 { inline.get(&id).copied().unwrap_or("") } else { dict.get(id) });
+        // A parent is found by binary search in the spans sorted by id (the first span with an id
+        // is the one its children point to): 12 bytes a span, where a hash map would take ~40.
+        let mut by_id: Vec<(i64, u32)> = spans.iter().enumerate().map(|(i, s)| (s.span_id, i as u32)).collect();
+        by_id.sort_unstable();
+        let parents = spans
             .iter()
             .enumerate()
-            .map(|(i, p)| match p.and_then(|p| index.get(&p)) {
-                Some(&j) if j != i => j as i64,
-                _ => -1,
+            .map(|(i, s)| {
+                let p = s.parent?;
+                let k = by_id.partition_point(|&(id, _)| id < p);
+                by_id.get(k).filter(|(id, j)| *id == p && *j as usize != i).map(|&(_, j)| j as i32)
             })
+            .map(|p| p.unwrap_or(-1))
             .collect();
-        o.span_ids = ids.into_iter().map(i64::to_be_bytes).collect();
-        Ok(Some(o))
+        drop(by_id);
+        let mut event_offsets = Vec::with_capacity(spans.len() + 1);
+        event_offsets.push(0u32);
+        let mut event_times = Vec::new();
+        for s in &spans {
+            event_times.extend(s.events.iter().map(|t| t.wrapping_sub(start_ns)));
+            event_offsets.push(u32::try_from(event_times.len()).unwrap_or(u32::MAX));
+        }
+        let header = Header {
+            trace_id: hex::encode(trace_id),
+            start_time_unix_nano: start_ns as u64,
+            duration_nanos: end.saturating_sub(start_ns) as u64,
+            span_count: total as u64,
+            services,
+            names,
+        };
+        Ok(Some(Outline {
+            header,
+            span_ids: spans.iter().map(|s| s.span_id as u64).collect(),
+            parents,
+            service,
+            name,
+            kind: spans.iter().map(|s| s.kind).collect(),
+            status: spans.iter().map(|s| s.status).collect(),
+            start: spans.iter().map(|s| s.start - start_ns).collect(),
+            duration: spans.iter().map(|s| s.duration).collect(),
+            event_offsets,
+            event_times,
+        }))
     }
 
     /// One span of a trace with its resource and scope; the earliest one if the sender repeated
