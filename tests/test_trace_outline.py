@@ -1,6 +1,11 @@
 """The reads the dashboard opens a big trace with: the columnar outline, one span, and a search
 within the trace; spans are sent with the official OTLP protobuf classes over OTLP/HTTP."""
 
+import gzip
+import itertools
+import json
+
+import requests
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.resource.v1 import resource_pb2
@@ -55,6 +60,53 @@ def small_trace(c):
     return TID.hex()
 
 
+def binary_outline(c, tid):
+    """The outline in its binary form (`format=binary`), checked to come gzipped, decoded after the
+    format's description in ui/src/outline.rs into the JSON form's shape."""
+    r = requests.get(f"{c.http}/api/v1/traces/{tid}/outline", params={"format": "binary"}, stream=True, timeout=60,
+                     headers={"Accept-Encoding": "gzip"})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/vnd.switchyard.outline", r.headers
+    assert r.headers["content-encoding"] == "gzip"
+    b = gzip.decompress(r.raw.read(decode_content=False))
+    at = 0
+
+    def varint():
+        nonlocal at
+        v = shift = 0
+        while True:
+            byte = b[at]
+            at += 1
+            v |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                return v
+
+    def signed():
+        v = varint()
+        return (v >> 1) ^ -(v & 1)
+
+    assert b[:4] == b"SYO1"
+    at = 4
+    size = varint()
+    o = json.loads(b[at:at + size])
+    at += size
+    n = varint()
+    o["truncated"] = o["spanCount"] > n
+    o["spanIds"] = [b[at + 8 * i:at + 8 * i + 8].hex() for i in range(n)]
+    at += 8 * n
+    o["parents"] = [-1 if d == 0 else i - ((d >> 1) ^ -(d & 1)) for i, d in enumerate(varint() for _ in range(n))]
+    o["service"] = [varint() for _ in range(n)]
+    o["name"] = [varint() for _ in range(n)]
+    o["kind"], o["status"] = list(b[at:at + n]), list(b[at + n:at + 2 * n])
+    at += 2 * n
+    o["start"] = list(itertools.accumulate(signed() for _ in range(n)))
+    o["duration"] = [varint() for _ in range(n)]
+    counts = [varint() for _ in range(n)]
+    o["eventTimes"] = [[o["start"][i] + signed() for _ in range(k)] for i, k in enumerate(counts)]
+    assert at == len(b), "nothing after the last column"
+    return o
+
+
 def test_outline_of_a_small_trace_field_by_field(make_collector):
     c = make_collector(extra_args=KEEP_2023)
     tid = small_trace(c)
@@ -74,9 +126,14 @@ def test_outline_of_a_small_trace_field_by_field(make_collector):
         "status": [1, 2, 2],
         "eventTimes": [[4_100_000], [], []],
     }
+    assert binary_outline(c, tid) == r.json(), "the binary form says the same"
+    assert c.get(f"/api/v1/traces/{tid}/outline", format="json").json() == r.json()
     assert c.get(f"/api/v1/traces/{'f' * 32}/outline").status_code == 404
+    assert c.get(f"/api/v1/traces/{'f' * 32}/outline", format="binary").status_code == 404
     bad = c.get("/api/v1/traces/not-hex/outline")
     assert bad.status_code == 400 and bad.json()["param"] == "trace_id"
+    bad = c.get(f"/api/v1/traces/{tid}/outline", format="xml")
+    assert bad.status_code == 400 and bad.json()["param"] == "format" and "xml" in bad.json()["error"], bad.text
 
 
 def test_one_span_has_the_full_trace_shape_with_its_resource_and_scope(make_collector):
@@ -179,3 +236,4 @@ def test_outline_of_a_20000_span_trace_is_consistent(make_collector):
         assert o["duration"][i] == s.end_time_unix_nano - s.start_time_unix_nano
         assert o["eventTimes"][i] == [e.time_unix_nano - T0 for e in s.events]
     assert o["parents"].count(-1) == 1 + N_SPANS // 1000
+    assert binary_outline(c, tid.hex()) == o, "the binary form says the same"

@@ -367,6 +367,79 @@ def test_a_selected_span_deep_in_a_big_trace_is_brought_into_view(dashboard, pag
     page.wait_for_selector(f".row.selected.match[data-span-id='{ids[399]}']")
 
 
+MILLION = 1_000_000
+
+
+def million_span_requests(trace_id, n=MILLION, per_request=50_000):
+    """A trace of `n` spans as OTLP/protobuf requests: a tree eight wide, four services, an event
+    on every tenth span and an error on every hundredth."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+    from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+    from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+    from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
+
+    t0 = time.time_ns() - 600_000_000_000
+    for at in range(0, n, per_request):
+        by_service = [[] for _ in range(4)]
+        for i in range(at, min(n, at + per_request)):
+            start = t0 + i * 1000
+            span = Span(trace_id=trace_id, span_id=(i + 1).to_bytes(8, "big"), parent_span_id=((i - 1) // 8 + 1).to_bytes(8, "big") if i else b"",
+                        name=f"op {i % 40}", kind=2, start_time_unix_nano=start, end_time_unix_nano=start + 50_000)
+            if i % 10 == 0:
+                span.events.add(time_unix_nano=start + 100, name="tick")
+            if i % 100 == 99:
+                span.status.code = Status.STATUS_CODE_ERROR
+            by_service[i % 4].append(span)
+        yield ExportTraceServiceRequest(resource_spans=[
+            ResourceSpans(resource=Resource(attributes=[KeyValue(key="service.name", value=AnyValue(string_value=f"svc-{k}"))]),
+                          scope_spans=[ScopeSpans(spans=spans)]) for k, spans in enumerate(by_service)]).SerializeToString()
+
+
+def test_a_million_span_trace_opens_in_a_worker_and_scrolls_to_its_last_span(tmp_path, page):
+    """The page fetches the binary outline gzipped, a worker decodes and lays it out, and the
+    waterfall draws only the rows in view of a million."""
+    c = Collector(tmp_path / "collector.db", ["--ui-dir", str(SITE), "--registry-url", "http://127.0.0.1:9"]).start()
+    try:
+        tid = bytes.fromhex("6" * 32)
+        for body in million_span_requests(tid):
+            r = requests.post(f"{c.otlp_http}/v1/traces", data=body, headers={"Content-Type": "application/x-protobuf"}, timeout=300)
+            assert r.status_code == 200, r.text
+        workers, outlines = [], []
+        page.on("worker", lambda w: workers.append(w.url))
+        page.on("response", lambda r: "/outline?" in r.url and outlines.append((r.url, r.status, r.headers.get("content-encoding"))))
+        open_page(page, f"{c.http}/traces/{tid.hex()}")
+        page.wait_for_selector(".row", timeout=300_000)
+        assert page.locator("[data-testid=span-count]").inner_text() == "1000000 spans"
+        assert page.locator("[data-testid=truncated]").count() == 0, "every span is in the waterfall"
+        assert [u for u in workers if u.endswith("/pkg/outline-worker.js")], workers
+        assert len(outlines) == 1 and "format=binary" in outlines[0][0] and outlines[0][1:] == (200, "gzip"), outlines
+        assert page.locator(".row").first.get_attribute("data-span-id") == f"{1:016x}", "the root first"
+        # The last row in tree order: the root's last child's last child, and so on down.
+        last = 0
+        while 8 * last + 8 < MILLION:
+            last = 8 * last + 8
+        page.evaluate("(v => { v.scrollTop = v.scrollHeight; })(document.querySelector('[data-testid=waterfall]'))")
+        row = page.wait_for_selector(f".row[data-span-id='{last + 1:016x}']", timeout=60_000)
+        assert row.get_attribute("data-row") == str(MILLION - 1), "the last of a million rows"
+        # Drawn inside the viewport, at its bottom, below the row before it (no overlap).
+        box, view = row.bounding_box(), page.locator("[data-testid=waterfall]").bounding_box()
+        above = page.locator(f".row[data-row='{MILLION - 2}']").bounding_box()
+        assert view["y"] <= box["y"] and box["y"] + box["height"] <= view["y"] + view["height"] + 1, (box, view)
+        assert box["y"] - above["y"] == 24, (above, box)
+        assert page.locator(".row").count() < 150, "only the rows in view are drawn"
+        # A span is selected by its link; its details come from the collector.
+        row.query_selector("a.span-link").click()
+        panel = page.wait_for_selector("[data-testid=span-panel]")
+        assert f"{last + 1:016x}" in panel.inner_text() and f"op {last % 40}" in panel.inner_text()
+        # It stays drawn where it was: loading its details does not blank or move the waterfall.
+        selected = page.wait_for_selector(f".row.selected[data-span-id='{last + 1:016x}']").bounding_box()
+        view = page.locator("[data-testid=waterfall]").bounding_box()
+        assert view["y"] <= selected["y"] and selected["y"] + selected["height"] <= view["y"] + view["height"] + 1, (selected, view)
+        shot(page, "trace-million")
+    finally:
+        c.stop()
+
+
 def test_a_notice_says_what_the_size_limit_removed(tmp_path, page):
     """Retention by size is never silent: every page says how much went and since when."""
     from test_max_db_size import SPANS_PER_TRACE, export

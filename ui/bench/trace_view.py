@@ -1,9 +1,11 @@
-"""Dashboard benchmark: how fast a 100,000-span trace is first shown and how fast a scroll settles
-in headless Chromium, the wasm's size (raw and gzip), and the weight of the service map page.
+"""Dashboard benchmark: how fast a big trace (100,000 or 1,000,000 spans) is first shown and how
+fast a scroll settles in headless Chromium, the longest task on the page's thread meanwhile, the
+outline's size on the wire, the wasm's size (raw and gzip), and the weight of the service map page.
 
 Run (after `cargo build --release -p collector` and `ui/build.sh --release`):
 
     .venv/bin/python ui/bench/trace_view.py [--spans 100000] [--runs 3]
+    .venv/bin/python ui/bench/trace_view.py --spans 1000000
 
 It starts the release collector on 127.0.0.1 with a temp database, exports one trace of N spans
 (a realistic tree: 8 services, 10 attributes per span, an event every tenth span) over OTLP/HTTP
@@ -63,6 +65,40 @@ def big_trace(n, trace_id):
     return reqs
 
 
+# Scrolls the waterfall to its middle or its end and resolves with the milliseconds until a row of
+# that place is drawn inside the viewport (rows carry their place in `data-row`).
+SETTLE = """where => new Promise(done => {
+    const v = document.querySelector('[data-testid=waterfall]');
+    const n = parseInt(document.querySelector('[data-testid=span-count]').textContent);
+    const want = where === 'end' ? (r => r === n - 1) : (r => Math.abs(r - n / 2) < n / 100 + 30);
+    const box = v.getBoundingClientRect();
+    const t0 = performance.now();
+    v.scrollTop = where === 'end' ? v.scrollHeight : v.scrollHeight / 2;
+    const check = () => {
+        const drawn = [...document.querySelectorAll('.row')].some(r => {
+            const b = r.getBoundingClientRect();
+            return want(+r.dataset.row) && b.top >= box.top && b.bottom <= box.bottom;
+        });
+        if (drawn) requestAnimationFrame(() => done(performance.now() - t0));
+        else requestAnimationFrame(check);
+    };
+    requestAnimationFrame(check);
+})"""
+
+
+def renderer_rss_mib():
+    """The largest resident size among Chromium's renderer processes (one page is open)."""
+    sizes = [0.0]
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and b"--type=renderer" in (proc / "cmdline").read_bytes():
+                status = (proc / "status").read_text()
+                sizes.append(next(int(l.split()[1]) for l in status.splitlines() if l.startswith("VmRSS:")) / 1024)
+        except (OSError, StopIteration):
+            pass
+    return max(sizes)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--spans", type=int, default=100_000)
@@ -93,42 +129,55 @@ def main():
             assert r.status_code == 200, r.text
         tid = trace_id.hex()
         t = time.monotonic()
-        outline = requests.get(f"{http}/api/v1/traces/{tid}/outline", timeout=120)
+        r = requests.get(f"{http}/api/v1/traces/{tid}/outline", params={"format": "binary"}, stream=True, timeout=300,
+                         headers={"Accept-Encoding": "gzip"})
+        wire = r.raw.read(decode_content=False)
         took = time.monotonic() - t
-        full = requests.get(f"{http}/api/v1/traces/{tid}", timeout=120)
-        print(f"trace: {a.spans} spans; the page loads its outline: {len(outline.content) / 1e6:.1f} MB JSON in {took * 1000:.0f} ms "
-              f"(the full trace would be {len(full.content) / 1e6:.1f} MB)")
+        assert r.headers.get("Content-Encoding") == "gzip", r.headers
+        binary = gzip.decompress(wire)
+        json_size = len(requests.get(f"{http}/api/v1/traces/{tid}/outline", timeout=300, headers={"Accept-Encoding": "identity"}).content)
+        full = requests.get(f"{http}/api/v1/traces/{tid}", timeout=300)
+        print(f"trace: {a.spans} spans; the page loads its outline: {len(wire) / 1e6:.1f} MB gzip on the wire "
+              f"({len(binary) / 1e6:.1f} MB binary, {len(binary) / a.spans:.1f} bytes a span) in {took * 1000:.0f} ms; "
+              f"as JSON {json_size / 1e6:.1f} MB; the full trace answer {len(full.content) / 1e6:.1f} MB (its first spans only)")
 
         from playwright.sync_api import sync_playwright
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium", headless=True, args=FLAGS)
-            firsts, scrolls = [], []
+            firsts, scrolls, ends, longest, renderer, steps = [], [], [], [], [], []
             for _ in range(a.runs):
                 page = browser.new_page(viewport={"width": 1400, "height": 900})
+                # Every task longer than 50 ms on the page's thread, from the start.
+                page.add_init_script("""window.__long = [];
+                    new PerformanceObserver(l => l.getEntries().forEach(e => window.__long.push(e.duration)))
+                        .observe({type: 'longtask', buffered: true});""")
                 page.goto(f"{http}/traces/{tid}", wait_until="commit")
-                page.wait_for_selector(".row", timeout=120_000)
+                page.wait_for_selector(".row", timeout=300_000)
                 first = page.evaluate("performance.now()")
-                # Scroll to the middle and wait until the rows there are drawn (two frames).
-                scroll = page.evaluate("""() => new Promise(done => {
-                    const v = document.querySelector('[data-testid=waterfall]');
-                    const t0 = performance.now();
-                    v.scrollTop = v.scrollHeight / 2;
-                    v.dispatchEvent(new Event('scroll'));
-                    const want = Math.floor(v.scrollTop / 24);
-                    const check = () => {
-                        const rows = [...document.querySelectorAll('.row')].map(r => parseFloat(r.style.top) / 24);
-                        if (rows.some(r => Math.abs(r - want) < 5)) requestAnimationFrame(() => done(performance.now() - t0));
-                        else requestAnimationFrame(check);
-                    };
-                    requestAnimationFrame(check);
-                })""")
+                longest.append(page.evaluate("Math.max(0, ...window.__long)"))
+                steps.append(page.evaluate("""() => {
+                    const at = n => { const e = performance.getEntriesByType('resource').find(r => r.name.includes(n)); return e ? Math.round(e.responseEnd) : -1; };
+                    const nav = performance.getEntriesByType('navigation')[0];
+                    return `page ${Math.round(nav.responseEnd)}, wasm ${at('ui_bg.wasm')}, outline asked ${Math.round((performance.getEntriesByType('resource').find(r => r.name.includes('/outline?')) || {}).startTime)} got ${at('/outline?')}`;
+                }"""))
+                renderer.append(renderer_rss_mib())
+                # Scroll to the middle, then to the end, each time until the rows there are drawn
+                # inside the viewport (and one more frame).
+                scroll = page.evaluate(SETTLE, "middle")
+                end = page.evaluate(SETTLE, "end")
                 rows = page.locator(".row").count()
+                shown = page.locator("[data-testid=span-count]").inner_text()
                 firsts.append(first)
                 scrolls.append(scroll)
+                ends.append(end)
                 page.close()
             print(f"first view of the trace (navigation start → rows shown): {', '.join(f'{x:.0f} ms' for x in firsts)}"
-                  f" (median {sorted(firsts)[len(firsts) // 2]:.0f} ms); rows in the DOM: {rows}")
-            print(f"scroll to the middle settles in: {', '.join(f'{x:.0f} ms' for x in scrolls)}")
+                  f" (median {sorted(firsts)[len(firsts) // 2]:.0f} ms); the page says {shown!r}; rows in the DOM: {rows}")
+            print(f"on the way (ms from navigation start): {'; '.join(steps)}")
+            print(f"longest task on the page's thread until then: {', '.join(f'{x:.0f} ms' for x in longest)}; "
+                  f"the page's renderer process then holds {', '.join(f'{x:.0f} MiB' for x in renderer)} (RSS, the worker ended)")
+            print(f"scroll to the middle settles in: {', '.join(f'{x:.0f} ms' for x in scrolls)}; "
+                  f"to the last row: {', '.join(f'{x:.0f} ms' for x in ends)}")
             page = browser.new_page()
             page.goto(f"{http}/", wait_until="networkidle")
             weight = page.evaluate("""() => {

@@ -1,6 +1,7 @@
 //! Opening a big trace without blocking the page. The page fetches the trace's binary outline
 //! (gzip on the wire, inflated by the browser off the page's thread) while a worker
-//! (`/pkg/outline-worker.js`) starts this same wasm; the worker decodes the outline and lays the
+//! (`/pkg/outline-worker.js`) instantiates this same wasm from the page's compiled module; the
+//! worker decodes the outline and lays the
 //! trace out ([`outline_layout`]), then moves the columns back as typed arrays; the page copies
 //! them into its own memory (one copy of each flat array, no object per span) and ends the worker.
 
@@ -48,6 +49,10 @@ pub async fn load(path: &str) -> Result<(Outline, Layout), String> {
     let opts = web_sys::WorkerOptions::new();
     opts.set_type(web_sys::WorkerType::Module);
     let worker = web_sys::Worker::new_with_options("/pkg/outline-worker.js", &opts).map_err(|_| "the outline worker could not be started".to_owned())?;
+    // The page's compiled module: the worker instantiates it instead of compiling the wasm again.
+    let hello = Object::new();
+    Reflect::set(&hello, &JsValue::from_str("module"), &wasm_bindgen::module()).map_err(|_| "the wasm module could not be handed over")?;
+    worker.post_message(&hello).map_err(|_| "the wasm module could not be handed to the worker".to_owned())?;
     let result = async {
         let resp = JsFuture::from(window.fetch_with_str(path)).await.map_err(|_| "the collector could not be reached".to_owned())?;
         let resp: web_sys::Response = resp.dyn_into().map_err(|_| "fetch gave no response".to_owned())?;

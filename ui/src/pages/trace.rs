@@ -20,6 +20,16 @@ use crate::waterfall::Layout;
 
 const ROW_H: f64 = 24.0;
 const VIEW_H: f64 = 640.0;
+/// The tallest canvas the waterfall scrolls over. Past 2^24 px Chromium places and paints boxes
+/// with float precision (rows overlap, then vanish), so more rows than fit are scrolled over a
+/// canvas of this height, each pixel of scroll moving the rows several pixels.
+const MAX_CANVAS: f64 = 8_000_000.0;
+
+/// The canvas's height for `rows` rows, and how many pixels the rows move for one of scroll.
+fn scroll_scale(rows: usize) -> (f64, f64) {
+    let total = rows as f64 * ROW_H;
+    if total <= MAX_CANVAS { (total, 1.0) } else { (MAX_CANVAS, (total - VIEW_H) / (MAX_CANVAS - VIEW_H)) }
+}
 const OVERSCAN: usize = 20;
 
 #[component]
@@ -32,13 +42,12 @@ pub fn TracePage() -> impl IntoView {
         let id = id.get();
         async move { load_outline(&id).await.map(|(t, l)| (Arc::new(t), Arc::new(l))) }
     });
-    view! {
-        <Suspense fallback=|| view! { <p class="notice">"Loading the trace…"</p> }>
-            {move || outline.get().map(|r| match r {
-                Ok((t, l)) => view! { <TraceView trace=t layout=l/> }.into_any(),
-                Err(e) => view! { <p class="notice error" data-testid="trace-error">"This trace could not be shown: " {e}</p> }.into_any(),
-            })}
-        </Suspense>
+    // No <Suspense> around the view: the span details and the search it loads later would put the
+    // boundary back into its fallback, and the waterfall, remounted, would lose its scroll.
+    move || match outline.get() {
+        None => view! { <p class="notice">"Loading the trace…"</p> }.into_any(),
+        Some(Ok((t, l))) => view! { <TraceView trace=t layout=l/> }.into_any(),
+        Some(Err(e)) => view! { <p class="notice error" data-testid="trace-error">"This trace could not be shown: " {e}</p> }.into_any(),
     }
 }
 
@@ -150,13 +159,15 @@ fn TraceView(trace: Arc<Outline>, layout: Arc<Layout>) -> impl IntoView {
             if reopened {
                 collapsed.set(coll.clone());
             }
-            let Some(pos) = layout.visible(&coll).iter().position(|&v| v as usize == i) else { return };
+            let vis = layout.visible(&coll);
+            let Some(pos) = vis.iter().position(|&v| v as usize == i) else { return };
+            let (_, k) = scroll_scale(vis.len());
             let y = pos as f64 * ROW_H;
-            let top = f64::from(el.scroll_top());
+            let top = f64::from(el.scroll_top()) * k;
             if y < top || y > top + VIEW_H - 2.0 * ROW_H {
-                let target = (y - VIEW_H / 3.0).max(0.0);
+                let target = ((y - VIEW_H / 3.0).max(0.0) / k).round();
                 scroll_top.set(target);
-                scroll_when_ready(el, target as i32, 60);
+                scroll_when_ready(el, target as i32, 60, scroll_top);
             }
         });
     }
@@ -183,7 +194,11 @@ fn TraceView(trace: Arc<Outline>, layout: Arc<Layout>) -> impl IntoView {
         let trace = trace.clone();
         move || {
             let vis = visible.get();
-            let first = ((scroll_top.get() / ROW_H) as usize).saturating_sub(OVERSCAN);
+            // Rows are placed near the scroll position (`shift`), whatever their place in the trace.
+            let (_, k) = scroll_scale(vis.len());
+            let at = scroll_top.get();
+            let shift = (at * k).round() - at;
+            let first = (((at + shift) / ROW_H) as usize).saturating_sub(OVERSCAN);
             let last = (first + (VIEW_H / ROW_H) as usize + 2 * OVERSCAN).min(vis.len());
             let matches = matches.get();
             let selected = selected_id.get();
@@ -219,14 +234,15 @@ fn TraceView(trace: Arc<Outline>, layout: Arc<Layout>) -> impl IntoView {
                     let (is_selected, is_match, is_error, is_critical) = (span_id == selected, matches.contains(&i), trace.is_error(i), layout.is_critical(i));
                     let (name, dur) = (trace.name_of(i).to_owned(), format::duration(trace.duration[i]));
                     let dur_style = format!("left:{:.4}%", (left + width).min(92.0));
-                    let top = format!("top:{}px", pos as f64 * ROW_H);
+                    let top = format!("top:{}px", pos as f64 * ROW_H - shift);
                     view! {
                         <div class="row" style=top
                             class:selected=is_selected
                             class:match=is_match
                             class:error=is_error
                             class:critical=is_critical
-                            data-span-id=span_id>
+                            data-span-id=span_id
+                            data-row=pos>
                             <div class="label" style=indent>
                                 {has_kids.then(|| view! {
                                     <button class="toggle" on:click=toggle aria-label="collapse or expand" data-testid="toggle">
@@ -320,7 +336,7 @@ fn TraceView(trace: Arc<Outline>, layout: Arc<Layout>) -> impl IntoView {
             view! { <span style=format!("left:{}%", k * 25)>{label}</span> }
         })
         .collect_view();
-    let height = move || format!("height:{}px", visible.get().len() as f64 * ROW_H);
+    let height = move || format!("height:{}px", scroll_scale(visible.get().len()).0);
     let start_text = move || format::time(start_ns, local.get());
     let match_count = move || {
         let n = matches.get().len();
@@ -372,12 +388,15 @@ fn TraceView(trace: Arc<Outline>, layout: Arc<Layout>) -> impl IntoView {
 
 /// Scrolls the waterfall once it is in the document with its full height (before that the
 /// browser would clamp the scroll to 0), trying for up to `frames` animation frames.
-fn scroll_when_ready(el: leptos::web_sys::HtmlDivElement, target: i32, frames: u32) {
+/// `scroll_top` then follows where the browser put it: a target past the end stops at the end,
+/// and a scroll that changes nothing fires no scroll event.
+fn scroll_when_ready(el: leptos::web_sys::HtmlDivElement, target: i32, frames: u32, scroll_top: RwSignal<f64>) {
     request_animation_frame(move || {
         if el.is_connected() && el.scroll_height() >= target {
             el.set_scroll_top(target);
+            scroll_top.set(f64::from(el.scroll_top()));
         } else if frames > 0 {
-            scroll_when_ready(el, target, frames - 1);
+            scroll_when_ready(el, target, frames - 1, scroll_top);
         }
     });
 }
