@@ -1,6 +1,8 @@
 """Storage failures: a full disk never produces a false acknowledgement, the collector's own log
 on that same disk cannot stop it, and exports succeed again as soon as space returns."""
 
+import io
+import json
 import os
 import subprocess
 import time
@@ -218,6 +220,17 @@ def test_a_trace_past_a_million_spans_and_a_trace_of_300k_events_are_answered_in
 
     def check_binary_outline(r):
         assert r.headers["content-encoding"] == "gzip" and r.content[:4] == b"SYO1", r.headers
+        body = io.BytesIO(r.content[4:])
+
+        def varint():
+            v = shift = 0
+            while (byte := body.read(1)[0]) >= 0x80:
+                v |= (byte & 0x7F) << shift
+                shift += 7
+            return v | byte << shift
+
+        header = json.loads(body.read(varint()))
+        assert header["spanCount"] == 1_050_000 and varint() == 1_000_000, header["spanCount"]
 
     def check_events(e):
         n_events = sum(len(s["events"]) for s in e["spans"])

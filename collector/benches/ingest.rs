@@ -260,6 +260,23 @@ fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// Waits (up to `max`) until the collector uses under a tenth of a core over half a second: the
+/// writer's last span metrics, roll-ups and checkpoint are done, so the queries measure themselves,
+/// not the end of the ingest. Returns how long that took.
+async fn settle(pid: u32, max: Duration) -> Duration {
+    let t = Instant::now();
+    let mut before = cpu_seconds(pid);
+    while t.elapsed() < max {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = cpu_seconds(pid);
+        if now - before < 0.05 {
+            break;
+        }
+        before = now;
+    }
+    t.elapsed()
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
 }
@@ -437,8 +454,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let peak_kib = rss_peak_kib(pid);
     let cpu = cpu_seconds(pid);
     let ingest_peak_kib = peak_kib;
+    let mut settled = Duration::ZERO;
     if !a.skip_queries {
         send_all(&grpc_addr, big, 1).await?;
+        settled = settle(pid, Duration::from_secs(120)).await;
     }
     let by_id = |ids: &[[u8; 16]]| ids.iter().map(|id| format!("/api/v1/traces/{}", hex::encode(id))).collect::<Vec<_>>();
     let repeat = |path: &str, n: usize| vec![path.to_owned(); n];
@@ -522,6 +541,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("retries after 503:     {retries}");
     println!("collector peak RSS:    {:.1} MiB (during ingest)", ingest_peak_kib as f64 / 1024.0);
     println!("on disk:               {:.1} MiB, {:.1} bytes/span", disk as f64 / 1048576.0, disk as f64 / spans as f64);
+    if !query_lines.is_empty() {
+        println!("queries, once the collector had settled ({:.1} s after the last export; each query's first request apart):", settled.as_secs_f64());
+    }
     for line in query_lines {
         println!("{line}");
     }

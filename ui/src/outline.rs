@@ -12,7 +12,7 @@
 //!                                 services, names
 //! n                               spans in this outline
 //! span ids                        n × 8 bytes, as sent (big-endian)
-//! parents                         n × zigzag(i − parent), 0 for none
+//! parents                         n × zigzag(i − parent), 0 for none (a span is not its own parent)
 //! service, name                   n × dictionary index, each
 //! kind, status                    n bytes, each
 //! starts                          n × zigzag(start − previous start), from the trace's start
@@ -124,8 +124,9 @@ impl Outline {
         for id in &self.span_ids {
             out.extend_from_slice(&id.to_be_bytes());
         }
+        // A span is never its own parent: one that says so is written as a root.
         for (i, &p) in self.parents.iter().enumerate() {
-            put(&mut out, if p < 0 { 0 } else { zigzag(i as i64 - i64::from(p)) });
+            put(&mut out, if p < 0 || p as usize == i { 0 } else { zigzag(i as i64 - i64::from(p)) });
         }
         for &s in &self.service {
             put(&mut out, u64::from(s));
@@ -172,11 +173,10 @@ impl Outline {
             o.parents.push(if d == 0 {
                 -1
             } else {
-                let p = i as i64 - unzigzag(d);
-                if !(0..n as i64).contains(&p) {
-                    return Err(format!("span {i}'s parent {p} is outside the outline"));
+                match (i as i64).checked_sub(unzigzag(d)) {
+                    Some(p) if (0..n as i64).contains(&p) => p as i32,
+                    _ => return Err(format!("span {i}'s parent is outside the outline")),
                 }
-                p as i32
             });
         }
         o.service = r.indexes(n, o.header.services.len(), "service")?;
@@ -197,6 +197,10 @@ impl Outline {
             let count = r.len("an event count", bytes.len())?;
             total = u32::try_from(count).ok().and_then(|c| total.checked_add(c)).ok_or("more events than an outline holds")?;
             o.event_offsets.push(total);
+        }
+        // An event takes at least a byte: more than the bytes left is a corrupt body, not an allocation.
+        if total as usize > bytes.len() - r.at {
+            return Err(format!("{total} events in {} bytes", bytes.len() - r.at));
         }
         o.event_times = Vec::with_capacity(total as usize);
         for i in 0..n {
@@ -228,6 +232,9 @@ impl<'a> Reader<'a> {
         for shift in (0..64).step_by(7) {
             let b = *self.bytes.get(self.at).ok_or_else(|| format!("the outline ends inside {what}"))?;
             self.at += 1;
+            if shift == 63 && b > 1 {
+                break;
+            }
             v |= u64::from(b & 0x7f) << shift;
             if b < 0x80 {
                 return Ok(v);
@@ -350,5 +357,40 @@ pub(crate) mod tests {
         let mut bad = o;
         bad.name[0] = 3;
         assert!(Outline::decode(&bad.encode()).expect_err("a corrupt body").contains("not in the dictionary"));
+        // An event count past the bytes left, a varint of more than 64 bits.
+        let mut o = outline(&[(1, -1, 0, 100)]);
+        o.event_offsets = vec![0, 3];
+        o.event_times = vec![1, 2, 3];
+        let mut bytes = o.encode();
+        let at = bytes.len() - 4; // the count, then three one-byte times
+        bytes[at] = 0x7f;
+        assert!(Outline::decode(&bytes).expect_err("a corrupt count").contains("events in"));
+        let mut long = MAGIC.to_vec();
+        long.extend_from_slice(&[0xff; 9]);
+        long.push(0x02);
+        assert!(Outline::decode(&long).expect_err("a corrupt varint").contains("not a varint"));
+    }
+
+    /// Every cut and every changed byte of a body gives an outline or an error, never a panic or a
+    /// huge allocation; an outline it gives encodes back to the same bytes' meaning.
+    #[test]
+    fn any_damage_to_a_body_is_handled() {
+        let mut o = outline(&[(1, -1, 0, 100), (2, 0, 10, 40), (3, 1, 12, 20), (4, 0, 50, 90)]);
+        o.event_offsets = vec![0, 1, 1, 3, 3];
+        o.event_times = vec![5, 13, 19];
+        let bytes = o.encode();
+        for cut in 0..bytes.len() {
+            assert!(Outline::decode(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        for at in 0..bytes.len() {
+            for flip in [0x01, 0x10, 0x80, 0xff] {
+                let mut b = bytes.clone();
+                b[at] ^= flip;
+                if let Ok(d) = Outline::decode(&b) {
+                    assert!(d.len() <= b.len() / 8 && d.event_times.len() <= b.len());
+                    assert_eq!(Outline::decode(&d.encode()), Ok(d));
+                }
+            }
+        }
     }
 }

@@ -45,37 +45,44 @@ pub async fn load(path: &str) -> Result<(Outline, Layout), String> {
     use wasm_bindgen_futures::JsFuture;
 
     let window = web_sys::window().ok_or("no window")?;
-    // Started first: the worker loads its wasm while the outline downloads.
+    // Started first: the worker instantiates its wasm while the outline downloads.
     let opts = web_sys::WorkerOptions::new();
     opts.set_type(web_sys::WorkerType::Module);
-    let worker = web_sys::Worker::new_with_options("/pkg/outline-worker.js", &opts).map_err(|_| "the outline worker could not be started".to_owned())?;
+    let worker = Ended(web_sys::Worker::new_with_options("/pkg/outline-worker.js", &opts).map_err(|_| "the outline worker could not be started".to_owned())?);
+    // Listening from the start: a worker that fails to load says so before the outline is here.
+    let reply = js_sys::Promise::new(&mut |resolve, reject| {
+        worker.0.set_onmessage(Some(&resolve));
+        worker.0.set_onerror(Some(&reject));
+        worker.0.set_onmessageerror(Some(&reject));
+    });
     // The page's compiled module: the worker instantiates it instead of compiling the wasm again.
     let hello = Object::new();
     Reflect::set(&hello, &JsValue::from_str("module"), &wasm_bindgen::module()).map_err(|_| "the wasm module could not be handed over")?;
-    worker.post_message(&hello).map_err(|_| "the wasm module could not be handed to the worker".to_owned())?;
-    let result = async {
-        let resp = JsFuture::from(window.fetch_with_str(path)).await.map_err(|_| "the collector could not be reached".to_owned())?;
-        let resp: web_sys::Response = resp.dyn_into().map_err(|_| "fetch gave no response".to_owned())?;
-        if !resp.ok() {
-            let text = JsFuture::from(resp.text().map_err(|_| "reading the answer failed")?).await.map_err(|_| "reading the answer failed")?;
-            return Err(crate::api::error_message(resp.status(), text.as_string().unwrap_or_default()));
-        }
-        let bytes = JsFuture::from(resp.array_buffer().map_err(|_| "reading the outline failed")?).await.map_err(|_| "reading the outline failed")?;
-        let reply = js_sys::Promise::new(&mut |resolve, reject| {
-            worker.set_onmessage(Some(&resolve));
-            worker.set_onerror(Some(&reject));
-        });
-        worker.post_message_with_transfer(&bytes, &js_sys::Array::of1(&bytes)).map_err(|_| "the outline could not be handed to the worker".to_owned())?;
-        let event = JsFuture::from(reply).await.map_err(|_| "the outline worker failed to start".to_owned())?;
-        let data = event.dyn_into::<web_sys::MessageEvent>().map_err(|_| "the outline worker gave no message")?.data();
-        if let Some(e) = get(&data, "error").ok().and_then(|e| e.as_string()) {
-            return Err(e);
-        }
-        columns(&data).map_err(|e| format!("the outline worker's answer: {e}"))
+    worker.0.post_message(&hello).map_err(|_| "the wasm module could not be handed to the worker".to_owned())?;
+
+    let resp = JsFuture::from(window.fetch_with_str(path)).await.map_err(|_| "the collector could not be reached".to_owned())?;
+    let resp: web_sys::Response = resp.dyn_into().map_err(|_| "fetch gave no response".to_owned())?;
+    if !resp.ok() {
+        let text = JsFuture::from(resp.text().map_err(|_| "reading the answer failed")?).await.map_err(|_| "reading the answer failed")?;
+        return Err(crate::api::error_message(resp.status(), text.as_string().unwrap_or_default()));
     }
-    .await;
-    worker.terminate();
-    result
+    let bytes = JsFuture::from(resp.array_buffer().map_err(|_| "reading the outline failed")?).await.map_err(|_| "reading the outline failed")?;
+    worker.0.post_message_with_transfer(&bytes, &js_sys::Array::of1(&bytes)).map_err(|_| "the outline could not be handed to the worker".to_owned())?;
+    let event = JsFuture::from(reply).await.map_err(|_| "the outline worker failed (it could not load, or its answer could not be read)".to_owned())?;
+    let data = event.dyn_into::<web_sys::MessageEvent>().map_err(|_| "the outline worker gave no message")?.data();
+    if let Some(e) = get(&data, "error").ok().and_then(|e| e.as_string()) {
+        return Err(e);
+    }
+    columns(&data).map_err(|e| format!("the outline worker's answer: {e}"))
+}
+
+/// The worker, ended however `load` ends: answered, failed, or dropped (the page left).
+struct Ended(web_sys::Worker);
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        self.0.terminate();
+    }
 }
 
 fn get(o: &JsValue, key: &str) -> Result<JsValue, String> {

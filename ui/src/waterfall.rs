@@ -163,7 +163,7 @@ fn mark_critical(span: usize, end: i64, children: &Children, t: &Outline, critic
         }
         kids.clear();
         kids.extend_from_slice(children.of(s));
-        kids.sort_unstable_by_key(|&c| std::cmp::Reverse(end_of(c as usize)));
+        kids.sort_unstable_by_key(|&c| (std::cmp::Reverse(end_of(c as usize)), t.start[c as usize], c));
         let mut cursor = end;
         for &c in kids.iter() {
             let c = c as usize;

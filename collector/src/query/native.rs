@@ -6,8 +6,10 @@
 //! Timestamps are Unix nanoseconds as decimal strings (they do not fit a JSON number exactly);
 //! attribute values use their OTLP/JSON form, so their types survive.
 
+use std::io::Write;
+
 use axum::extract::{Path, RawQuery, State};
-use axum::http::header;
+use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -18,8 +20,6 @@ use serde::Serialize;
 use serde::ser::{SerializeSeq, Serializer};
 use serde_json::{Value, json};
 
-use tower_http::CompressionLevel;
-use tower_http::compression::CompressionLayer;
 use ui::outline::{Header, Outline};
 
 use super::ApiError;
@@ -43,7 +43,7 @@ pub fn router() -> Router<Store> {
         .route("/api/v1/service-map", get(service_map))
         .route("/api/v1/traces", get(search))
         .route("/api/v1/traces/{trace_id}", get(trace))
-        .route("/api/v1/traces/{trace_id}/outline", get(trace_outline).layer(CompressionLayer::new().gzip(true).quality(CompressionLevel::Fastest)))
+        .route("/api/v1/traces/{trace_id}/outline", get(trace_outline))
         .route("/api/v1/traces/{trace_id}/spans/{span_id}", get(span))
         .route("/api/v1/traces/{trace_id}/search", get(find_in_trace))
         .route("/api/v1/dependencies", get(dependencies))
@@ -240,36 +240,51 @@ fn outline_json(o: &Outline) -> Result<Vec<u8>, serde_json::Error> {
 }
 
 /// `/api/v1/traces/{id}/outline`: JSON, or with `format=binary` the dashboard's binary form
-/// (`ui::outline`), a few bytes a span. Both are gzipped for clients that accept it (the route's
-/// compression layer); a million-span outline is built and encoded off the async threads.
-async fn trace_outline(State(store): State<Store>, Path(id): Path<String>, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
+/// (`ui::outline`), a few bytes a span. Both are gzipped (at the fastest level) for clients that
+/// accept it; a million-span outline is built, encoded and compressed off the async threads.
+async fn trace_outline(State(store): State<Store>, Path(id): Path<String>, RawQuery(q): RawQuery, headers: HeaderMap) -> Result<Response, ApiError> {
     let p = Params::parse(q.as_deref());
     let binary = match p.get("format") {
         None | Some("json") => false,
         Some("binary") => true,
         Some(other) => return Err(ApiError::bad("format", format!("{other:?} is neither json nor binary"))),
     };
+    let gzip = accepts_gzip(&headers);
     let o = store.trace_outline(trace_id_param(&id)?).await?.ok_or_else(|| trace_not_found(&id))?;
-    let encoded = tokio::task::spawn_blocking(move || if binary { Ok(o.encode()) } else { outline_json(&o) }).await;
-    let body = match encoded {
-        Ok(Ok(body)) => body,
-        Ok(Err(e)) => {
-            tracing::error!(error = %e, "serializing a trace outline failed");
-            return Err(ApiError::Internal);
+    let encoded = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, String> {
+        let body = if binary { o.encode() } else { outline_json(&o).map_err(|e| e.to_string())? };
+        drop(o);
+        if !gzip {
+            return Ok(body);
         }
-        Err(e) => {
-            tracing::error!(error = %e, "encoding a trace outline failed");
-            return Err(ApiError::Internal);
-        }
-    };
+        let mut z = flate2::write::GzEncoder::new(Vec::with_capacity(body.len() / 2), flate2::Compression::fast());
+        z.write_all(&body).and_then(|()| z.finish()).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())
+    .and_then(|r| r);
+    let body = encoded.map_err(|e| {
+        tracing::error!(error = %e, "encoding a trace outline failed");
+        ApiError::Internal
+    })?;
     let content_type = if binary { ui::outline::MEDIA_TYPE } else { "application/json" };
-    // In chunks, so that the compression layer gives the runtime back between them.
-    let body = bytes::Bytes::from(body);
-    let chunks = (0..body.len()).step_by(OUTLINE_CHUNK).map(move |at| Ok::<_, std::convert::Infallible>(body.slice(at..(at + OUTLINE_CHUNK).min(body.len()))));
-    Ok(([(header::CONTENT_TYPE, content_type)], axum::body::Body::from_stream(futures::stream::iter(chunks.collect::<Vec<_>>()))).into_response())
+    let mut resp = ([(header::CONTENT_TYPE, content_type), (header::VARY, "accept-encoding")], body).into_response();
+    if gzip {
+        resp.headers_mut().insert(header::CONTENT_ENCODING, header::HeaderValue::from_static("gzip"));
+    }
+    Ok(resp)
 }
 
-const OUTLINE_CHUNK: usize = 256 * 1024;
+/// Whether `Accept-Encoding` allows gzip (`gzip` or `*`, with a q-value above 0). Not a
+/// compression layer: that would compress a million-span answer on the async threads.
+fn accepts_gzip(headers: &HeaderMap) -> bool {
+    headers.get_all(header::ACCEPT_ENCODING).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).any(|item| {
+        let mut parts = item.split(';').map(str::trim);
+        let coding = parts.next().unwrap_or("");
+        let q = parts.find_map(|p| p.strip_prefix("q=")).map_or(Some(1.0), |q| q.trim().parse::<f32>().ok());
+        (coding.eq_ignore_ascii_case("gzip") || coding == "*") && q.is_some_and(|q| q > 0.0)
+    })
+}
 
 async fn span(State(store): State<Store>, Path((id, span)): Path<(String, String)>) -> ApiResult {
     let tid = trace_id_param(&id)?;
@@ -665,4 +680,23 @@ async fn logs(State(store): State<Store>, RawQuery(q): RawQuery) -> ApiResult {
         })
         .collect();
     Ok(Json(json!({ "logs": logs })))
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::{HeaderMap, HeaderValue, header};
+
+    use super::accepts_gzip;
+
+    #[test]
+    fn gzip_is_sent_only_to_clients_that_accept_it() {
+        let with = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::ACCEPT_ENCODING, HeaderValue::from_static(v));
+            accepts_gzip(&h)
+        };
+        assert!(with("gzip, deflate, br, zstd") && with("br;q=1.0, GZIP;q=0.5") && with("*") && with("identity, *;q=0.1"));
+        assert!(!with("gzip;q=0") && !with("br") && !with("identity") && !with("gzip;q=x"));
+        assert!(!accepts_gzip(&HeaderMap::new()));
+    }
 }

@@ -45,8 +45,12 @@ pub fn TracePage() -> impl IntoView {
     // No <Suspense> around the view: the span details and the search it loads later would put the
     // boundary back into its fallback, and the waterfall, remounted, would lose its scroll.
     move || match outline.get() {
-        None => view! { <p class="notice">"Loading the trace…"</p> }.into_any(),
-        Some(Ok((t, l))) => view! { <TraceView trace=t layout=l/> }.into_any(),
+        // Following a link to another trace keeps the last one until the new one is here.
+        // (Ids shorter than 32 digits are padded on the left.)
+        Some(Ok((t, l))) if t.header.trace_id.trim_start_matches('0').eq_ignore_ascii_case(id.get().trim_start_matches('0')) => {
+            view! { <TraceView trace=t layout=l/> }.into_any()
+        }
+        None | Some(Ok(_)) => view! { <p class="notice">"Loading the trace…"</p> }.into_any(),
         Some(Err(e)) => view! { <p class="notice error" data-testid="trace-error">"This trace could not be shown: " {e}</p> }.into_any(),
     }
 }
@@ -287,8 +291,13 @@ fn TraceView(trace: Arc<Outline>, layout: Arc<Layout>) -> impl IntoView {
     };
     let panel = move || {
         let local = local.get();
+        let selected = selected_id.get();
         detail.get().flatten().map(|r| match r {
             Err(e) => view! { <aside class="panel" data-testid="span-panel"><p class="error">{e}</p></aside> }.into_any(),
+            // The previous span's details stay until the selected one's arrive: not shown as its.
+            Ok(s) if !s.span_id.trim_start_matches('0').eq_ignore_ascii_case(selected.trim_start_matches('0')) => {
+                view! { <aside class="panel loading" data-testid="span-panel-loading"><p class="notice">"Loading the span…"</p></aside> }.into_any()
+            }
             Ok(s) => {
                 let span_start = s.start_time_unix_nano.parse::<i64>().unwrap_or(0);
                 let events = s

@@ -56,7 +56,7 @@ impl TraceBlocks {
         // A trace counted larger than `max` is read twice from the start; a smaller one gets its
         // room at once (no doubling of a million-item vector on the way).
         let mut all_kept = self.spans_hint <= max;
-        let mut keys: Vec<SpanKey> = Vec::with_capacity(self.spans_hint);
+        let mut keys: Vec<SpanKey> = Vec::with_capacity(self.spans_hint.min(max.saturating_mul(4)));
         let mut items: Vec<(SpanKey, T)> = Vec::with_capacity(if all_kept { self.spans_hint } else { 0 });
         self.visit(conn, |key, s| {
             keys.push(key);

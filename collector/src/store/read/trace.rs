@@ -318,7 +318,7 @@ impl Store {
             name,
             kind: spans.iter().map(|s| s.kind).collect(),
             status: spans.iter().map(|s| s.status).collect(),
-            start: spans.iter().map(|s| s.start - start_ns).collect(),
+            start: spans.iter().map(|s| s.start.saturating_sub(start_ns)).collect(),
             duration: spans.iter().map(|s| s.duration).collect(),
             event_offsets,
             event_times,
