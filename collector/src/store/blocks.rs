@@ -380,6 +380,13 @@ pub fn decode_trace_list(mut buf: &[u8]) -> Result<Vec<(i64, u32)>, CodecError> 
 
 /// The spans of a stored block, in stored order (by trace, then start).
 pub fn decode(data: &[u8]) -> Result<Vec<StoredSpan>, CodecError> {
+    Ok(decode_where(data, |_| true)?.into_iter().map(|(_, s)| s).collect())
+}
+
+/// The spans of a stored block whose `traces` row `keep` wants, with their places in the block.
+/// The others are read past without copying their strings and blobs: a trace's few spans out of a
+/// block of 512 cost little more than those.
+pub fn decode_where(data: &[u8], keep: impl Fn(i64) -> bool) -> Result<Vec<(u32, StoredSpan)>, CodecError> {
     let mut buf = data;
     let raw_len = varint(&mut buf)? as usize;
     let decompressed;
@@ -445,8 +452,8 @@ pub fn decode(data: &[u8]) -> Result<Vec<StoredSpan>, CodecError> {
         };
         let service = unzigzag(varint(&mut cols[C_SERVICES])?);
         let name = match varint(&mut cols[C_NAMES])? {
-            1 => SpanName::Inline(text(&mut cols[C_TEXTS])?),
-            v => SpanName::Id(unzigzag(v >> 1)),
+            1 => Err(text_bytes(&mut cols[C_TEXTS])?),
+            v => Ok(unzigzag(v >> 1)),
         };
         let kind = unzigzag(varint(&mut cols[C_KINDS])?) as i32;
         prev_start = prev_start.wrapping_add(unzigzag(varint(&mut cols[C_STARTS])?));
@@ -460,36 +467,45 @@ pub fn decode(data: &[u8]) -> Result<Vec<StoredSpan>, CodecError> {
             *d = unzigzag(varint(&mut cols[C_DROPPED])?);
         }
         let [texts_lens, texts] = cols.get_disjoint_mut([C_OPTIONAL_TEXTS, C_TEXTS]).map_err(|_| CodecError::Truncated)?;
-        let status_message = optional(texts_lens, texts)?.map(utf8).transpose()?;
-        let trace_state = optional(texts_lens, texts)?.map(utf8).transpose()?;
+        let status_message = optional(texts_lens, texts)?;
+        let trace_state = optional(texts_lens, texts)?;
         let [lens, bytes] = cols.get_disjoint_mut([C_ATTRIBUTE_LENS, C_ATTRIBUTES]).map_err(|_| CodecError::Truncated)?;
-        let attributes = optional(lens, bytes)?.map(<[u8]>::to_vec);
+        let attributes = optional(lens, bytes)?;
         let [lens, bytes] = cols.get_disjoint_mut([C_EVENT_LENS, C_EVENTS]).map_err(|_| CodecError::Truncated)?;
-        let events = optional(lens, bytes)?.map(<[u8]>::to_vec);
+        let events = optional(lens, bytes)?;
         let [lens, bytes] = cols.get_disjoint_mut([C_LINK_LENS, C_LINKS]).map_err(|_| CodecError::Truncated)?;
-        let links = optional(lens, bytes)?.map(<[u8]>::to_vec);
-        out.push(StoredSpan {
-            trace: trace_of[i],
-            span_id: span_ids[i],
-            parent_span_id,
-            service,
-            name,
-            kind,
-            start_ns: prev_start,
-            duration_ns,
-            status_code,
-            status_message,
-            resource,
-            scope,
-            trace_state,
-            flags,
-            attributes,
-            events,
-            links,
-            dropped_attributes_count: dropped[0],
-            dropped_events_count: dropped[1],
-            dropped_links_count: dropped[2],
-        });
+        let links = optional(lens, bytes)?;
+        if !keep(trace_of[i]) {
+            continue;
+        }
+        out.push((
+            i as u32,
+            StoredSpan {
+                trace: trace_of[i],
+                span_id: span_ids[i],
+                parent_span_id,
+                service,
+                name: match name {
+                    Ok(id) => SpanName::Id(id),
+                    Err(text) => SpanName::Inline(utf8(text)?),
+                },
+                kind,
+                start_ns: prev_start,
+                duration_ns,
+                status_code,
+                status_message: status_message.map(utf8).transpose()?,
+                resource,
+                scope,
+                trace_state: trace_state.map(utf8).transpose()?,
+                flags,
+                attributes: attributes.map(<[u8]>::to_vec),
+                events: events.map(<[u8]>::to_vec),
+                links: links.map(<[u8]>::to_vec),
+                dropped_attributes_count: dropped[0],
+                dropped_events_count: dropped[1],
+                dropped_links_count: dropped[2],
+            },
+        ));
     }
     Ok(out)
 }
@@ -533,14 +549,14 @@ fn put_text(out: &mut Vec<u8>, b: &[u8]) {
     out.extend_from_slice(b);
 }
 
-fn text(buf: &mut &[u8]) -> Result<String, CodecError> {
+fn text_bytes<'a>(buf: &mut &'a [u8]) -> Result<&'a [u8], CodecError> {
     let len = varint(buf)? as usize;
     if len > buf.len() {
         return Err(CodecError::Truncated);
     }
     let (t, rest) = buf.split_at(len);
     *buf = rest;
-    utf8(t)
+    Ok(t)
 }
 
 fn utf8(b: &[u8]) -> Result<String, CodecError> {
@@ -623,6 +639,12 @@ mod tests {
             let strangers = (0..1000).filter(|i| Bloom::may_contain(bloom, attribute_hash("span", &format!("x{i}")))).count();
             assert!(strangers < 50, "{strangers} false positives in 1000");
             assert_eq!(decode_trace_list(&encode_trace_list(&b.traces)).expect("trace list"), b.traces);
+            // One trace's spans alone, at their places in the block.
+            let one = b.traces[b.traces.len() / 2].0;
+            let own = decode_where(&b.data, |t| t == one).expect("decodes");
+            let places: Vec<(u32, StoredSpan)> = back.iter().cloned().enumerate().filter(|(_, s)| s.trace == one).map(|(i, s)| (i as u32, s)).collect();
+            assert!(!own.is_empty());
+            assert_eq!(own, places);
             assert_eq!(b.traces.iter().map(|t| t.1 as usize).sum::<usize>(), b.spans);
         }
         let mut want = spans.clone();

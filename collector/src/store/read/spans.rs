@@ -35,10 +35,8 @@ impl TraceBlocks {
     /// span's [`SpanKey`].
     pub async fn visit(&self, conn: &mut SqliteConnection, mut f: impl FnMut(SpanKey, StoredSpan) -> Result<(), StoreError>) -> Result<(), StoreError> {
         for (pos, &id) in self.blocks.iter().enumerate() {
-            for (i, s) in read_block(conn, id).await?.into_iter().enumerate() {
-                if self.rows.contains(&s.trace) {
-                    f(SpanKey { start_ns: s.start_ns, block: pos as u32, index: i as u32 }, s)?;
-                }
+            for (i, s) in self.read_own(conn, id).await? {
+                f(SpanKey { start_ns: s.start_ns, block: pos as u32, index: i }, s)?;
             }
         }
         Ok(())
@@ -84,14 +82,25 @@ impl TraceBlocks {
         wanted.sort_unstable();
         let mut slots: Vec<Option<T>> = std::iter::repeat_with(|| None).take(wanted.len()).collect();
         for run in wanted.chunk_by(|a, b| a.0 == b.0) {
-            let spans = read_block(conn, self.blocks[run[0].0 as usize]).await?;
+            let spans = self.read_own(conn, self.blocks[run[0].0 as usize]).await?;
             for &(_, index, rank) in run {
-                if let Some(s) = spans.get(index as usize) {
-                    slots[rank as usize] = Some(take(s)?);
+                if let Ok(k) = spans.binary_search_by_key(&index, |(i, _)| *i) {
+                    slots[rank as usize] = Some(take(&spans[k].1)?);
                 }
             }
         }
         Ok((slots.into_iter().flatten().collect(), total))
+    }
+}
+
+impl TraceBlocks {
+    /// The trace's spans in block `id`, with their places in it (ascending).
+    async fn read_own(&self, conn: &mut SqliteConnection, id: i64) -> Result<Vec<(u32, StoredSpan)>, StoreError> {
+        let data: Option<Vec<u8>> = sqlx::query_scalar("SELECT data FROM span_blocks WHERE id = ?").bind(id).fetch_optional(&mut *conn).await?;
+        match data {
+            Some(d) => Ok(blocks::decode_where(&d, |t| self.rows.contains(&t))?),
+            None => Ok(Vec::new()),
+        }
     }
 }
 
