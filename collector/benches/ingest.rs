@@ -285,6 +285,13 @@ async fn settle(pid: u32, max: Duration) -> Duration {
     t.elapsed()
 }
 
+/// CPU time the hypervisor gave to others while this machine wanted it ("steal", all cores), in
+/// seconds since boot: the machine's own noise, printed beside the figures it can skew.
+fn steal_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    stat.lines().next().and_then(|l| l.split_whitespace().nth(8)).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) / 100.0
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
 }
@@ -458,7 +465,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     std::thread::spawn(move || lines.for_each(drop));
 
+    let steal_at_start = steal_seconds();
     let (elapsed, mut latencies, retries) = send_all(&grpc_addr, batches, a.clients).await?;
+    let ingest_steal = steal_seconds() - steal_at_start;
     let peak_kib = rss_peak_kib(pid);
     let cpu = cpu_seconds(pid);
     let ingest_peak_kib = peak_kib;
@@ -498,6 +507,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let http = reqwest::Client::new();
     for (what, paths) in queries.into_iter().filter(|_| !a.skip_queries) {
         reset_peak_rss(pid);
+        let steal_before = steal_seconds();
         // The first request apart: it may open a pooled connection or meet cold pages.
         let mut first = None;
         let mut took = Vec::new();
@@ -517,12 +527,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         took.sort();
         query_lines.push(format!(
-            "{:<34} first {:>6.1} ms, then p50 {:>6.1} ms, p99 {:>6.1} ms, peak RSS {:.0} MiB",
+            "{:<34} first {:>6.1} ms, then p50 {:>6.1} ms, p99 {:>6.1} ms, peak RSS {:.0} MiB, steal {:.0} ms",
             format!("{what}:"),
             first.unwrap_or_default().as_secs_f64() * 1e3,
             percentile(&took, 0.5).as_secs_f64() * 1e3,
             percentile(&took, 0.99).as_secs_f64() * 1e3,
-            rss_peak_kib(pid) as f64 / 1024.0
+            rss_peak_kib(pid) as f64 / 1024.0,
+            (steal_seconds() - steal_before) * 1e3
         ));
     }
 
@@ -546,6 +557,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         latencies.last().copied().unwrap_or_default().as_secs_f64() * 1e3
     );
     println!("collector CPU:         {:.1} s ({:.1} CPU-s per million spans)", cpu, cpu / spans as f64 * 1e6);
+    println!("steal during ingest:   {ingest_steal:.1} s of {:.1} CPU-s (the hypervisor's, both cores)", elapsed.as_secs_f64() * 2.0);
     println!("retries after 503:     {retries}");
     println!("collector peak RSS:    {:.1} MiB (during ingest)", ingest_peak_kib as f64 / 1024.0);
     println!("on disk:               {:.1} MiB, {:.1} bytes/span", disk as f64 / 1048576.0, disk as f64 / spans as f64);
