@@ -161,9 +161,10 @@ fn TraceView(trace: Arc<Outline>, layout: Arc<Layout>) -> impl IntoView {
                 up = usize::try_from(trace.parents[p]).ok().filter(|q| *q != p);
             }
             if reopened {
-                collapsed.set(coll.clone());
+                collapsed.set(coll);
             }
-            let vis = layout.visible(&coll);
+            // The rows' memo, brought up to date with the reopened ancestors (not laid out again here).
+            let vis = visible.get_untracked();
             let Some(pos) = vis.iter().position(|&v| v as usize == i) else { return };
             let (_, k) = scroll_scale(vis.len());
             let y = pos as f64 * ROW_H;

@@ -96,8 +96,7 @@ impl TraceBlocks {
 impl TraceBlocks {
     /// The trace's spans in block `id`, with their places in it (ascending).
     async fn read_own(&self, conn: &mut SqliteConnection, id: i64) -> Result<Vec<(u32, StoredSpan)>, StoreError> {
-        let data: Option<Vec<u8>> = sqlx::query_scalar("SELECT data FROM span_blocks WHERE id = ?").bind(id).fetch_optional(&mut *conn).await?;
-        match data {
+        match block_data(conn, id).await? {
             Some(d) => Ok(blocks::decode_where(&d, |t| self.rows.contains(&t))?),
             None => Ok(Vec::new()),
         }
@@ -113,11 +112,15 @@ pub(crate) struct SpanKey {
 }
 
 pub(crate) async fn read_block(conn: &mut SqliteConnection, id: i64) -> Result<Vec<StoredSpan>, StoreError> {
-    let data: Option<Vec<u8>> = sqlx::query_scalar("SELECT data FROM span_blocks WHERE id = ?").bind(id).fetch_optional(&mut *conn).await?;
-    match data {
+    match block_data(conn, id).await? {
         Some(d) => Ok(blocks::decode(&d)?),
         None => Ok(Vec::new()),
     }
+}
+
+/// A block's compressed columns; `None` when retention removed it since its id was read.
+async fn block_data(conn: &mut SqliteConnection, id: i64) -> Result<Option<Vec<u8>>, StoreError> {
+    Ok(sqlx::query_scalar("SELECT data FROM span_blocks WHERE id = ?").bind(id).fetch_optional(&mut *conn).await?)
 }
 
 /// A block as search sees it before opening it.
