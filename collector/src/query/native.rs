@@ -14,18 +14,21 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use opentelemetry_proto::tonic::metrics::v1 as pm;
+use opentelemetry_proto::tonic::trace::v1::span::{Event, Link};
 use prost::Message;
 use prost_reflect::{DynamicMessage, SerializeOptions};
 use serde::Serialize;
-use serde::ser::{SerializeSeq, Serializer};
+use serde::ser::{SerializeSeq, SerializeStruct, Serializer};
 use serde_json::{Value, json};
 
 use ui::outline::{Header, Outline};
 
 use super::ApiError;
-use super::json::{any_value_json, attributes_json, base64_ids_to_hex};
+use super::json::{Attributes, Decimal, Hex, any_value_json, attributes_json, base64_ids_to_hex};
 use super::params::Params;
-use crate::store::read::{CallStats, LogQuery, ResourceRecord, ScopeRecord, SearchQuery, SpanRecord, StatusFilter, TraceData, kind_name, status_name};
+use crate::store::read::{
+    CallStats, LogQuery, ResourceRecord, ScopeRecord, SearchQuery, SpanDetail, SpanRecord, StatusFilter, TraceData, kind_name, status_name,
+};
 use crate::store::{Store, parse_trace_id};
 
 const HOUR_NS: i64 = 3600 * 1_000_000_000;
@@ -174,9 +177,9 @@ fn trace_not_found(id: &str) -> ApiError {
     ApiError::NotFound(format!("trace {id} not found"))
 }
 
-async fn trace(State(store): State<Store>, Path(id): Path<String>) -> ApiResult {
+async fn trace(State(store): State<Store>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let t = store.trace(trace_id_param(&id)?).await?.ok_or_else(|| trace_not_found(&id))?;
-    Ok(Json(trace_json(&t)))
+    json_response(&TraceJson(&t))
 }
 
 /// An [`Outline`] in its JSON shape, serialized straight from the columns.
@@ -286,16 +289,11 @@ fn accepts_gzip(headers: &HeaderMap) -> bool {
     })
 }
 
-async fn span(State(store): State<Store>, Path((id, span)): Path<(String, String)>) -> ApiResult {
+async fn span(State(store): State<Store>, Path((id, span)): Path<(String, String)>) -> Result<Response, ApiError> {
     let tid = trace_id_param(&id)?;
     let sid = parse_span_id(&span).ok_or_else(|| ApiError::bad("span_id", format!("not a hex span id: {span:?}")))?;
     let d = store.span(tid, sid).await?.ok_or_else(|| ApiError::NotFound(format!("span {span} not found in trace {id}")))?;
-    let mut v = span_json(&d.span);
-    if let Value::Object(m) = &mut v {
-        m.insert("resource".into(), d.resource.as_ref().map_or(Value::Null, |r| resource_json(d.span.resource, r)));
-        m.insert("scope".into(), d.scope.as_ref().map_or(Value::Null, |s| scope_json(d.span.scope, s)));
-    }
-    Ok(Json(v))
+    json_response(&SpanJson { span: &d.span, detail: Some(&d) })
 }
 
 /// Parses a hex span id of up to 16 digits (shorter ones are padded on the left, like trace ids).
@@ -319,78 +317,177 @@ async fn find_in_trace(State(store): State<Store>, Path(id): Path<String>, RawQu
     Ok(Json(json!({ "spanIds": ids.iter().map(hex::encode).collect::<Vec<_>>() })))
 }
 
-fn resource_json(id: i64, r: &ResourceRecord) -> Value {
-    json!({
-        "id": id,
-        "serviceName": &*r.service,
-        "attributes": attributes_json(&r.attributes),
-        "droppedAttributesCount": r.dropped_attributes_count,
-        "schemaUrl": r.schema_url,
-    })
+/// A resource in the trace's JSON form.
+struct ResourceJson<'a>(i64, &'a ResourceRecord);
+
+impl Serialize for ResourceJson<'_> {
+    fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        let ResourceJson(id, r) = self;
+        let mut m = ser.serialize_struct("Resource", 5)?;
+        m.serialize_field("id", id)?;
+        m.serialize_field("serviceName", &*r.service)?;
+        m.serialize_field("attributes", &Attributes(&r.attributes))?;
+        m.serialize_field("droppedAttributesCount", &r.dropped_attributes_count)?;
+        m.serialize_field("schemaUrl", &r.schema_url)?;
+        m.end()
+    }
 }
 
-fn scope_json(id: i64, s: &ScopeRecord) -> Value {
-    json!({
-        "id": id, "name": s.name, "version": s.version,
-        "attributes": attributes_json(&s.attributes),
-        "droppedAttributesCount": s.dropped_attributes_count, "schemaUrl": s.schema_url,
-    })
+/// An instrumentation scope in the trace's JSON form.
+struct ScopeJson<'a>(i64, &'a ScopeRecord);
+
+impl Serialize for ScopeJson<'_> {
+    fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        let ScopeJson(id, s) = self;
+        let mut m = ser.serialize_struct("Scope", 6)?;
+        m.serialize_field("id", id)?;
+        m.serialize_field("name", &s.name)?;
+        m.serialize_field("version", &s.version)?;
+        m.serialize_field("attributes", &Attributes(&s.attributes))?;
+        m.serialize_field("droppedAttributesCount", &s.dropped_attributes_count)?;
+        m.serialize_field("schemaUrl", &s.schema_url)?;
+        m.end()
+    }
 }
 
-pub fn trace_json(t: &TraceData) -> Value {
-    let resources: Vec<Value> = t.resources.iter().map(|(id, r)| resource_json(*id, r)).collect();
-    let scopes: Vec<Value> = t.scopes.iter().map(|(id, s)| scope_json(*id, s)).collect();
-    let spans: Vec<Value> = t.spans.iter().map(span_json).collect();
-    let start = t.spans.iter().map(|s| s.start_ns).min().unwrap_or(0);
-    let end = t.spans.iter().map(|s| s.end_ns.max(s.start_ns)).max().unwrap_or(start);
-    json!({
-        "traceId": hex::encode(t.trace_id),
-        "startTimeUnixNano": start.to_string(),
-        "durationNanos": end - start,
-        "spanCount": t.total_spans,
-        "truncated": t.truncated(),
-        "warnings": t.warning().map(|w| vec![w]).unwrap_or_default(),
-        "resources": resources,
-        "scopes": scopes,
-        "spans": spans,
-    })
+/// `/api/v1/traces/{id}`'s answer, serialized straight from the records (a `Value` tree of a
+/// 200-span trace took twice as long as reading the trace).
+pub struct TraceJson<'a>(pub &'a TraceData);
+
+impl Serialize for TraceJson<'_> {
+    fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        struct Resources<'a>(&'a TraceData);
+        impl Serialize for Resources<'_> {
+            fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+                ser.collect_seq(self.0.resources.iter().map(|(id, r)| ResourceJson(*id, r)))
+            }
+        }
+        struct Scopes<'a>(&'a TraceData);
+        impl Serialize for Scopes<'_> {
+            fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+                ser.collect_seq(self.0.scopes.iter().map(|(id, s)| ScopeJson(*id, s)))
+            }
+        }
+        struct Spans<'a>(&'a [SpanRecord]);
+        impl Serialize for Spans<'_> {
+            fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+                ser.collect_seq(self.0.iter().map(|s| SpanJson { span: s, detail: None }))
+            }
+        }
+        let t = self.0;
+        let start = t.spans.iter().map(|s| s.start_ns).min().unwrap_or(0);
+        let end = t.spans.iter().map(|s| s.end_ns.max(s.start_ns)).max().unwrap_or(start);
+        let mut m = ser.serialize_struct("Trace", 9)?;
+        m.serialize_field("traceId", &Hex(&t.trace_id))?;
+        m.serialize_field("startTimeUnixNano", &Decimal(start))?;
+        m.serialize_field("durationNanos", &(end - start))?;
+        m.serialize_field("spanCount", &t.total_spans)?;
+        m.serialize_field("truncated", &t.truncated())?;
+        m.serialize_field("warnings", &t.warning().map(|w| vec![w]).unwrap_or_default())?;
+        m.serialize_field("resources", &Resources(t))?;
+        m.serialize_field("scopes", &Scopes(t))?;
+        m.serialize_field("spans", &Spans(&t.spans))?;
+        m.end()
+    }
 }
 
-fn span_json(s: &SpanRecord) -> Value {
-    json!({
-        "traceId": hex::encode(s.trace_id),
-        "spanId": hex::encode(s.span_id),
-        "parentSpanId": s.parent_span_id.map(hex::encode).unwrap_or_default(),
-        "traceState": s.trace_state,
-        "name": s.name,
-        "kind": kind_name(s.kind),
-        "service": &*s.service,
-        "resource": s.resource,
-        "scope": s.scope,
-        "startTimeUnixNano": s.start_ns.to_string(),
-        "endTimeUnixNano": s.end_ns.to_string(),
-        "durationNanos": s.duration_ns(),
-        "status": { "code": status_name(s.status_code), "message": s.status_message },
-        "flags": s.flags,
-        "attributes": attributes_json(&s.attributes),
-        "droppedAttributesCount": s.dropped_attributes_count,
-        "events": s.events.iter().map(|e| json!({
-            "timeUnixNano": e.time_unix_nano.to_string(),
-            "name": e.name,
-            "attributes": attributes_json(&e.attributes),
-            "droppedAttributesCount": e.dropped_attributes_count,
-        })).collect::<Vec<_>>(),
-        "droppedEventsCount": s.dropped_events_count,
-        "links": s.links.iter().map(|l| json!({
-            "traceId": hex::encode(&l.trace_id),
-            "spanId": hex::encode(&l.span_id),
-            "traceState": l.trace_state,
-            "attributes": attributes_json(&l.attributes),
-            "droppedAttributesCount": l.dropped_attributes_count,
-            "flags": l.flags,
-        })).collect::<Vec<_>>(),
-        "droppedLinksCount": s.dropped_links_count,
-    })
+/// A span in its JSON form; with `detail`, its resource and scope too (`null` when unknown).
+struct SpanJson<'a> {
+    span: &'a SpanRecord,
+    detail: Option<&'a SpanDetail>,
+}
+
+impl Serialize for SpanJson<'_> {
+    fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        struct Status<'a>(&'a SpanRecord);
+        impl Serialize for Status<'_> {
+            fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+                let mut m = ser.serialize_struct("Status", 2)?;
+                m.serialize_field("code", status_name(self.0.status_code))?;
+                m.serialize_field("message", &self.0.status_message)?;
+                m.end()
+            }
+        }
+        struct EventJson<'a>(&'a Event);
+        impl Serialize for EventJson<'_> {
+            fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+                let e = self.0;
+                let mut m = ser.serialize_struct("Event", 4)?;
+                m.serialize_field("timeUnixNano", &Decimal(e.time_unix_nano))?;
+                m.serialize_field("name", &e.name)?;
+                m.serialize_field("attributes", &Attributes(&e.attributes))?;
+                m.serialize_field("droppedAttributesCount", &e.dropped_attributes_count)?;
+                m.end()
+            }
+        }
+        struct LinkJson<'a>(&'a Link);
+        impl Serialize for LinkJson<'_> {
+            fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+                let l = self.0;
+                let mut m = ser.serialize_struct("Link", 6)?;
+                m.serialize_field("traceId", &Hex(&l.trace_id))?;
+                m.serialize_field("spanId", &Hex(&l.span_id))?;
+                m.serialize_field("traceState", &l.trace_state)?;
+                m.serialize_field("attributes", &Attributes(&l.attributes))?;
+                m.serialize_field("droppedAttributesCount", &l.dropped_attributes_count)?;
+                m.serialize_field("flags", &l.flags)?;
+                m.end()
+            }
+        }
+        struct Events<'a>(&'a [Event]);
+        impl Serialize for Events<'_> {
+            fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+                ser.collect_seq(self.0.iter().map(EventJson))
+            }
+        }
+        struct Links<'a>(&'a [Link]);
+        impl Serialize for Links<'_> {
+            fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+                ser.collect_seq(self.0.iter().map(LinkJson))
+            }
+        }
+        let s = self.span;
+        let mut m = ser.serialize_struct("Span", 21)?;
+        m.serialize_field("traceId", &Hex(&s.trace_id))?;
+        m.serialize_field("spanId", &Hex(&s.span_id))?;
+        m.serialize_field("parentSpanId", &Hex(s.parent_span_id.as_ref().map_or(&[][..], |p| &p[..])))?;
+        m.serialize_field("traceState", &s.trace_state)?;
+        m.serialize_field("name", &s.name)?;
+        m.serialize_field("kind", kind_name(s.kind))?;
+        m.serialize_field("service", &*s.service)?;
+        // A span asked for alone has its resource and scope in place of their ids.
+        match self.detail {
+            Some(d) => {
+                m.serialize_field("resource", &d.resource.as_ref().map(|r| ResourceJson(s.resource, r)))?;
+                m.serialize_field("scope", &d.scope.as_ref().map(|sc| ScopeJson(s.scope, sc)))?;
+            }
+            None => {
+                m.serialize_field("resource", &s.resource)?;
+                m.serialize_field("scope", &s.scope)?;
+            }
+        }
+        m.serialize_field("startTimeUnixNano", &Decimal(s.start_ns))?;
+        m.serialize_field("endTimeUnixNano", &Decimal(s.end_ns))?;
+        m.serialize_field("durationNanos", &s.duration_ns())?;
+        m.serialize_field("status", &Status(s))?;
+        m.serialize_field("flags", &s.flags)?;
+        m.serialize_field("attributes", &Attributes(&s.attributes))?;
+        m.serialize_field("droppedAttributesCount", &s.dropped_attributes_count)?;
+        m.serialize_field("events", &Events(&s.events))?;
+        m.serialize_field("droppedEventsCount", &s.dropped_events_count)?;
+        m.serialize_field("links", &Links(&s.links))?;
+        m.serialize_field("droppedLinksCount", &s.dropped_links_count)?;
+        m.end()
+    }
+}
+
+/// A JSON answer serialized into one buffer, for forms that write themselves (no `Value` tree).
+fn json_response(v: &impl Serialize) -> Result<Response, ApiError> {
+    let body = serde_json::to_vec(v).map_err(|e| {
+        tracing::error!(error = %e, "serializing an answer failed");
+        ApiError::Internal
+    })?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
 async fn dependencies(State(store): State<Store>, RawQuery(q): RawQuery) -> ApiResult {
@@ -684,9 +781,144 @@ async fn logs(State(store): State<Store>, RawQuery(q): RawQuery) -> ApiResult {
 
 #[cfg(test)]
 mod tests {
-    use axum::http::{HeaderMap, HeaderValue, header};
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
 
-    use super::accepts_gzip;
+    use axum::http::{HeaderMap, HeaderValue, header};
+    use opentelemetry_proto::tonic::common::v1::{AnyValue, ArrayValue, KeyValue, KeyValueList, any_value::Value as V};
+    use opentelemetry_proto::tonic::trace::v1::span::{Event, Link};
+    use serde_json::json;
+
+    use super::{SpanJson, TraceJson, accepts_gzip};
+    use crate::store::read::{ResourceRecord, ScopeRecord, SpanDetail, SpanRecord, TraceData};
+
+    fn kv(key: &str, v: V) -> KeyValue {
+        KeyValue { key: key.into(), value: Some(AnyValue { value: Some(v) }), ..Default::default() }
+    }
+
+    fn record() -> (SpanRecord, ResourceRecord, ScopeRecord) {
+        let attributes = vec![
+            kv("s", V::StringValue("text".into())),
+            kv("b", V::BoolValue(true)),
+            kv("i", V::IntValue(-9_007_199_254_740_993)),
+            kv("d", V::DoubleValue(0.25)),
+            kv("nan", V::DoubleValue(f64::NAN)),
+            kv("inf", V::DoubleValue(f64::NEG_INFINITY)),
+            kv("bytes", V::BytesValue(vec![0, 0xff])),
+            kv("list", V::ArrayValue(ArrayValue { values: vec![AnyValue { value: Some(V::IntValue(1)) }, AnyValue { value: None }] })),
+            kv("map", V::KvlistValue(KeyValueList { values: vec![kv("k", V::StringValue("v".into()))] })),
+            KeyValue { key: "none".into(), value: None, ..Default::default() },
+        ];
+        let span = SpanRecord {
+            trace_id: [0xab; 16],
+            span_id: [1, 2, 3, 4, 5, 6, 7, 8],
+            parent_span_id: None,
+            trace_state: "k=v".into(),
+            service: Arc::from("shop"),
+            name: "GET /".into(),
+            kind: 2,
+            start_ns: 1_700_000_000_000_000_001,
+            end_ns: 1_700_000_000_000_000_501,
+            status_code: 2,
+            status_message: "boom".into(),
+            flags: 1,
+            attributes,
+            events: vec![Event {
+                time_unix_nano: 1_700_000_000_000_000_101,
+                name: "retry".into(),
+                attributes: vec![kv("n", V::IntValue(2))],
+                dropped_attributes_count: 1,
+            }],
+            links: vec![Link {
+                trace_id: vec![0xcd; 16],
+                span_id: vec![9; 8],
+                trace_state: String::new(),
+                attributes: Vec::new(),
+                dropped_attributes_count: 0,
+                flags: 3,
+            }],
+            dropped_attributes_count: 4,
+            dropped_events_count: 5,
+            dropped_links_count: 6,
+            resource: 7,
+            scope: 8,
+        };
+        let resource = ResourceRecord {
+            service: Arc::from("shop"),
+            attributes: vec![kv("service.name", V::StringValue("shop".into()))],
+            dropped_attributes_count: 0,
+            schema_url: "u".into(),
+        };
+        let scope = ScopeRecord { name: "lib".into(), version: "1".into(), attributes: Vec::new(), dropped_attributes_count: 2, schema_url: String::new() };
+        (span, resource, scope)
+    }
+
+    /// The span's expected JSON, with `resource` and `scope` as given.
+    fn span_json(resource: serde_json::Value, scope: serde_json::Value) -> serde_json::Value {
+        json!({
+            "traceId": "abababababababababababababababab", "spanId": "0102030405060708", "parentSpanId": "", "traceState": "k=v",
+            "name": "GET /", "kind": "server", "service": "shop", "resource": resource, "scope": scope,
+            "startTimeUnixNano": "1700000000000000001", "endTimeUnixNano": "1700000000000000501", "durationNanos": 500,
+            "status": { "code": "ERROR", "message": "boom" }, "flags": 1,
+            "attributes": [
+                { "key": "s", "value": { "stringValue": "text" } },
+                { "key": "b", "value": { "boolValue": true } },
+                { "key": "i", "value": { "intValue": "-9007199254740993" } },
+                { "key": "d", "value": { "doubleValue": 0.25 } },
+                { "key": "nan", "value": { "doubleValue": "NaN" } },
+                { "key": "inf", "value": { "doubleValue": "-Infinity" } },
+                { "key": "bytes", "value": { "bytesValue": "AP8=" } },
+                { "key": "list", "value": { "arrayValue": { "values": [{ "intValue": "1" }, {}] } } },
+                { "key": "map", "value": { "kvlistValue": { "values": [{ "key": "k", "value": { "stringValue": "v" } }] } } },
+                { "key": "none", "value": {} },
+            ],
+            "droppedAttributesCount": 4,
+            "events": [{ "timeUnixNano": "1700000000000000101", "name": "retry", "attributes": [{ "key": "n", "value": { "intValue": "2" } }], "droppedAttributesCount": 1 }],
+            "droppedEventsCount": 5,
+            "links": [{ "traceId": "cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd", "spanId": "0909090909090909", "traceState": "", "attributes": [], "droppedAttributesCount": 0, "flags": 3 }],
+            "droppedLinksCount": 6,
+        })
+    }
+
+    #[test]
+    fn a_trace_is_written_in_its_documented_form() {
+        let (span, resource, scope) = record();
+        let trace = TraceData {
+            trace_id: [0xab; 16],
+            spans: vec![span],
+            total_spans: 3,
+            resources: BTreeMap::from([(7, resource)]),
+            scopes: BTreeMap::from([(8, scope)]),
+        };
+        let text = serde_json::to_string(&TraceJson(&trace)).expect("serializes");
+        let got: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+        let warning = trace.warning().expect("a truncated trace warns");
+        assert_eq!(
+            got,
+            json!({
+                "traceId": "abababababababababababababababab", "startTimeUnixNano": "1700000000000000001", "durationNanos": 500,
+                "spanCount": 3, "truncated": true, "warnings": [warning],
+                "resources": [{ "id": 7, "serviceName": "shop", "attributes": [{ "key": "service.name", "value": { "stringValue": "shop" } }],
+                                "droppedAttributesCount": 0, "schemaUrl": "u" }],
+                "scopes": [{ "id": 8, "name": "lib", "version": "1", "attributes": [], "droppedAttributesCount": 2, "schemaUrl": "" }],
+                "spans": [span_json(json!(7), json!(8))],
+            })
+        );
+    }
+
+    #[test]
+    fn a_span_alone_has_its_resource_and_scope_in_place_of_their_ids() {
+        let (span, resource, _) = record();
+        let detail = SpanDetail { span, resource: Some(resource), scope: None };
+        let text = serde_json::to_string(&SpanJson { span: &detail.span, detail: Some(&detail) }).expect("serializes");
+        // Each key once: a JSON object with a key twice would parse as its last value.
+        assert_eq!(text.matches("\"resource\"").count(), 1, "{text}");
+        assert_eq!(text.matches("\"scope\"").count(), 1, "{text}");
+        let got: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+        let resource = json!({ "id": 7, "serviceName": "shop", "attributes": [{ "key": "service.name", "value": { "stringValue": "shop" } }],
+                               "droppedAttributesCount": 0, "schemaUrl": "u" });
+        assert_eq!(got, span_json(resource, serde_json::Value::Null));
+    }
 
     #[test]
     fn gzip_is_sent_only_to_clients_that_accept_it() {
