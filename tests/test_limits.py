@@ -7,7 +7,7 @@ import socket
 import requests
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpSpanExporter
 
-from conftest import Collector
+from conftest import Collector, wait_until
 from otlp_helpers import emit_trace
 from shop import BIN, Proc, Shop
 
@@ -37,6 +37,8 @@ def closed_by_peer(sockets):
 
 def test_1100_idle_connections_under_ulimit_1024_do_not_stop_exports_queries_or_health(tmp_path):
     c = Collector(tmp_path / "collector.db", ["--header-read-timeout", "2s"], max_fds=1024).start()
+    # The limits are logged just after the listening line `start` waits for.
+    wait_until(lambda: any("connection limits" in line for line in c.log), timeout=10, what="the connection limits in the log")
     assert any("max_connections=896" in line for line in c.log), "the cap stays below the descriptor limit"
     idle = []
     try:

@@ -108,6 +108,9 @@ impl Ingest {
         encoding: decode::Encoding,
         protocol: &'static str,
     ) -> Result<PartialSuccess, IngestError> {
+        if signal == Signal::Traces && encoding == decode::Encoding::Protobuf {
+            return self.export_trace_protobuf(body, protocol).await;
+        }
         let decode = move |body: &[u8]| -> Result<ExportRequest, IngestError> {
             Ok(match signal {
                 Signal::Traces => ExportRequest::Traces(decode::decode(body, encoding)?),
@@ -136,6 +139,31 @@ impl Ingest {
             Ok((total, converted)) => self.store_converted(Ok(converted), total, [signal.label(), protocol, encoding.label()], started).await,
             Err(e) => {
                 self.count_refused(signal, protocol, encoding.label(), &e);
+                Err(e)
+            }
+        }
+    }
+
+    /// A protobuf trace export, converted straight from its bytes (no prost structs in between:
+    /// see [`crate::store::view`]); on the blocking pool when the body is large.
+    async fn export_trace_protobuf(self: &Arc<Self>, body: bytes::Bytes, protocol: &'static str) -> Result<PartialSuccess, IngestError> {
+        let started = Instant::now();
+        let large = body.len() >= BLOCKING_BODY;
+        let dicts = self.store.dicts.clone();
+        let work = move || convert::traces_protobuf(&body, &dicts).map_err(|e| IngestError::Malformed(format!("invalid protobuf body: {e}")));
+        let converted = if large {
+            tokio::task::spawn_blocking(work).await.map_err(|e| IngestError::Storage(format!("decoding failed: {e}"))).and_then(|r| r)
+        } else {
+            work()
+        };
+        let encoding = decode::Encoding::Protobuf.label();
+        match converted {
+            Ok(c) => {
+                let total = c.rows.len() + usize::try_from(c.rejected).unwrap_or(usize::MAX);
+                self.store_converted(Ok(c), total, [Signal::Traces.label(), protocol, encoding], started).await
+            }
+            Err(e) => {
+                self.count_refused(Signal::Traces, protocol, encoding, &e);
                 Err(e)
             }
         }

@@ -211,6 +211,10 @@ pub fn encode(spans: &[&StoredSpan]) -> Block {
 /// [`encode`] with a compression context to reuse (`None`: its creation failed; stored uncompressed).
 fn encode_with(spans: &[&StoredSpan], compressor: Option<&mut zstd::bulk::Compressor<'static>>) -> Block {
     let mut cols: [Vec<u8>; COLUMNS] = Default::default();
+    // The large columns get their room at once, not by doubling (and copying) as they grow.
+    cols[C_ATTRIBUTES].reserve(spans.iter().map(|s| s.attributes.as_ref().map_or(0, Vec::len)).sum());
+    cols[C_EVENTS].reserve(spans.iter().map(|s| s.events.as_ref().map_or(0, Vec::len)).sum());
+    cols[C_SPAN_IDS].reserve(spans.len() * 8);
     let mut traces: Vec<(i64, u32)> = Vec::new();
     for s in spans {
         match traces.last_mut() {

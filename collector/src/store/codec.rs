@@ -22,6 +22,8 @@
 use opentelemetry_proto::tonic::common::v1::{AnyValue, ArrayValue, KeyValue, KeyValueList, any_value};
 use opentelemetry_proto::tonic::trace::v1::span::{Event, Link};
 
+use super::view::{EventRef, KvRef, LinkRef, ValueRef};
+
 /// Maps strings to dictionary ids while encoding.
 pub trait Intern {
     fn intern(&mut self, s: &str) -> u64;
@@ -103,64 +105,63 @@ fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
     out.extend_from_slice(b);
 }
 
-pub fn encode_attributes(out: &mut Vec<u8>, attrs: &[KeyValue], dict: &mut impl Intern) {
+pub fn encode_attributes(out: &mut Vec<u8>, attrs: &[KvRef<'_>], dict: &mut impl Intern) {
     encode_kvs(out, attrs, dict, 0);
 }
 
-fn encode_kvs(out: &mut Vec<u8>, attrs: &[KeyValue], dict: &mut impl Intern, depth: usize) {
+fn encode_kvs(out: &mut Vec<u8>, attrs: &[KvRef<'_>], dict: &mut impl Intern, depth: usize) {
     put_varint(out, attrs.len() as u64);
     for kv in attrs {
-        let key = dict.intern(&kv.key);
+        let key = dict.intern(kv.key);
         put_varint(out, key);
-        if let Some(any_value::Value::StringValue(s)) = kv.value.as_ref().and_then(|v| v.value.as_ref())
+        if let ValueRef::Str(s) = kv.value
             && let Some(id) = dict.intern_value(key, s)
         {
             out.push(10);
             put_varint(out, id);
             continue;
         }
-        encode_value(out, kv.value.as_ref(), dict, depth);
+        encode_value(out, &kv.value, dict, depth);
     }
 }
 
-fn encode_value(out: &mut Vec<u8>, v: Option<&AnyValue>, dict: &mut impl Intern, depth: usize) {
-    use any_value::Value;
-    match v.and_then(|v| v.value.as_ref()) {
-        None => out.push(0),
-        Some(Value::StringValue(s)) => {
+fn encode_value(out: &mut Vec<u8>, v: &ValueRef<'_>, dict: &mut impl Intern, depth: usize) {
+    match v {
+        ValueRef::Empty => out.push(0),
+        ValueRef::Str(s) => {
             out.push(1);
             put_bytes(out, s.as_bytes());
         }
-        Some(Value::BoolValue(b)) => out.push(if *b { 3 } else { 2 }),
-        Some(Value::IntValue(i)) => {
+        ValueRef::Bool(b) => out.push(if *b { 3 } else { 2 }),
+        ValueRef::Int(i) => {
             out.push(4);
             put_varint(out, zigzag(*i));
         }
-        Some(Value::DoubleValue(d)) => {
+        ValueRef::Double(d) => {
             out.push(5);
             out.extend_from_slice(&d.to_le_bytes());
         }
-        Some(Value::BytesValue(b)) => {
+        ValueRef::Bytes(b) => {
             out.push(6);
             put_bytes(out, b);
         }
-        Some(Value::ArrayValue(a)) if depth < MAX_DEPTH => {
+        ValueRef::Array(a) if depth < MAX_DEPTH => {
             out.push(7);
-            put_varint(out, a.values.len() as u64);
-            for v in &a.values {
-                encode_value(out, Some(v), dict, depth + 1);
+            put_varint(out, a.len() as u64);
+            for v in a {
+                encode_value(out, v, dict, depth + 1);
             }
         }
-        Some(Value::KvlistValue(l)) if depth < MAX_DEPTH => {
+        ValueRef::KvList(l) if depth < MAX_DEPTH => {
             out.push(8);
-            encode_kvs(out, &l.values, dict, depth + 1);
+            encode_kvs(out, l, dict, depth + 1);
         }
-        Some(Value::ArrayValue(_) | Value::KvlistValue(_)) => {
+        ValueRef::Array(_) | ValueRef::KvList(_) => {
             CUT_VALUES.with(|c| c.set(c.get() + 1));
             out.push(0);
         }
         // An index into a profiles string table; kept as the number it is.
-        Some(Value::StringValueStrindex(i)) => {
+        ValueRef::Strindex(i) => {
             out.push(9);
             put_varint(out, zigzag(i64::from(*i)));
         }
@@ -168,21 +169,21 @@ fn encode_value(out: &mut Vec<u8>, v: Option<&AnyValue>, dict: &mut impl Intern,
 }
 
 /// Events are stored with times relative to the span's start, which keeps them short.
-pub fn encode_events(out: &mut Vec<u8>, events: &[Event], span_start: u64, dict: &mut impl Intern) {
+pub fn encode_events(out: &mut Vec<u8>, events: &[EventRef<'_>], span_start: u64, dict: &mut impl Intern) {
     put_varint(out, events.len() as u64);
     for e in events {
         put_varint(out, zigzag(e.time_unix_nano.wrapping_sub(span_start) as i64));
-        put_varint(out, dict.intern(&e.name));
+        put_varint(out, dict.intern(e.name));
         encode_attributes(out, &e.attributes, dict);
         put_varint(out, u64::from(e.dropped_attributes_count));
     }
 }
 
-pub fn encode_links(out: &mut Vec<u8>, links: &[Link], dict: &mut impl Intern) {
+pub fn encode_links(out: &mut Vec<u8>, links: &[LinkRef<'_>], dict: &mut impl Intern) {
     put_varint(out, links.len() as u64);
     for l in links {
-        put_bytes(out, &l.trace_id);
-        put_bytes(out, &l.span_id);
+        put_bytes(out, l.trace_id);
+        put_bytes(out, l.span_id);
         put_bytes(out, l.trace_state.as_bytes());
         encode_attributes(out, &l.attributes, dict);
         put_varint(out, u64::from(l.dropped_attributes_count));
@@ -393,7 +394,7 @@ mod tests {
         let mut dict = MapDict::default();
         let attrs = every_type();
         let mut buf = Vec::new();
-        encode_attributes(&mut buf, &attrs, &mut dict);
+        encode_attributes(&mut buf, &crate::store::view::kvs(&attrs), &mut dict);
         let back = decode_attributes(&buf, &dict).expect("decodes");
         // A missing value comes back as an explicit empty AnyValue, which OTLP treats the same.
         let mut want = attrs;
@@ -417,9 +418,9 @@ mod tests {
             flags: 257,
         }];
         let mut eb = Vec::new();
-        encode_events(&mut eb, &events, 900, &mut dict);
+        encode_events(&mut eb, &events.iter().map(EventRef::of).collect::<Vec<_>>(), 900, &mut dict);
         let mut lb = Vec::new();
-        encode_links(&mut lb, &links, &mut dict);
+        encode_links(&mut lb, &links.iter().map(LinkRef::of).collect::<Vec<_>>(), &mut dict);
         let mut back = Reader::new(&eb, &dict).events(900).expect("events decode");
         back[0].attributes[9].value = None;
         assert_eq!(back, events);

@@ -7,16 +7,16 @@ use std::collections::hash_map::Entry;
 use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::common::v1::{InstrumentationScope, KeyValue, any_value};
+use opentelemetry_proto::tonic::common::v1::{InstrumentationScope, KeyValue};
 use opentelemetry_proto::tonic::metrics::v1::{Metric, metric};
 use opentelemetry_proto::tonic::resource::v1::Resource;
-use opentelemetry_proto::tonic::trace::v1::span::Event;
 use prost::Message;
 
 use super::blocks::{self, StoredSpan};
 use super::codec::{self, encode_attributes};
 use super::red;
 use super::rows::{LogRow, MetricRow, OTHER_OPERATIONS, OperationKey, OperationRow, PointRow, ResourceRow, Rows, ScopeRow, SeriesRow, SpanName, SpanRow};
+use super::view::{self, EventRef, KvRef, ResourceRef, ResourceSpansRef, ScopeRef, ValueRef, WireError};
 use super::{Dicts, now_ns};
 
 /// The service name OpenTelemetry SDKs report when none is configured.
@@ -62,45 +62,52 @@ impl Converted {
     }
 }
 
-fn service_name(resource: Option<&Resource>) -> &str {
+fn service_name<'a>(resource: Option<&ResourceRef<'a>>) -> &'a str {
     resource
         .into_iter()
         .flat_map(|r| &r.attributes)
         .find(|kv| kv.key == "service.name")
-        .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
-            any_value::Value::StringValue(s) if !s.is_empty() => Some(s.as_str()),
+        .and_then(|kv| match kv.value {
+            ValueRef::Str(s) if !s.is_empty() => Some(s),
             _ => None,
         })
         .unwrap_or(UNKNOWN_SERVICE)
 }
 
-fn encode(attrs: &[KeyValue], dicts: &Dicts) -> Vec<u8> {
+fn encode(attrs: &[KvRef<'_>], dicts: &Dicts) -> Vec<u8> {
     let mut out = Vec::with_capacity(16 * attrs.len() + 1);
     encode_attributes(&mut out, attrs, &mut &dicts.strings);
     out
 }
 
+/// [`encode`] of attributes prost decoded.
+fn encode_owned(attrs: &[KeyValue], dicts: &Dicts) -> Vec<u8> {
+    encode(&view::kvs(attrs), dicts)
+}
+
 /// The hashes of a span's attribute pairs, its events' names (as the pair `event`=name) and their
 /// attribute pairs, values as search compares them.
-fn attribute_hashes(attrs: &[KeyValue], events: &[Event]) -> Vec<u64> {
-    let pair = |kv: &KeyValue| match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
-        Some(any_value::Value::StringValue(s)) => blocks::attribute_hash(&kv.key, s),
-        _ => blocks::attribute_hash(&kv.key, &crate::store::read::value_text(kv.value.as_ref())),
+fn attribute_hashes(attrs: &[KvRef<'_>], events: &[EventRef<'_>]) -> Vec<u64> {
+    let pair = |kv: &KvRef<'_>| match &kv.value {
+        ValueRef::Str(s) => blocks::attribute_hash(kv.key, s),
+        ValueRef::Empty => blocks::attribute_hash(kv.key, ""),
+        v => blocks::attribute_hash(kv.key, &crate::store::read::value_text(Some(&v.to_any_value()))),
     };
-    let mut out: Vec<u64> = attrs.iter().map(pair).collect();
+    let mut out: Vec<u64> = Vec::with_capacity(attrs.len() + events.len());
+    out.extend(attrs.iter().map(pair));
     for e in events {
-        out.push(blocks::attribute_hash("event", &e.name));
+        out.push(blocks::attribute_hash("event", e.name));
         out.extend(e.attributes.iter().map(pair));
     }
     out
 }
 
-fn encode_opt(attrs: &[KeyValue], dicts: &Dicts) -> Option<Vec<u8>> {
+fn encode_opt(attrs: &[KvRef<'_>], dicts: &Dicts) -> Option<Vec<u8>> {
     (!attrs.is_empty()).then(|| encode(attrs, dicts))
 }
 
 /// Returns (resource id, service id).
-fn resource_id(resource: Option<&Resource>, schema_url: &str, dicts: &Dicts) -> (i64, i64) {
+fn resource_id(resource: Option<&ResourceRef<'_>>, schema_url: &str, dicts: &Dicts) -> (i64, i64) {
     let service = dicts.strings.id(service_name(resource));
     let attrs = resource.map(|r| encode(&r.attributes, dicts)).unwrap_or_else(|| vec![0]);
     let dropped = resource.map_or(0, |r| r.dropped_attributes_count);
@@ -115,12 +122,22 @@ fn resource_id(resource: Option<&Resource>, schema_url: &str, dicts: &Dicts) -> 
     (id, service)
 }
 
-fn scope_id(scope: Option<&InstrumentationScope>, schema_url: &str, dicts: &Dicts) -> i64 {
+/// [`resource_id`] of a resource prost decoded.
+fn resource_id_owned(resource: Option<&Resource>, schema_url: &str, dicts: &Dicts) -> (i64, i64) {
+    resource_id(resource.map(ResourceRef::of).as_ref(), schema_url, dicts)
+}
+
+fn scope_id(scope: Option<&ScopeRef<'_>>, schema_url: &str, dicts: &Dicts) -> i64 {
     let key = match scope {
-        Some(s) => (s.name.clone(), s.version.clone(), encode(&s.attributes, dicts), s.dropped_attributes_count, schema_url.to_owned()),
+        Some(s) => (s.name.to_owned(), s.version.to_owned(), encode(&s.attributes, dicts), s.dropped_attributes_count, schema_url.to_owned()),
         None => (String::new(), String::new(), vec![0], 0, schema_url.to_owned()),
     };
     dicts.scopes.get_or_insert(&key, |id| ScopeRow { id, key: key.clone() })
+}
+
+/// [`scope_id`] of a scope prost decoded.
+fn scope_id_owned(scope: Option<&InstrumentationScope>, schema_url: &str, dicts: &Dicts) -> i64 {
+    scope_id(scope.map(ScopeRef::of).as_ref(), schema_url, dicts)
 }
 
 fn id_error(what: &str, want: usize, got: usize) -> String {
@@ -131,16 +148,27 @@ fn span_id_i64(b: &[u8]) -> Option<i64> {
     Some(i64::from_be_bytes(b.try_into().ok()?))
 }
 
+/// Rows for a trace export that prost decoded (the JSON path).
 pub fn traces(req: ExportTraceServiceRequest, dicts: &Dicts) -> Converted {
+    trace_views(view::of_request(&req), dicts)
+}
+
+/// Rows for a protobuf trace export, read straight from its bytes ([`view::parse_traces`]); an
+/// error, with nothing converted, when the body is not a valid `ExportTraceServiceRequest`.
+pub fn traces_protobuf(body: &[u8], dicts: &Dicts) -> Result<Converted, WireError> {
+    Ok(trace_views(view::parse_traces(body)?, dicts))
+}
+
+fn trace_views(resource_spans: Vec<ResourceSpansRef<'_>>, dicts: &Dicts) -> Converted {
     codec::take_cut_values();
     let mut out = Converted::default();
     let now = now_ns();
     // The request's operations with their latest span start: one row each for the writer.
-    let mut operations: HashMap<OperationKey, i64> = HashMap::new();
-    for rs in req.resource_spans {
-        let (resource, service) = resource_id(rs.resource.as_ref(), &rs.schema_url, dicts);
+    let mut operations: HashMap<OperationKey, i64, foldhash::fast::RandomState> = HashMap::default();
+    for rs in resource_spans {
+        let (resource, service) = resource_id(rs.resource.as_ref(), rs.schema_url, dicts);
         for ss in rs.scope_spans {
-            let scope = scope_id(ss.scope.as_ref(), &ss.schema_url, dicts);
+            let scope = scope_id(ss.scope.as_ref(), ss.schema_url, dicts);
             for span in ss.spans {
                 if span.trace_id.len() != 16 || span.trace_id.iter().all(|&b| b == 0) {
                     out.reject(1, || {
@@ -148,13 +176,13 @@ pub fn traces(req: ExportTraceServiceRequest, dicts: &Dicts) -> Converted {
                     });
                     continue;
                 }
-                let Some(span_id) = span_id_i64(&span.span_id).filter(|&i| i != 0) else {
+                let Some(span_id) = span_id_i64(span.span_id).filter(|&i| i != 0) else {
                     out.reject(1, || if span.span_id.len() == 8 { "span_id must not be all zeros".into() } else { id_error("span_id", 8, span.span_id.len()) });
                     continue;
                 };
                 let parent_span_id = match span.parent_span_id.len() {
                     0 => None,
-                    _ => match span_id_i64(&span.parent_span_id) {
+                    _ => match span_id_i64(span.parent_span_id) {
                         Some(0) => None,
                         Some(p) => Some(p),
                         None => {
@@ -164,11 +192,11 @@ pub fn traces(req: ExportTraceServiceRequest, dicts: &Dicts) -> Converted {
                     },
                 };
                 let mut trace_id = [0u8; 16];
-                trace_id.copy_from_slice(&span.trace_id);
+                trace_id.copy_from_slice(span.trace_id);
                 let trace = dicts.traces.get_or_insert(trace_id, now);
-                let (name, operation) = match dicts.strings.span_name(service, &span.name) {
+                let (name, operation) = match dicts.strings.span_name(service, span.name) {
                     Some(id) => (SpanName::Id(id), id),
-                    None => (SpanName::Inline(span.name.clone()), dicts.strings.id(OTHER_OPERATIONS)),
+                    None => (SpanName::Inline(span.name.to_owned()), dicts.strings.id(OTHER_OPERATIONS)),
                 };
                 let kind = span.kind;
                 let start_ns = span.start_time_unix_nano as i64;
@@ -183,11 +211,10 @@ pub fn traces(req: ExportTraceServiceRequest, dicts: &Dicts) -> Converted {
                     codec::encode_links(&mut b, &span.links, &mut &dicts.strings);
                     b
                 });
-                let status = span.status.unwrap_or_default();
                 out.rows.spans.push(SpanRow {
                     trace_id,
                     operation,
-                    peer: red::peer(kind, &span.attributes),
+                    peer: red::peer_of(kind, &span.attributes),
                     attribute_hashes: attribute_hashes(&span.attributes, &span.events),
                     span: StoredSpan {
                         trace,
@@ -198,11 +225,11 @@ pub fn traces(req: ExportTraceServiceRequest, dicts: &Dicts) -> Converted {
                         kind,
                         start_ns,
                         duration_ns: span.end_time_unix_nano.wrapping_sub(span.start_time_unix_nano) as i64,
-                        status_code: status.code,
-                        status_message: (!status.message.is_empty()).then_some(status.message),
+                        status_code: span.status_code,
+                        status_message: (!span.status_message.is_empty()).then(|| span.status_message.to_owned()),
                         resource,
                         scope,
-                        trace_state: (!span.trace_state.is_empty()).then_some(span.trace_state),
+                        trace_state: (!span.trace_state.is_empty()).then(|| span.trace_state.to_owned()),
                         flags: i64::from(span.flags),
                         attributes: encode_opt(&span.attributes, dicts),
                         events,
@@ -245,9 +272,9 @@ pub fn metrics(req: ExportMetricsServiceRequest, dicts: &Dicts) -> Converted {
     let mut out = Converted::default();
     let mut catalog = Catalog::default();
     for rm in req.resource_metrics {
-        let (resource, _) = resource_id(rm.resource.as_ref(), &rm.schema_url, dicts);
+        let (resource, _) = resource_id_owned(rm.resource.as_ref(), &rm.schema_url, dicts);
         for sm in rm.scope_metrics {
-            let scope = scope_id(sm.scope.as_ref(), &sm.schema_url, dicts);
+            let scope = scope_id_owned(sm.scope.as_ref(), &sm.schema_url, dicts);
             for m in sm.metrics {
                 metric_points(m, resource, scope, dicts, &mut out, &mut catalog);
             }
@@ -282,7 +309,7 @@ fn metric_points(m: Metric, resource: i64, scope: i64, dicts: &Dicts, out: &mut 
         _ => (0, false),
     };
     let metric_name = m.name.clone();
-    let key = (m.name, m.description, m.unit, metric_type(&data), temporality, monotonic, encode(&m.metadata, dicts));
+    let key = (m.name, m.description, m.unit, metric_type(&data), temporality, monotonic, encode_owned(&m.metadata, dicts));
     let metric = dicts.metrics.id(&key);
     if n_points > 0 {
         catalog.metrics.entry(metric).or_insert_with(|| MetricRow { id: metric, key });
@@ -292,7 +319,7 @@ fn metric_points(m: Metric, resource: i64, scope: i64, dicts: &Dicts, out: &mut 
     let mut refused: Vec<String> = Vec::new();
     let mut out_reject = |why: String| refused.push(why);
     let mut push = |attrs: &mut Vec<KeyValue>, start: u64, time: u64, value: Option<f64>, data: Vec<u8>| {
-        let skey = (metric, resource, scope, encode(attrs, dicts));
+        let skey = (metric, resource, scope, encode_owned(attrs, dicts));
         let series = dicts.series.id(&skey);
         let time_ns = time as i64;
         match catalog.series.entry(series) {
@@ -409,9 +436,9 @@ pub fn logs(req: ExportLogsServiceRequest, dicts: &Dicts) -> Converted {
     codec::take_cut_values();
     let mut out = Converted::default();
     for rl in req.resource_logs {
-        let (resource, service) = resource_id(rl.resource.as_ref(), &rl.schema_url, dicts);
+        let (resource, service) = resource_id_owned(rl.resource.as_ref(), &rl.schema_url, dicts);
         for sl in rl.scope_logs {
-            let scope = scope_id(sl.scope.as_ref(), &sl.schema_url, dicts);
+            let scope = scope_id_owned(sl.scope.as_ref(), &sl.schema_url, dicts);
             for r in sl.log_records {
                 if !matches!(r.trace_id.len(), 0 | 16) {
                     out.reject(1, || id_error("log record trace_id", 16, r.trace_id.len()));
@@ -424,7 +451,7 @@ pub fn logs(req: ExportLogsServiceRequest, dicts: &Dicts) -> Converted {
                 let body = r.body.as_ref().map(|b| {
                     // The body is stored as a one-entry attribute list under the empty key.
                     let kv = KeyValue { key: String::new(), value: Some(b.clone()), ..Default::default() };
-                    encode(std::slice::from_ref(&kv), dicts)
+                    encode_owned(std::slice::from_ref(&kv), dicts)
                 });
                 out.rows.logs.push(LogRow {
                     time_ns: r.time_unix_nano as i64,
@@ -433,7 +460,7 @@ pub fn logs(req: ExportLogsServiceRequest, dicts: &Dicts) -> Converted {
                     severity_number: r.severity_number,
                     severity_text: r.severity_text,
                     body,
-                    attributes: encode_opt(&r.attributes, dicts),
+                    attributes: encode_opt(&view::kvs(&r.attributes), dicts),
                     trace_id: (!r.trace_id.is_empty()).then_some(r.trace_id),
                     span_id: (!r.span_id.is_empty()).then_some(r.span_id),
                     flags: i64::from(r.flags),

@@ -12,7 +12,12 @@
 //! removed by retention comes back, with the same id, as soon as something uses it.
 
 use std::borrow::Borrow;
-use std::collections::HashMap;
+use std::collections::HashMap as StdHashMap;
+
+/// Maps keyed by what clients send (strings, trace ids): foldhash with a random seed, several
+/// times faster than SipHash on short keys and still seeded per process against collisions
+/// chosen by a client.
+type HashMap<K, V> = StdHashMap<K, V, foldhash::fast::RandomState>;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
@@ -178,7 +183,7 @@ impl Strings {
     /// `loaded` must hold ids 1..=n without gaps, as the writer assigns them.
     pub fn new(mut loaded: Vec<(i64, String)>) -> Self {
         loaded.sort_by_key(|(id, _)| *id);
-        let mut ids = HashMap::with_capacity(loaded.len());
+        let mut ids = HashMap::with_capacity_and_hasher(loaded.len(), Default::default());
         let mut names = Names::default();
         for (id, s) in loaded {
             let s: Arc<str> = s.into();
@@ -193,8 +198,8 @@ impl Strings {
             ids: RwLock::new(ids),
             names: RwLock::new(names),
             pending: Mutex::new(Vec::new()),
-            value_budget: Mutex::new((HashMap::new(), 0)),
-            span_name_budget: Mutex::new(HashMap::new()),
+            value_budget: Mutex::new((HashMap::default(), 0)),
+            span_name_budget: Mutex::new(HashMap::default()),
         }
     }
 
@@ -336,7 +341,10 @@ pub struct TraceRefs {
 
 impl TraceRefs {
     pub fn new(next: i64, max_entries: usize) -> Self {
-        Self { state: Mutex::new(TraceState { current: HashMap::new(), previous: HashMap::new(), next, pending: Vec::new() }), max_entries: max_entries.max(1) }
+        Self {
+            state: Mutex::new(TraceState { current: HashMap::default(), previous: HashMap::default(), next, pending: Vec::new() }),
+            max_entries: max_entries.max(1),
+        }
     }
 
     pub fn get_or_insert(&self, trace_id: [u8; 16], now_ns: i64) -> i64 {

@@ -14,6 +14,7 @@ pub mod red;
 pub mod rollup;
 pub mod rows;
 pub mod sketch;
+pub mod view;
 pub mod writer;
 
 use std::path::{Path, PathBuf};

@@ -36,6 +36,7 @@ use sqlx::{Row, SqliteConnection};
 use super::dict::StringsSnapshot;
 use super::rows::{Insert, Q, SpanRow};
 use super::sketch::Sketch;
+use super::view::{KvRef, ValueRef};
 use crate::exposition::{ExemplarRef, Kind, Out};
 
 pub const MINUTE_NS: i64 = 60_000_000_000;
@@ -117,10 +118,28 @@ fn value_text(v: Option<&any_value::Value>) -> Option<String> {
 /// The database or broker a span of `kind` names by its semantic-convention attributes: CLIENT
 /// and PRODUCER spans call one, a CONSUMER span takes a message from a broker.
 pub fn peer(kind: i32, attrs: &[KeyValue]) -> Option<Peer> {
+    peer_by(kind, |key| attrs.iter().find(|kv| kv.key == key).and_then(|kv| value_text(kv.value.as_ref()?.value.as_ref())))
+}
+
+/// [`peer`] of a span as sent.
+pub fn peer_of(kind: i32, attrs: &[KvRef<'_>]) -> Option<Peer> {
+    peer_by(kind, |key| {
+        let s = match attrs.iter().find(|kv| kv.key == key)?.value {
+            ValueRef::Str(s) => s.to_owned(),
+            ValueRef::Int(i) => i.to_string(),
+            ValueRef::Bool(b) => b.to_string(),
+            ValueRef::Double(d) => d.to_string(),
+            _ => return None,
+        };
+        (!s.is_empty()).then_some(s)
+    })
+}
+
+/// The peer named by the attributes `get` finds (their values as text, `None` when missing or empty).
+fn peer_by(kind: i32, get: impl Fn(&str) -> Option<String>) -> Option<Peer> {
     if !matches!(kind, SPAN_KIND_CLIENT | SPAN_KIND_PRODUCER | SPAN_KIND_CONSUMER) {
         return None;
     }
-    let get = |key: &str| attrs.iter().find(|kv| kv.key == key).and_then(|kv| value_text(kv.value.as_ref()?.value.as_ref()));
     let (node, system, detail) = match get("db.system.name").or_else(|| get("db.system")) {
         Some(db) if kind != SPAN_KIND_CONSUMER => (NodeKind::Database, db, get("db.namespace")),
         // A templated destination (`orders.{event}`) is one node for all the names it stands for.
