@@ -270,9 +270,14 @@ fn print_ratio(throughput: f64, before: f64, after: f64) {
 
 /// Waits (up to `max`) until the collector uses under a tenth of a core over half a second: the
 /// writer's last span metrics, roll-ups and checkpoint are done, so the queries measure themselves,
-/// not the end of the ingest. Returns how long that took.
+/// not the end of the ingest. First the kernel writes out what the ingest left dirty (`sync`): its
+/// writeback otherwise runs through the queries (dirty pages expire after 30 s), and a write to a
+/// page under writeback waits for it. Returns how long that took.
 async fn settle(pid: u32, max: Duration) -> Duration {
     let t = Instant::now();
+    if let Err(e) = Command::new("sync").status() {
+        eprintln!("sync: {e}");
+    }
     let mut before = cpu_seconds(pid);
     while t.elapsed() < max {
         tokio::time::sleep(Duration::from_millis(500)).await;
