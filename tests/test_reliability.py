@@ -168,6 +168,49 @@ def test_32_clients_sending_15_mib_exports_are_bounded_by_the_inflight_byte_budg
         c.stop()
 
 
+def length_delimited(field, payload):
+    """A protobuf field of wire type 2, written by hand (the SDK's classes cannot make 7 million
+    empty spans quickly)."""
+    key, n, out = bytes([field << 3 | 2]), len(payload), bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return key + bytes(out) + payload
+
+
+def test_an_export_of_millions_of_empty_spans_is_refused_before_it_is_decoded(tmp_path):
+    import grpc
+
+    c = Collector(tmp_path / "collector.db").start()
+    # 7,000,000 empty spans: 2 bytes each on the wire, about 200 bytes each once decoded.
+    body = length_delimited(1, length_delimited(2, b"\x12\x00" * 7_000_000))
+    assert 13 << 20 < len(body) < 14 << 20
+    channel = grpc.insecure_channel(c.grpc_endpoint, options=[("grpc.max_send_message_length", 32 << 20)])
+    raw = channel.unary_unary("/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+                              request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    try:
+        r = requests.post(f"{c.otlp_http}/v1/traces", data=body, headers={"Content-Type": "application/x-protobuf"}, timeout=120)
+        assert r.status_code == 413, (r.status_code, r.text[:300])
+        assert "decoded, this export would take" in r.text and "in flight" in r.text, r.text[:300]
+        with pytest.raises(grpc.RpcError) as e:
+            raw(body, timeout=120)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value
+        assert "decoded, this export would take" in e.value.details()
+        peak = peak_rss_mib(c.proc.pid)
+        print(f"7,000,000 empty spans (13.4 MiB): refused, peak RSS {peak:.0f} MiB")
+        # Decoded, each of the two would have held about 1.4 GB.
+        assert peak < 400, f"peak RSS {peak:.0f} MiB"
+        # A small export of empty spans is still answered item by item, and the collector serves on.
+        few = length_delimited(1, length_delimited(2, b"\x12\x00" * 1000))
+        r = requests.post(f"{c.otlp_http}/v1/traces", data=few, headers={"Content-Type": "application/x-protobuf"}, timeout=30)
+        assert r.status_code == 200 and "1000 items rejected" in r.text, (r.status_code, r.text[:300])
+        assert c.get("/healthz").status_code == 200
+    finally:
+        channel.close()
+        c.stop()
+
+
 def batch(trace_id, n_spans, events_per_span=0, service="huge"):
     now = time.time_ns()
     spans = [

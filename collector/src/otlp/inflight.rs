@@ -77,6 +77,11 @@ pub struct Ticket {
 }
 
 impl Ticket {
+    /// The whole budget's size.
+    pub fn limit(&self) -> usize {
+        self.budget.limit
+    }
+
     /// Reserves `n` more bytes (what decompression produced, say).
     pub fn reserve(&self, n: usize) -> Result<(), IngestError> {
         if self.budget.try_take(n) {

@@ -107,9 +107,10 @@ impl Ingest {
         signal: Signal,
         encoding: decode::Encoding,
         protocol: &'static str,
+        ticket: Option<&inflight::Ticket>,
     ) -> Result<PartialSuccess, IngestError> {
         if signal == Signal::Traces && encoding == decode::Encoding::Protobuf {
-            return self.export_trace_protobuf(body, protocol).await;
+            return self.export_trace_protobuf(body, protocol, ticket).await;
         }
         let decode = move |body: &[u8]| -> Result<ExportRequest, IngestError> {
             Ok(match signal {
@@ -145,9 +146,25 @@ impl Ingest {
     }
 
     /// A protobuf trace export, converted straight from its bytes (no prost structs in between:
-    /// see [`crate::store::view`]); on the blocking pool when the body is large.
-    async fn export_trace_protobuf(self: &Arc<Self>, body: bytes::Bytes, protocol: &'static str) -> Result<PartialSuccess, IngestError> {
+    /// see [`crate::store::view`]); on the blocking pool when the body is large. What its views
+    /// will take is reserved on the request's in-flight ticket first, so a body of millions of
+    /// empty items is refused rather than decoded.
+    async fn export_trace_protobuf(
+        self: &Arc<Self>,
+        body: bytes::Bytes,
+        protocol: &'static str,
+        ticket: Option<&inflight::Ticket>,
+    ) -> Result<PartialSuccess, IngestError> {
         let started = Instant::now();
+        let encoding = decode::Encoding::Protobuf.label();
+        if let Some(t) = ticket {
+            let decoded = crate::store::view::decoded_size(&body);
+            let reserved = if decoded > t.limit() { Err(IngestError::DecodesTooLarge { decoded, limit: t.limit() }) } else { t.reserve(decoded) };
+            if let Err(e) = reserved {
+                self.count_refused(Signal::Traces, protocol, encoding, &e);
+                return Err(e);
+            }
+        }
         let large = body.len() >= BLOCKING_BODY;
         let dicts = self.store.dicts.clone();
         let work = move || convert::traces_protobuf(&body, &dicts).map_err(|e| IngestError::Malformed(format!("invalid protobuf body: {e}")));
@@ -156,7 +173,6 @@ impl Ingest {
         } else {
             work()
         };
-        let encoding = decode::Encoding::Protobuf.label();
         match converted {
             Ok(c) => {
                 let total = c.rows.len() + usize::try_from(c.rejected).unwrap_or(usize::MAX);

@@ -16,6 +16,9 @@ pub enum IngestError {
     UnsupportedEncoding(String),
     #[error("request body is larger than the limit of {limit} bytes{}", if *.decompressed { " after decompression" } else { "" })]
     TooLarge { limit: usize, decompressed: bool },
+    /// Decoded, the request would take more than the whole in-flight budget (many tiny items).
+    #[error("decoded, this export would take {decoded} bytes, more than the limit of {limit} bytes of export requests in flight: send fewer items a request")]
+    DecodesTooLarge { decoded: usize, limit: usize },
     #[error("the collector is overloaded: retry later")]
     Overloaded,
     /// The in-flight byte budget (`--max-inflight-bytes`) is spent.
@@ -43,7 +46,7 @@ impl IngestError {
         match self {
             Self::Malformed(_) => (StatusCode::BAD_REQUEST, Code::InvalidArgument),
             Self::UnsupportedContentType(_) | Self::UnsupportedEncoding(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, Code::InvalidArgument),
-            Self::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, Code::ResourceExhausted),
+            Self::TooLarge { .. } | Self::DecodesTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, Code::ResourceExhausted),
             Self::Overloaded | Self::Busy { .. } | Self::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable),
             Self::Storage(_) => (StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable),
         }
@@ -62,7 +65,7 @@ impl IngestError {
         match self {
             Self::Malformed(_) => "malformed",
             Self::UnsupportedContentType(_) | Self::UnsupportedEncoding(_) => "unsupported",
-            Self::TooLarge { .. } => "too_large",
+            Self::TooLarge { .. } | Self::DecodesTooLarge { .. } => "too_large",
             Self::Overloaded | Self::Busy { .. } => "overloaded",
             Self::ShuttingDown => "shutting_down",
             Self::Storage(_) => "storage_error",

@@ -658,6 +658,70 @@ fn any_value<'a>(f: Fields<'a>, v: &mut ValueRef<'a>) -> Result<(), WireError> {
     })
 }
 
+/// About how many bytes [`parse_traces`] would allocate for the views of `body` (their vectors'
+/// items; strings and ids are borrowed), found by a pass over the keys that allocates nothing. A
+/// caller reserves it on the request's in-flight budget first: a body of millions of empty items
+/// (2 bytes each on the wire, ~200 bytes as views) is then refused instead of decoded. Where the
+/// body is malformed the count stops (the parse then refuses it).
+pub fn decoded_size(body: &[u8]) -> usize {
+    use std::mem::size_of;
+    /// The views' bytes of the fields of one message, by what the message is.
+    fn walk(buf: &[u8], what: Kind, depth: u32) -> usize {
+        let mut f = Fields::new(buf, depth);
+        let mut n = 0;
+        while let Ok(Some((tag, wire))) = f.next() {
+            let inner = match (what, tag, wire) {
+                (Kind::Request, 1, LEN) => Some((Kind::ResourceSpans, size_of::<ResourceSpansRef<'_>>())),
+                (Kind::ResourceSpans, 1, LEN) => Some((Kind::Attributed, 0)),
+                (Kind::ResourceSpans, 2, LEN) => Some((Kind::ScopeSpans, size_of::<ScopeSpansRef<'_>>())),
+                (Kind::ScopeSpans, 1, LEN) => Some((Kind::Scope, 0)),
+                (Kind::ScopeSpans, 2, LEN) => Some((Kind::Span, size_of::<SpanRef<'_>>())),
+                (Kind::Scope, 3, LEN) | (Kind::Attributed, 1, LEN) | (Kind::Span, 9, LEN) | (Kind::Event, 3, LEN) | (Kind::Link, 4, LEN) => {
+                    Some((Kind::KeyValue, size_of::<KvRef<'_>>()))
+                }
+                (Kind::Span, 11, LEN) => Some((Kind::Event, size_of::<EventRef<'_>>())),
+                (Kind::Span, 13, LEN) => Some((Kind::Link, size_of::<LinkRef<'_>>())),
+                (Kind::KeyValue, 2, LEN) | (Kind::Array, 1, LEN) => Some((Kind::Value, 0)),
+                (Kind::Value, 5, LEN) => Some((Kind::Array, 0)),
+                (Kind::Value, 6, LEN) => Some((Kind::KvList, 0)),
+                (Kind::KvList, 1, LEN) => Some((Kind::KeyValue, size_of::<KvRef<'_>>())),
+                _ => None,
+            };
+            // An array's items are counted as they come (each a `ValueRef`).
+            let item = if matches!((what, tag, wire), (Kind::Array, 1, LEN)) { size_of::<ValueRef<'_>>() } else { 0 };
+            match inner {
+                Some((kind, own)) if depth > 0 => match f.bytes(wire) {
+                    Ok(b) => n += own + item + walk(b, kind, depth - 1),
+                    Err(_) => break,
+                },
+                _ => {
+                    if f.skip(tag, wire, depth.max(1)).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        n
+    }
+    #[derive(Clone, Copy)]
+    enum Kind {
+        Request,
+        ResourceSpans,
+        ScopeSpans,
+        /// A resource: attributes in field 1.
+        Attributed,
+        Scope,
+        Span,
+        Event,
+        Link,
+        KeyValue,
+        Value,
+        Array,
+        KvList,
+    }
+    walk(body, Kind::Request, RECURSION_LIMIT)
+}
+
 #[cfg(test)]
 mod tests {
     use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
@@ -796,6 +860,63 @@ mod tests {
         let group = [0x5b, 0x08, 0x01, 0x5c];
         assert!(ExportTraceServiceRequest::decode(&group[..]).is_ok());
         assert_eq!(parse_traces(&group).expect("skipped"), Vec::new());
+    }
+
+    /// The bytes the views' vectors hold, counted from the views.
+    fn held(rs: &[super::ResourceSpansRef<'_>]) -> usize {
+        use super::{EventRef, KvRef, LinkRef, ResourceSpansRef, ScopeSpansRef, SpanRef, ValueRef};
+        use std::mem::size_of;
+        fn value(v: &ValueRef<'_>) -> usize {
+            match v {
+                ValueRef::Array(a) => a.iter().map(|v| size_of::<ValueRef<'_>>() + value(v)).sum(),
+                ValueRef::KvList(l) => kvs(l),
+                _ => 0,
+            }
+        }
+        fn kvs(l: &[KvRef<'_>]) -> usize {
+            l.iter().map(|kv| size_of::<KvRef<'_>>() + value(&kv.value)).sum()
+        }
+        rs.iter()
+            .map(|r| {
+                size_of::<ResourceSpansRef<'_>>()
+                    + r.resource.as_ref().map_or(0, |res| kvs(&res.attributes))
+                    + r.scope_spans
+                        .iter()
+                        .map(|ss| {
+                            size_of::<ScopeSpansRef<'_>>()
+                                + ss.scope.as_ref().map_or(0, |sc| kvs(&sc.attributes))
+                                + ss.spans
+                                    .iter()
+                                    .map(|s| {
+                                        size_of::<SpanRef<'_>>()
+                                            + kvs(&s.attributes)
+                                            + s.events.iter().map(|e| size_of::<EventRef<'_>>() + kvs(&e.attributes)).sum::<usize>()
+                                            + s.links.iter().map(|l| size_of::<LinkRef<'_>>() + kvs(&l.attributes)).sum::<usize>()
+                                    })
+                                    .sum::<usize>()
+                        })
+                        .sum::<usize>()
+            })
+            .sum()
+    }
+
+    #[test]
+    fn the_decoded_size_is_what_the_views_hold() {
+        let body = request().encode_to_vec();
+        let views = parse_traces(&body).expect("valid");
+        assert_eq!(super::decoded_size(&body), held(&views));
+        // Millions of empty spans: a few bytes each on the wire, far more as views.
+        let mut spans = Vec::new();
+        for _ in 0..100_000 {
+            prost::encoding::bytes::encode(2, &Vec::<u8>::new(), &mut spans);
+        }
+        let mut rs = Vec::new();
+        prost::encoding::bytes::encode(2, &spans, &mut rs);
+        let mut empty = Vec::new();
+        prost::encoding::bytes::encode(1, &rs, &mut empty);
+        let views = parse_traces(&empty).expect("valid");
+        assert_eq!(super::decoded_size(&empty), held(&views));
+        assert!(super::decoded_size(&empty) > 50 * empty.len(), "{} bytes decode to {}", empty.len(), super::decoded_size(&empty));
     }
 
     #[test]
