@@ -80,7 +80,7 @@ impl tonic::server::UnaryService<Bytes> for Export {
             if let Some(t) = &ticket {
                 t.reserve(body.len())?;
             }
-            let p = ingest.export_body(body, signal, Encoding::Protobuf, "grpc", ticket.as_deref()).await?;
+            let p = ingest.export_body(body, signal, Encoding::Protobuf, "grpc", ticket.clone()).await?;
             // A message with nothing rejected is an OTLP warning (values stored in part).
             let partial = p.rejected > 0 || !p.message.is_empty();
             let answer = match signal {

@@ -76,7 +76,7 @@ async fn handle(s: HttpState, signal: Signal, headers: HeaderMap, ticket: Option
         }
     };
     let result = match read_body(&headers, body, s.max_message_size, ticket.as_deref().map(Arc::as_ref)).await {
-        Ok(bytes) => s.ingest.export_body(bytes, signal, encoding, "http", ticket.as_deref().map(Arc::as_ref)).await,
+        Ok(bytes) => s.ingest.export_body(bytes, signal, encoding, "http", ticket.as_deref().cloned()).await,
         Err(e) => {
             s.ingest.count_refused(signal, "http", encoding.label(), &e);
             Err(e)

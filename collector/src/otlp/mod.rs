@@ -107,7 +107,7 @@ impl Ingest {
         signal: Signal,
         encoding: decode::Encoding,
         protocol: &'static str,
-        ticket: Option<&inflight::Ticket>,
+        ticket: Option<Arc<inflight::Ticket>>,
     ) -> Result<PartialSuccess, IngestError> {
         if signal == Signal::Traces && encoding == decode::Encoding::Protobuf {
             return self.export_trace_protobuf(body, protocol, ticket).await;
@@ -153,21 +153,23 @@ impl Ingest {
         self: &Arc<Self>,
         body: bytes::Bytes,
         protocol: &'static str,
-        ticket: Option<&inflight::Ticket>,
+        ticket: Option<Arc<inflight::Ticket>>,
     ) -> Result<PartialSuccess, IngestError> {
         let started = Instant::now();
         let encoding = decode::Encoding::Protobuf.label();
-        if let Some(t) = ticket {
-            let decoded = crate::store::view::decoded_size(&body);
-            let reserved = if decoded > t.limit() { Err(IngestError::DecodesTooLarge { decoded, limit: t.limit() }) } else { t.reserve(decoded) };
-            if let Err(e) = reserved {
-                self.count_refused(Signal::Traces, protocol, encoding, &e);
-                return Err(e);
-            }
-        }
         let large = body.len() >= BLOCKING_BODY;
         let dicts = self.store.dicts.clone();
-        let work = move || convert::traces_protobuf(&body, &dicts).map_err(|e| IngestError::Malformed(format!("invalid protobuf body: {e}")));
+        // Counting the decoded size walks the whole body: it runs where the decoding does.
+        let work = move || {
+            if let Some(t) = &ticket {
+                let decoded = crate::store::view::decoded_size(&body);
+                if decoded > t.limit() {
+                    return Err(IngestError::DecodesTooLarge { decoded, limit: t.limit() });
+                }
+                t.reserve(decoded)?;
+            }
+            convert::traces_protobuf(&body, &dicts).map_err(|e| IngestError::Malformed(format!("invalid protobuf body: {e}")))
+        };
         let converted = if large {
             tokio::task::spawn_blocking(work).await.map_err(|e| IngestError::Storage(format!("decoding failed: {e}"))).and_then(|r| r)
         } else {
