@@ -36,7 +36,7 @@ use sqlx::{Row, SqliteConnection};
 use super::dict::StringsSnapshot;
 use super::rows::{Insert, Q, SpanRow};
 use super::sketch::Sketch;
-use super::view::{KvRef, ValueRef};
+use super::view::KvRef;
 use crate::exposition::{ExemplarRef, Kind, Out};
 
 pub const MINUTE_NS: i64 = 60_000_000_000;
@@ -123,16 +123,7 @@ pub fn peer(kind: i32, attrs: &[KeyValue]) -> Option<Peer> {
 
 /// [`peer`] of a span as sent.
 pub fn peer_of(kind: i32, attrs: &[KvRef<'_>]) -> Option<Peer> {
-    peer_by(kind, |key| {
-        let s = match attrs.iter().find(|kv| kv.key == key)?.value {
-            ValueRef::Str(s) => s.to_owned(),
-            ValueRef::Int(i) => i.to_string(),
-            ValueRef::Bool(b) => b.to_string(),
-            ValueRef::Double(d) => d.to_string(),
-            _ => return None,
-        };
-        (!s.is_empty()).then_some(s)
-    })
+    peer_by(kind, |key| attrs.iter().find(|kv| kv.key == key).and_then(|kv| value_text(kv.value.to_any_value().value.as_ref())))
 }
 
 /// The peer named by the attributes `get` finds (their values as text, `None` when missing or empty).
